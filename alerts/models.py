@@ -1,0 +1,1 @@
+"""Alert conditions raised and cleared, recipients, delivery: see the Level 1 issue."""
