@@ -127,7 +127,12 @@ REDIS_URL = env("REDIS_URL", default="redis://127.0.0.1:6379/0")
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL], "prefix": env("EAC_CHANNEL_PREFIX", default="eac")},
+        # redis-py 8 reads with a 5 s socket timeout by default, the length of channels_redis'
+        # blocking receive (BZPOPMIN 5 s): an idle WebSocket consumer then dies with TimeoutError.
+        "CONFIG": {
+            "hosts": [{"address": REDIS_URL, "socket_timeout": 30}],
+            "prefix": env("EAC_CHANNEL_PREFIX", default="eac"),
+        },
     }
 }
 
@@ -186,6 +191,12 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # Anonymous users see nothing but the login page: the schema and the docs need a login too.
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
+    # validatorUrl None: Swagger UI would otherwise send the schema to validator.swagger.io.
+    "SWAGGER_UI_SETTINGS": {"deepLinking": True, "validatorUrl": None},
+    # Tags and operation ids from the path after the version: "vms", "vms_list".
+    "SCHEMA_PATH_PREFIX": r"/api/v[0-9]+",
 }
 
 # Celery: a task is acknowledged only once it finished, so a worker that dies
@@ -200,7 +211,28 @@ CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT", default=3600)}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# Tests give each run its own queue so parallel runs never take each other's tasks.
+CELERY_TASK_DEFAULT_QUEUE = env("CELERY_TASK_DEFAULT_QUEUE", default="celery")
 CELERY_TIMEZONE = TIME_ZONE
+
+# Protection workflows: a worker holds a run for EAC_WORKFLOW_LEASE seconds (renewed at every step
+# update); once it lapses the beat sweeper hands the run to another worker. A run taken more than
+# EAC_WORKFLOW_MAX_CLAIMS times fails (a workflow that keeps killing its worker must not loop).
+EAC_WORKFLOW_LEASE = env.float("EAC_WORKFLOW_LEASE", default=120.0)
+EAC_WORKFLOW_MAX_CLAIMS = env.int("EAC_WORKFLOW_MAX_CLAIMS", default=5)
+EAC_WORKFLOW_STEP_RETRIES = env.int("EAC_WORKFLOW_STEP_RETRIES", default=5)
+EAC_WORKFLOW_RETRY_DELAY = env.float("EAC_WORKFLOW_RETRY_DELAY", default=1.0)
+# A protected VM not restarted this long after its host was lost raises "VM failed to restart".
+EAC_RESTART_GRACE = env.float("EAC_RESTART_GRACE", default=120.0)
+EAC_MAIL_RETRY_DELAY = env.float("EAC_MAIL_RETRY_DELAY", default=5.0)
+EAC_MAIL_MAX_ATTEMPTS = env.int("EAC_MAIL_MAX_ATTEMPTS", default=50)
+CELERY_BEAT_SCHEDULE = {
+    "protection-sweep": {
+        "task": "protection.tasks.protection_sweep",
+        "schedule": env.float("EAC_SWEEP_INTERVAL", default=15.0),
+    },
+    "alerts-delivery-sweep": {"task": "alerts.tasks.delivery_sweep", "schedule": 30.0},
+}
 
 # The watcher: how long one event.from call blocks, and the reconnect backoff.
 EAC_EVENT_TIMEOUT = env.float("EAC_EVENT_TIMEOUT", default=30.0)

@@ -1,8 +1,9 @@
 """What the console knows of each pool, mirrored from XAPI.
 
 Every XAPI object row is keyed by (pool, uuid) and keeps its opaque ref, which
-is how XAPI records point at each other. The watcher (``services.pool_sync_*``)
-is the only writer of these rows, except Pool's own configuration.
+is how XAPI records point at each other. The watcher (``inventory.sync``, run by
+``manage.py watch_pools``) is the only writer of these rows; Pool's own
+configuration is written by ``services.pool_create`` / ``pool_update``.
 """
 from django.db import models
 

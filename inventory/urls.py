@@ -1,8 +1,14 @@
 from django.urls import path
-from django.views.generic import RedirectView
+
+from . import views
 
 app_name = "inventory"
 
 urlpatterns = [
-    path("", RedirectView.as_view(url="/api/v1/"), name="home"),
+    path("", views.home, name="home"),
+    path("vms/", views.vm_list, name="vm_list"),
+    path("vms/<str:uuid>/", views.vm_detail, name="vm_detail"),
+    path("hosts/<str:uuid>/", views.host_detail, name="host_detail"),
+    path("pools/<int:pk>/", views.pool_detail, name="pool_detail"),
+    path("tree/<str:key>/", views.tree_children, name="tree_children"),
 ]

@@ -1,1 +1,168 @@
-"""Protection of VMs (Level 1, 2, 3): see the Level 1 issue."""
+"""A VM's protection, the workflows that change it, failover events and the audit log.
+
+A workflow is a run of named steps persisted here (see ``protection/workflows.py``):
+the database, not the worker, is where a run stands, so a killed worker leaves
+a run another worker can resume at its first unfinished step.
+"""
+from django.conf import settings
+from django.db import models
+
+from inventory.models import VM, Host, Pool
+
+from .choices import AuditAction, Level, ProtectionStatus, RestartPriority, RunKind, RunState, StepState
+
+
+class Protection(models.Model):
+    """The availability level dialled for one VM, and where its protection stands."""
+
+    vm = models.OneToOneField(VM, on_delete=models.CASCADE, related_name="protection")
+    pool = models.ForeignKey(Pool, on_delete=models.CASCADE, related_name="protections")
+    level = models.IntegerField(choices=Level.choices, default=Level.BASIC_RESTART)
+    status = models.CharField(max_length=16, choices=ProtectionStatus.choices, default=ProtectionStatus.CANDIDATE)
+    status_reason = models.TextField(blank=True, help_text="Why the protection is degraded or failed, in words")
+
+    # Level 1 settings, as XAPI names them.
+    restart_priority = models.CharField(
+        max_length=16, choices=RestartPriority.choices, default=RestartPriority.RESTART
+    )
+    order = models.PositiveIntegerField(default=0, help_text="Restart order: lower starts first")
+    start_delay = models.PositiveIntegerField(default=0, help_text="Seconds to wait before starting the next VM")
+    # What the VM had before we changed it, so unprotect undoes exactly that.
+    previous_settings = models.JSONField(default=dict, blank=True)
+    ha_enabled_by_console = models.BooleanField(default=False)
+
+    # Where the watcher last saw the VM run: a change of host while the old one is dead is a failover.
+    observed_host = models.ForeignKey(Host, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    observed_power_state = models.CharField(max_length=16, blank=True)
+
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["vm__name_label"]
+        indexes = [models.Index(fields=["pool", "status"])]
+
+    def __str__(self) -> str:
+        return f"{self.vm} (Level {self.level}, {self.get_status_display()})"
+
+
+class WorkflowRun(models.Model):
+    """One run of a workflow (protect, unprotect): a list of steps and who holds it."""
+
+    kind = models.CharField(max_length=16, choices=RunKind.choices)
+    state = models.CharField(max_length=16, choices=RunState.choices, default=RunState.PENDING)
+    pool = models.ForeignKey(Pool, on_delete=models.CASCADE, related_name="workflow_runs")
+    vm = models.ForeignKey(VM, null=True, blank=True, on_delete=models.SET_NULL, related_name="workflow_runs")
+    vm_name = models.CharField(max_length=255, blank=True)
+    protection = models.ForeignKey(
+        Protection, null=True, blank=True, on_delete=models.SET_NULL, related_name="workflow_runs"
+    )
+    params = models.JSONField(default=dict, blank=True)
+
+    # Claiming: a worker takes a run with a conditional UPDATE and keeps a lease on it.
+    claimed_by = models.CharField(max_length=200, blank=True)
+    lease_until = models.DateTimeField(null=True, blank=True)
+    claims = models.PositiveIntegerField(default=0, help_text="How many times a worker took the run")
+
+    progress = models.FloatField(default=0.0)
+    error_code = models.CharField(max_length=100, blank=True)
+    error_message = models.TextField(blank=True)
+
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    remote_addr = models.GenericIPAddressField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["state", "lease_until"])]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} {self.vm_name or self.pool} #{self.pk}"
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (RunState.SUCCEEDED, RunState.FAILED)
+
+
+class WorkflowStep(models.Model):
+    run = models.ForeignKey(WorkflowRun, on_delete=models.CASCADE, related_name="steps")
+    position = models.PositiveIntegerField()
+    name = models.CharField(max_length=64)
+    label = models.CharField(max_length=200)
+    state = models.CharField(max_length=16, choices=StepState.choices, default=StepState.PENDING)
+    progress = models.FloatField(default=0.0)
+    message = models.TextField(blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    error_code = models.CharField(max_length=100, blank=True)
+    error_params = models.JSONField(default=list, blank=True)
+    result = models.JSONField(default=dict, blank=True, help_text="What the step found, for the steps after it")
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["run", "position"]
+        constraints = [models.UniqueConstraint(fields=["run", "position"], name="workflowstep_run_position")]
+
+    def __str__(self) -> str:
+        return f"{self.label} ({self.state})"
+
+
+class FailoverEvent(models.Model):
+    """A protected VM lost with its host, and (hopefully) restarted elsewhere by XAPI HA."""
+
+    class State(models.TextChoices):
+        DOWN = "down", "Waiting for restart"
+        RESTARTED = "restarted", "Restarted"
+        FAILED = "failed", "Failed to restart"
+
+    pool = models.ForeignKey(Pool, on_delete=models.CASCADE, related_name="failover_events")
+    vm = models.ForeignKey(VM, null=True, blank=True, on_delete=models.SET_NULL, related_name="failover_events")
+    vm_uuid = models.CharField(max_length=64)
+    vm_name = models.CharField(max_length=255, blank=True)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.DOWN)
+    from_host = models.ForeignKey(Host, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    from_host_name = models.CharField(max_length=255, blank=True)
+    to_host = models.ForeignKey(Host, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    to_host_name = models.CharField(max_length=255, blank=True)
+    detected_at = models.DateTimeField()
+    restarted_at = models.DateTimeField(null=True, blank=True)
+    downtime_seconds = models.FloatField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-detected_at", "-id"]
+        constraints = [
+            # At most one failover of a VM in progress at a time.
+            models.UniqueConstraint(
+                fields=["vm_uuid", "pool"], condition=models.Q(state="down"), name="failoverevent_one_open_per_vm"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.vm_name}: {self.from_host_name} → {self.to_host_name or '?'}"
+
+
+class AuditEntry(models.Model):
+    """Who changed what protection, when, and from where."""
+
+    at = models.DateTimeField(auto_now_add=True, db_index=True)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    username = models.CharField(max_length=150, blank=True, help_text="Kept when the user is deleted")
+    action = models.CharField(max_length=32, choices=AuditAction.choices)
+    via = models.CharField(max_length=16, blank=True, help_text="ui, api, websocket or system")
+    remote_addr = models.GenericIPAddressField(null=True, blank=True)
+    pool = models.ForeignKey(Pool, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    vm = models.ForeignKey(VM, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    object_repr = models.CharField(max_length=255, blank=True)
+    detail = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+        verbose_name_plural = "audit entries"
+
+    def __str__(self) -> str:
+        return f"{self.at:%Y-%m-%d %H:%M:%S} {self.username or 'system'} {self.get_action_display()} {self.object_repr}"

@@ -1,5 +1,9 @@
-from rest_framework.routers import DefaultRouter
+from rest_framework.routers import SimpleRouter
 
-router = DefaultRouter()
+from . import views
+
+router = SimpleRouter()
+router.register("alerts", views.AlertViewSet, basename="alert")
+router.register("alert-recipients", views.RecipientViewSet, basename="recipient")
 
 urlpatterns = router.urls

@@ -1,5 +1,12 @@
 from rest_framework.routers import DefaultRouter
 
+from . import views
+
 router = DefaultRouter()
+router.register("pools", views.PoolViewSet)
+router.register("hosts", views.HostViewSet)
+router.register("vms", views.VMViewSet)
+router.register("srs", views.SRViewSet)
+router.register("networks", views.NetworkViewSet)
 
 urlpatterns = router.urls

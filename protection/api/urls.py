@@ -1,5 +1,15 @@
-from rest_framework.routers import DefaultRouter
+from django.urls import path
+from rest_framework.routers import SimpleRouter
 
-router = DefaultRouter()
+from . import views
 
-urlpatterns = router.urls
+router = SimpleRouter()
+router.register("protections", views.ProtectionViewSet, basename="protection")
+router.register("workflow-runs", views.WorkflowRunViewSet, basename="workflowrun")
+router.register("failover-events", views.FailoverEventViewSet, basename="failoverevent")
+router.register("audit-log", views.AuditEntryViewSet, basename="auditentry")
+
+urlpatterns = [
+    path("pools/<int:pk>/failover-plan/", views.FailoverPlanView.as_view(), name="pool-failover-plan"),
+    *router.urls,
+]

@@ -42,9 +42,9 @@ class Command(BaseCommand):
             self._register_pool(f"http://127.0.0.1:{xapisim_port}", sim_password)
             manage = [sys.executable, str(settings.BASE_DIR / "manage.py")]
             self._start("watcher", [*manage, "watch_pools"])
-            self._start("worker", [sys.executable, "-m", "celery", "-A", "eac", "worker", "--concurrency", "2",
-                                   "--loglevel", "WARNING"])
-            self._start("beat", [sys.executable, "-m", "celery", "-A", "eac", "beat", "--loglevel", "WARNING",
+            celery = [sys.executable, "-m", "celery", "-A", "eac", "--quiet"]
+            self._start("worker", [*celery, "worker", "--concurrency", "2", "--loglevel", "WARNING"])
+            self._start("beat", [*celery, "beat", "--loglevel", "WARNING",
                                  "--schedule", str(settings.VAR_DIR / "celerybeat-schedule")])
             self._start("web", [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
                                 "eac.asgi:application"])

@@ -1,0 +1,43 @@
+"""Alert conditions, states and deliveries, with their labels in one place."""
+from django.db import models
+
+
+class Condition(models.TextChoices):
+    HOST_LOST = "host_lost", "Host lost"
+    VM_RESTARTED = "vm_restarted", "VM restarted by HA"
+    VM_RESTART_FAILED = "vm_restart_failed", "VM failed to restart"
+    PLAN_OVERCOMMITTED = "plan_overcommitted", "Failover plan overcommitted"
+    WORKFLOW_FAILED = "workflow_failed", "Protection workflow failed"
+    POOL_UNREACHABLE = "pool_unreachable", "Pool unreachable"
+    TEST = "test", "Test alert"
+
+
+# Conditions a recipient can subscribe to (the test alert goes to whoever asks for it).
+SUBSCRIBABLE = [c for c in Condition if c != Condition.TEST]
+
+SEVERITY = {
+    Condition.HOST_LOST: "critical",
+    Condition.VM_RESTARTED: "warning",
+    Condition.VM_RESTART_FAILED: "critical",
+    Condition.PLAN_OVERCOMMITTED: "warning",
+    Condition.WORKFLOW_FAILED: "warning",
+    Condition.POOL_UNREACHABLE: "critical",
+    Condition.TEST: "info",
+}
+
+
+class AlertState(models.TextChoices):
+    OPEN = "open", "Open"
+    CLEARED = "cleared", "Cleared"
+
+
+class DeliveryKind(models.TextChoices):
+    RAISED = "raised", "Raised"
+    CLEARED = "cleared", "Cleared"
+    TEST = "test", "Test"
+
+
+class DeliveryState(models.TextChoices):
+    PENDING = "pending", "Pending"
+    SENT = "sent", "Sent"
+    FAILED = "failed", "Gave up"

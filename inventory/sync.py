@@ -1,0 +1,659 @@
+"""Mirror a pool's XAPI objects into the inventory tables.
+
+``PoolMirror`` is the only writer of inventory rows (the watcher owns one per
+pool).  ``full_sync`` takes the ``get_all_records`` of every class and makes
+the tables equal to them (rows that disappeared are deleted); ``apply`` takes
+a batch of ``event.from`` events.  Both write in bulk, in one transaction, and
+announce what changed on the pool's channel-layer group after commit.
+
+The mirror keeps, per class, ``ref -> (pk, uuid, values)`` in memory: refs
+resolve to foreign keys without a query, and an event that changes nothing
+we store (XAPI sends many: memory_free, allowed_operations...) is dropped
+without touching the database or the browsers.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings
+from django.db import connection, models, transaction
+from django.db.models.functions import Concat
+from django.utils import timezone
+
+from eac.realtime import emit_many, pool_group
+
+from .models import PBD, PIF, SR, VBD, VDI, VIF, VM, Host, Network, Pool
+
+log = logging.getLogger(__name__)
+
+NULL_REF = "OpaqueRef:NULL"
+# Rows per INSERT statement (the bulk_create path, for databases other than PostgreSQL).
+BATCH_SIZE = 2000
+# Above this many changed objects in one batch, browsers get one inventory.resync instead of one message
+# per object: a burst (a host dies with its VMs, a resync of thousands of changes) is cheaper to reload
+# than to replay, and each group_send costs ~0.5-1 ms, which would cap the watcher far below its budget.
+CHANGE_MESSAGES_MAX = 200
+
+# Event class (lower case, as event.from names them) -> XAPI class name (for <Class>.get_all_records).
+XAPI_CLASSES: dict[str, str] = {
+    "pool": "pool",
+    "host": "host",
+    "host_metrics": "host_metrics",
+    "sr": "SR",
+    "pbd": "PBD",
+    "network": "network",
+    "pif": "PIF",
+    "pif_metrics": "PIF_metrics",
+    "vm": "VM",
+    "vdi": "VDI",
+    "vbd": "VBD",
+    "vif": "VIF",
+}
+EVENT_CLASSES: list[str] = list(XAPI_CLASSES)
+# The fields of each class the mirror reads: only these are decoded from XAPI's answers (a VM record has
+# over a hundred).  Keep in step with the value functions below (a test checks it).
+RECORD_FIELDS: dict[str, tuple[str, ...]] = {
+    "pool": ("uuid", "name_label", "master", "ha_enabled", "ha_host_failures_to_tolerate", "ha_plan_exists_for",
+             "ha_overcommitted", "ha_allow_overcommit", "ha_configuration"),
+    "host": ("uuid", "name_label", "name_description", "address", "hostname", "enabled", "cpu_info", "metrics"),
+    "host_metrics": ("uuid", "live", "memory_total", "memory_free"),
+    "sr": ("uuid", "name_label", "name_description", "type", "content_type", "shared", "physical_size",
+           "physical_utilisation"),
+    "pbd": ("uuid", "host", "SR", "currently_attached"),
+    "network": ("uuid", "name_label", "name_description", "bridge", "MTU"),
+    "pif": ("uuid", "host", "network", "device", "MAC", "IP", "management", "currently_attached", "metrics"),
+    "pif_metrics": ("uuid", "carrier"),
+    "vm": ("uuid", "name_label", "name_description", "power_state", "resident_on", "affinity", "memory_static_max",
+           "memory_dynamic_max", "VCPUs_max", "is_a_template", "is_control_domain", "is_a_snapshot",
+           "ha_restart_priority", "order", "start_delay", "current_operations", "metrics"),
+    "vdi": ("uuid", "name_label", "name_description", "SR", "virtual_size", "physical_utilisation", "type",
+            "sharable", "read_only"),
+    "vbd": ("uuid", "VM", "VDI", "device", "userdevice", "type", "mode", "bootable", "currently_attached"),
+    "vif": ("uuid", "VM", "network", "device", "MAC", "currently_attached"),
+}
+
+
+# -- value conversion --------------------------------------------------------------------------
+# XML-RPC carries XAPI's 64-bit ints as strings, JSON-RPC as numbers: accept both.
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        try:
+            return int(float(value))
+        except (TypeError, ValueError):
+            return 0
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    return str(value).lower() in ("true", "1")
+
+
+def _str(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def _map(value: Any) -> dict:
+    return dict(value) if isinstance(value, dict) else {}
+
+
+@dataclass
+class _Spec:
+    """How one XAPI class maps to a model: ``values(mirror, ref, record)`` gives every stored column
+    but pool/uuid/ref (foreign keys already resolved to pks), always in the same order."""
+
+    cls: str
+    model: type[models.Model]
+    values: Callable[[PoolMirror, str, dict], dict[str, Any]]
+    update_fields: list[str] = field(default_factory=list)
+    truncate: dict[str, int] = field(default_factory=dict)
+    auto_now: list[str] = field(default_factory=list)  # columns Django sets to now() on save
+    defaults: dict[str, Any] = field(default_factory=dict)  # every other column, with its default
+    json_columns: set[str] = field(default_factory=set)
+
+
+def _host_values(m: PoolMirror, ref: str, r: dict) -> dict[str, Any]:
+    live, total, free = m.host_metrics.get(r.get("metrics", ""), (False, 0, 0))
+    return {
+        "name_label": _str(r.get("name_label")),
+        "name_description": _str(r.get("name_description")),
+        "address": _str(r.get("address")),
+        "hostname": _str(r.get("hostname")),
+        "enabled": _bool(r.get("enabled")),
+        "live": live,
+        "is_master": ref == m.master_ref,
+        "memory_total": total,
+        "memory_free": free,
+        "cpu_count": _int(_map(r.get("cpu_info")).get("cpu_count")),
+        "metrics_ref": _str(r.get("metrics")),
+    }
+
+
+def _sr_values(m: PoolMirror, ref: str, r: dict) -> dict[str, Any]:
+    return {
+        "name_label": _str(r.get("name_label")),
+        "name_description": _str(r.get("name_description")),
+        "type": _str(r.get("type")),
+        "content_type": _str(r.get("content_type")),
+        "shared": _bool(r.get("shared")),
+        "physical_size": _int(r.get("physical_size")),
+        "physical_utilisation": _int(r.get("physical_utilisation")),
+    }
+
+
+def _pbd_values(m: PoolMirror, ref: str, r: dict) -> dict[str, Any]:
+    return {
+        "host_id": m.resolve("host", r.get("host"), "pbd", ref, "host_id"),
+        "sr_id": m.resolve("sr", r.get("SR"), "pbd", ref, "sr_id"),
+        "currently_attached": _bool(r.get("currently_attached")),
+    }
+
+
+def _network_values(m: PoolMirror, ref: str, r: dict) -> dict[str, Any]:
+    return {
+        "name_label": _str(r.get("name_label")),
+        "name_description": _str(r.get("name_description")),
+        "bridge": _str(r.get("bridge")),
+        "mtu": _int(r.get("MTU") or 1500),
+    }
+
+
+def _pif_values(m: PoolMirror, ref: str, r: dict) -> dict[str, Any]:
+    return {
+        "host_id": m.resolve("host", r.get("host"), "pif", ref, "host_id"),
+        "network_id": m.resolve("network", r.get("network"), "pif", ref, "network_id"),
+        "device": _str(r.get("device")),
+        "mac": _str(r.get("MAC")),
+        "ip": _str(r.get("IP")),
+        "management": _bool(r.get("management")),
+        "currently_attached": _bool(r.get("currently_attached")),
+        "carrier": m.pif_metrics.get(r.get("metrics", ""), False),
+        "metrics_ref": _str(r.get("metrics")),
+    }
+
+
+def _vm_values(m: PoolMirror, ref: str, r: dict) -> dict[str, Any]:
+    return {
+        "name_label": _str(r.get("name_label")),
+        "name_description": _str(r.get("name_description")),
+        "power_state": _str(r.get("power_state")) or "Halted",
+        "resident_on_id": m.resolve("host", r.get("resident_on"), "vm", ref, "resident_on_id"),
+        "affinity_id": m.resolve("host", r.get("affinity"), "vm", ref, "affinity_id"),
+        "memory_static_max": _int(r.get("memory_static_max")),
+        "memory_dynamic_max": _int(r.get("memory_dynamic_max")),
+        "vcpus_max": _int(r.get("VCPUs_max")),
+        "is_a_template": _bool(r.get("is_a_template")),
+        "is_control_domain": _bool(r.get("is_control_domain")),
+        "is_a_snapshot": _bool(r.get("is_a_snapshot")),
+        "ha_restart_priority": _str(r.get("ha_restart_priority")),
+        "order": _int(r.get("order")),
+        "start_delay": _int(r.get("start_delay")),
+        "current_operations": _map(r.get("current_operations")),
+        "metrics_ref": _str(r.get("metrics")),
+    }
+
+
+def _vdi_values(m: PoolMirror, ref: str, r: dict) -> dict[str, Any]:
+    return {
+        "name_label": _str(r.get("name_label")),
+        "name_description": _str(r.get("name_description")),
+        "sr_id": m.resolve("sr", r.get("SR"), "vdi", ref, "sr_id"),
+        "virtual_size": _int(r.get("virtual_size")),
+        "physical_utilisation": _int(r.get("physical_utilisation")),
+        "type": _str(r.get("type")),
+        "sharable": _bool(r.get("sharable")),
+        "read_only": _bool(r.get("read_only")),
+    }
+
+
+def _vbd_values(m: PoolMirror, ref: str, r: dict) -> dict[str, Any]:
+    return {
+        "vm_id": m.resolve("vm", r.get("VM"), "vbd", ref, "vm_id"),
+        "vdi_id": m.resolve("vdi", r.get("VDI"), "vbd", ref, "vdi_id"),
+        "device": _str(r.get("device")),
+        "userdevice": _str(r.get("userdevice")),
+        "type": _str(r.get("type")),
+        "mode": _str(r.get("mode")),
+        "bootable": _bool(r.get("bootable")),
+        "currently_attached": _bool(r.get("currently_attached")),
+    }
+
+
+def _vif_values(m: PoolMirror, ref: str, r: dict) -> dict[str, Any]:
+    return {
+        "vm_id": m.resolve("vm", r.get("VM"), "vif", ref, "vm_id"),
+        "network_id": m.resolve("network", r.get("network"), "vif", ref, "network_id"),
+        "device": _str(r.get("device")),
+        "mac": _str(r.get("MAC")),
+        "currently_attached": _bool(r.get("currently_attached")),
+    }
+
+
+# Parents before children: a child's foreign keys resolve against rows written just before.
+SPECS: list[_Spec] = [
+    _Spec("host", Host, _host_values),
+    _Spec("sr", SR, _sr_values),
+    _Spec("network", Network, _network_values),
+    _Spec("vm", VM, _vm_values),
+    _Spec("vdi", VDI, _vdi_values),
+    _Spec("pbd", PBD, _pbd_values),
+    _Spec("pif", PIF, _pif_values),
+    _Spec("vbd", VBD, _vbd_values),
+    _Spec("vif", VIF, _vif_values),
+]
+SPEC_BY_CLASS = {spec.cls: spec for spec in SPECS}
+
+
+def _prepare_specs() -> None:
+    for spec in SPECS:
+        fields = [f for f in spec.model._meta.concrete_fields if not f.primary_key]
+        spec.update_fields = [f.name for f in fields if f.name not in ("pool", "uuid")]
+        spec.truncate = {
+            f.attname: f.max_length for f in fields if isinstance(f, models.CharField) and f.max_length
+        }
+        spec.auto_now = [f.attname for f in fields if getattr(f, "auto_now", False)]
+        spec.defaults = {f.attname: f.get_default() for f in fields
+                         if f.attname not in ("pool_id", "uuid", "ref") and f.attname not in spec.auto_now}
+        spec.json_columns = {f.attname for f in fields if isinstance(f, models.JSONField)}
+
+
+_prepare_specs()
+
+
+def _pg_upsert(spec: _Spec, pool_id: int, items: list[tuple[str, str, dict[str, Any]]],
+               known: dict[str, int]) -> list[int]:
+    """The PostgreSQL upsert: COPY into a session-local staging table, then one INSERT ... SELECT ...
+    ON CONFLICT DO UPDATE RETURNING.  Django's bulk_create spends ~150 µs of Python per row building
+    and quoting parameters; COPY is done in C, which is what keeps a 10,000-VM pool's sync in budget.
+
+    A row whose columns are all unchanged is not rewritten (no new row version, no index update: a
+    resync of an unchanged pool costs reads only); its pk then comes from ``known`` (uuid -> pk)."""
+    assert connection.in_atomic_block, "the staging table empties at commit: call inside a transaction"
+    qn = connection.ops.quote_name
+    table = spec.model._meta.db_table
+    stage = qn(f"eac_stage_{table}")
+    value_columns = list(items[0][2])
+    # Columns the mirror does not produce (XAPI has no name for a PBD, or a field someone added) get their
+    # default on insert and are left alone on update.
+    missing = [c for c in spec.defaults if c not in items[0][2]]
+    columns = ["pool_id", "uuid", "ref", *value_columns, *spec.auto_now, *missing]
+    listed = ", ".join(qn(c) for c in columns)
+    json_at = [3 + i for i, c in enumerate(value_columns) if c in spec.json_columns]
+    tail = [timezone.now()] * len(spec.auto_now) + [spec.defaults[c] for c in missing]
+    tail = [json.dumps(v) if isinstance(v, (dict, list)) else v for v in tail]
+    latest = {uuid: (ref, values) for ref, uuid, values in items}  # a uuid twice would break ON CONFLICT
+    compared = ["ref", *value_columns]
+    updates = ", ".join(f"{qn(c)} = EXCLUDED.{qn(c)}" for c in [*compared, *spec.auto_now])
+    old = ", ".join(f"{qn(table)}.{qn(c)}" for c in compared)
+    new = ", ".join(f"EXCLUDED.{qn(c)}" for c in compared)
+    # Only identifiers from the model's metadata, quoted, are formatted into the SQL; values go through COPY.
+    with connection.cursor() as cursor:
+        cursor.execute(f"CREATE TEMP TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS "  # noqa: S608
+                       f"SELECT {listed} FROM {qn(table)} WITH NO DATA")
+        cursor.execute(f"DELETE FROM {stage}")  # noqa: S608
+        with cursor.cursor.copy(f"COPY {stage} ({listed}) FROM STDIN") as copy:
+            for uuid, (ref, values) in latest.items():
+                row = [pool_id, uuid, ref, *values.values(), *tail]
+                for i in json_at:
+                    row[i] = json.dumps(row[i])
+                copy.write_row(row)
+        cursor.execute(f"INSERT INTO {qn(table)} ({listed}) SELECT {listed} FROM {stage} "  # noqa: S608
+                       f"ON CONFLICT (pool_id, uuid) DO UPDATE SET {updates} "
+                       f"WHERE ({old}) IS DISTINCT FROM ({new}) RETURNING id, uuid")
+        pks = {uuid: pk for pk, uuid in cursor.fetchall()}
+        pks.update((uuid, known[uuid]) for uuid in latest if uuid not in pks and uuid in known)
+        unknown = [uuid for uuid in latest if uuid not in pks]
+        if unknown:  # unchanged rows the caller did not know of (written by someone else): look them up
+            cursor.execute(f"SELECT id, uuid FROM {qn(table)} WHERE pool_id = %s AND uuid = ANY(%s)",  # noqa: S608
+                           [pool_id, unknown])
+            pks.update((uuid, pk) for pk, uuid in cursor.fetchall())
+    return [pks[uuid] for _ref, uuid, _values in items]
+
+
+@dataclass
+class SyncResult:
+    counts: dict[str, int] = field(default_factory=dict)  # full sync: rows per class
+    changed: int = 0  # objects written or deleted
+    messages: int = 0
+
+
+# (pk, uuid, values) of a row, as last written.
+_Row = tuple[int, str, tuple]
+
+
+class PoolMirror:
+    """The in-memory image of one pool's rows, and the code that keeps the tables equal to XAPI.
+
+    Not thread-safe: one per watcher thread.  After an exception in ``full_sync``
+    or ``apply`` the image may not match the database: call ``full_sync`` again.
+    """
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self._reset()
+
+    def _reset(self) -> None:
+        self.rows: dict[str, dict[str, _Row]] = {spec.cls: {} for spec in SPECS}
+        self.master_ref = ""
+        self.pool_ref = ""
+        self.pool_values: tuple = ()
+        # metrics ref -> (live, memory_total, memory_free) / carrier
+        self.host_metrics: dict[str, tuple[bool, int, int]] = {}
+        self.pif_metrics: dict[str, bool] = {}
+        # Raw host and PIF records, to rebuild their rows when only their metrics change.
+        self.records: dict[str, dict[str, dict]] = {"host": {}, "pif": {}}
+        self.by_metrics: dict[str, dict[str, str]] = {"host": {}, "pif": {}}
+        # Foreign keys whose target is not known yet: (class, ref, column) -> target ref, and the reverse.
+        self.waiting: dict[tuple[str, str, str], str] = {}
+        self.waiters: dict[tuple[str, str], set[tuple[str, str, str]]] = defaultdict(set)
+
+    # -- helpers used by the value functions -------------------------------------------------
+
+    def resolve(self, target: str, ref: Any, cls: str, own_ref: str, column: str) -> int | None:
+        """The pk of ``target`` object ``ref``; an unknown ref is remembered to be filled in later."""
+        if not ref or ref == NULL_REF:
+            row = None
+        else:
+            row = self.rows[target].get(ref)
+            if row is None:
+                key = (cls, own_ref, column)
+                self.waiting[key] = ref
+                self.waiters[(target, ref)].add(key)
+                return None
+        if self.waiting:
+            self.waiting.pop((cls, own_ref, column), None)
+        return None if row is None else row[0]
+
+    def _values(self, spec: _Spec, ref: str, record: dict) -> dict[str, Any]:
+        values = spec.values(self, ref, record)
+        for column, limit in spec.truncate.items():
+            value = values.get(column)
+            if isinstance(value, str) and len(value) > limit:
+                values[column] = value[:limit]
+        return values
+
+    def _remember_side_record(self, cls: str, ref: str, record: dict) -> None:
+        if cls in self.records:
+            old = self.records[cls].get(ref)
+            if old is not None and old.get("metrics") != record.get("metrics"):
+                self.by_metrics[cls].pop(old.get("metrics", ""), None)
+            self.records[cls][ref] = record
+            metrics = record.get("metrics")
+            if metrics and metrics != NULL_REF:
+                self.by_metrics[cls][metrics] = ref
+
+    def _forget_side_record(self, cls: str, ref: str) -> None:
+        if cls in self.records:
+            old = self.records[cls].pop(ref, None)
+            if old is not None:
+                self.by_metrics[cls].pop(old.get("metrics", ""), None)
+
+    @staticmethod
+    def _host_metrics_of(record: dict) -> tuple[bool, int, int]:
+        return (_bool(record.get("live")), _int(record.get("memory_total")), _int(record.get("memory_free")))
+
+    def _pool_fields(self, record: dict) -> dict[str, Any]:
+        return {
+            "uuid": _str(record.get("uuid")),
+            "ref": self.pool_ref,
+            "name_label": _str(record.get("name_label"))[:255],
+            "ha_enabled": _bool(record.get("ha_enabled")),
+            "ha_host_failures_to_tolerate": _int(record.get("ha_host_failures_to_tolerate")),
+            "ha_plan_exists_for": _int(record.get("ha_plan_exists_for")),
+            "ha_overcommitted": _bool(record.get("ha_overcommitted")),
+            "ha_allow_overcommit": _bool(record.get("ha_allow_overcommit")),
+            "ha_configuration": _map(record.get("ha_configuration")),
+        }
+
+    def _group(self) -> str:
+        return pool_group(self.pool.uuid)
+
+    def _message(self, cls: str, uuid: str, op: str) -> tuple[str, dict]:
+        return (self._group(), {"type": "inventory.change", "pool": self.pool.uuid, "cls": cls, "uuid": uuid,
+                                "op": op})
+
+    # -- bulk writes ---------------------------------------------------------------------------
+
+    def _upsert(self, spec: _Spec, items: list[tuple[str, str, dict[str, Any]]],
+                known: dict[str, int] | None = None) -> list[int]:
+        """INSERT ... ON CONFLICT (pool, uuid) DO UPDATE for (ref, uuid, values) items; returns their pks.
+        ``known``: uuid -> pk of the rows that exist (default: from the in-memory image)."""
+        if connection.vendor == "postgresql":
+            if known is None:
+                rows = self.rows[spec.cls]
+                known = {rows[ref][1]: rows[ref][0] for ref, _uuid, _values in items if ref in rows}
+            return _pg_upsert(spec, self.pool.pk, items, known)
+        model = spec.model
+        pool_id = self.pool.pk
+        objs = [model(pool_id=pool_id, uuid=uuid, ref=ref, **values) for ref, uuid, values in items]
+        model.objects.bulk_create(objs, batch_size=BATCH_SIZE, update_conflicts=True,
+                                  unique_fields=["pool", "uuid"], update_fields=spec.update_fields)
+        return [obj.pk for obj in objs]
+
+    def _fill_pending(self, cls: str, added: Iterable[str]) -> list[tuple[str, dict]]:
+        """Foreign keys that pointed at objects unknown when written, now that those exist.
+        Returns the messages for the rows that changed."""
+        updates: dict[tuple[str, str], dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+        changed: list[tuple[str, str]] = []
+        for ref in added:
+            for key in self.waiters.pop((cls, ref), ()):
+                if self.waiting.get(key) != ref:
+                    continue  # the owner points elsewhere by now
+                del self.waiting[key]
+                owner_cls, owner_ref, column = key
+                owner = self.rows[owner_cls].get(owner_ref)
+                if owner is None:
+                    continue
+                updates[(owner_cls, column)][self.rows[cls][ref][0]].append(owner[0])
+                changed.append((owner_cls, owner[1]))
+        for (owner_cls, column), by_target in updates.items():
+            model = SPEC_BY_CLASS[owner_cls].model
+            for target_pk, owner_pks in by_target.items():
+                model.objects.filter(pk__in=owner_pks).update(**{column: target_pk})
+        # The stored image keeps None for these columns, so the owner's next event rewrites its row: harmless.
+        return [self._message(owner_cls, uuid, "mod") for owner_cls, uuid in dict.fromkeys(changed)]
+
+    # -- full sync -----------------------------------------------------------------------------
+
+    def full_sync(self, records: dict[str, dict[str, dict]]) -> SyncResult:
+        """Make the pool's rows equal to ``records`` ({event class: {ref: record}}), in one transaction;
+        announce ``inventory.resync`` after commit."""
+        self._reset()
+        pool_records = records.get("pool") or {}
+        if not pool_records:
+            raise ValueError("the pool answered no pool record")
+        self.pool_ref, pool_record = next(iter(pool_records.items()))
+        self.master_ref = _str(pool_record.get("master"))
+        for ref, rec in (records.get("host_metrics") or {}).items():
+            self.host_metrics[ref] = self._host_metrics_of(rec)
+        for ref, rec in (records.get("pif_metrics") or {}).items():
+            self.pif_metrics[ref] = _bool(rec.get("carrier"))
+
+        result = SyncResult()
+        pool = self.pool
+        now = timezone.now()
+        with transaction.atomic():
+            pool_fields = self._pool_fields(pool_record)
+            if pool.uuid and pool.uuid != pool_fields["uuid"]:
+                log.warning("pool %s: the pool at %s now has uuid %s (was %s); replacing its inventory",
+                            pool.name, pool.master_url or pool.url, pool_fields["uuid"], pool.uuid)
+            for name, value in pool_fields.items():
+                setattr(pool, name, value)
+            pool.last_sync_at = now
+            Pool.objects.filter(pk=pool.pk).update(last_sync_at=now, **pool_fields)
+            self.pool_values = tuple(pool_fields.values())
+
+            incoming: dict[str, dict[str, str]] = {}  # class -> uuid -> ref
+            for spec in SPECS:
+                incoming[spec.cls] = {_str(rec.get("uuid")): ref for ref, rec in (records.get(spec.cls) or {}).items()}
+            # Children first: rows whose object disappeared, and rows whose object got a new ref
+            # (a restarted pool): park their ref so that the upsert never collides on (pool, ref).
+            known: dict[str, dict[str, int]] = {}  # class -> uuid -> pk of the rows there are
+            for spec in reversed(SPECS):
+                existing = {}
+                known[spec.cls] = {}
+                for uuid, pk, ref in spec.model.objects.filter(pool_id=pool.pk).values_list("uuid", "pk", "ref"):
+                    existing[uuid] = ref
+                    known[spec.cls][uuid] = pk
+                wanted = incoming[spec.cls]
+                gone = [uuid for uuid in existing if uuid not in wanted]
+                if gone:
+                    for start in range(0, len(gone), 10_000):
+                        spec.model.objects.filter(pool_id=pool.pk, uuid__in=gone[start:start + 10_000]).delete()
+                    result.changed += len(gone)
+                moved = [uuid for uuid, ref in wanted.items() if uuid in existing and existing[uuid] != ref]
+                if moved:
+                    spec.model.objects.filter(pool_id=pool.pk, uuid__in=moved).update(
+                        ref=Concat(models.Value("stale:"), "uuid")
+                    )
+            for spec in SPECS:
+                cls_records = records.get(spec.cls) or {}
+                items = []
+                for ref, rec in cls_records.items():
+                    self._remember_side_record(spec.cls, ref, rec)
+                    items.append((ref, _str(rec.get("uuid")), self._values(spec, ref, rec)))
+                pks = self._upsert(spec, items, known[spec.cls]) if items else []
+                rows = self.rows[spec.cls]
+                for (ref, uuid, values), pk in zip(items, pks, strict=True):
+                    rows[ref] = (pk, uuid, tuple(values.values()))
+                self._fill_pending(spec.cls, rows.keys())  # no message: a resync is announced as a whole
+                result.counts[spec.cls] = len(items)
+                result.changed += len(items)
+            emit_many([(self._group(), {"type": "inventory.resync", "pool": pool.uuid})])
+        result.messages = 1
+        return result
+
+    # -- events --------------------------------------------------------------------------------
+
+    def apply(self, events: list[dict]) -> SyncResult:
+        """Apply one ``event.from`` batch in one transaction; one message per changed object after commit."""
+        result = SyncResult()
+        # The last event of each object wins (events come oldest first).
+        latest: dict[str, dict[str, dict | None]] = defaultdict(dict)  # class -> ref -> record, None = del
+        for event in events:
+            cls = str(event.get("class", "")).lower()
+            if cls not in XAPI_CLASSES:
+                continue
+            ref = event.get("ref", "")
+            if event.get("operation") == "del":
+                latest[cls][ref] = None
+            else:
+                snapshot = event.get("snapshot")
+                if isinstance(snapshot, dict):
+                    latest[cls][ref] = snapshot
+        if not latest:
+            return result
+
+        messages: list[tuple[str, dict]] = []
+        with transaction.atomic():
+            # The pool record: its fields and which host is master.
+            touched_hosts: set[str] = set()
+            for ref, rec in latest.pop("pool", {}).items():
+                if rec is None or (self.pool_ref and ref != self.pool_ref):
+                    continue
+                self.pool_ref = ref
+                new_master = _str(rec.get("master"))
+                if new_master != self.master_ref:
+                    touched_hosts.update(r for r in (self.master_ref, new_master) if r)
+                    self.master_ref = new_master
+                fields = self._pool_fields(rec)
+                if tuple(fields.values()) != self.pool_values:
+                    self.pool_values = tuple(fields.values())
+                    for name, value in fields.items():
+                        setattr(self.pool, name, value)
+                    Pool.objects.filter(pk=self.pool.pk).update(**fields)
+                    messages.append(self._message("pool", self.pool.uuid, "mod"))
+                    result.changed += 1
+
+            # Metrics change host and PIF rows: rebuild those rows from their last record.
+            touched_pifs: set[str] = set()
+            for ref, rec in latest.pop("host_metrics", {}).items():
+                if rec is None:
+                    self.host_metrics.pop(ref, None)
+                else:
+                    self.host_metrics[ref] = self._host_metrics_of(rec)
+                host_ref = self.by_metrics["host"].get(ref)
+                if host_ref:
+                    touched_hosts.add(host_ref)
+            for ref, rec in latest.pop("pif_metrics", {}).items():
+                if rec is None:
+                    self.pif_metrics.pop(ref, None)
+                else:
+                    self.pif_metrics[ref] = _bool(rec.get("carrier"))
+                pif_ref = self.by_metrics["pif"].get(ref)
+                if pif_ref:
+                    touched_pifs.add(pif_ref)
+            for cls, touched in (("host", touched_hosts), ("pif", touched_pifs)):
+                for ref in touched:
+                    if ref not in latest[cls] and ref in self.records[cls]:
+                        latest[cls][ref] = self.records[cls][ref]
+
+            # Deletions, children first.
+            for spec in reversed(SPECS):
+                changes = latest.get(spec.cls)
+                if not changes:
+                    continue
+                rows = self.rows[spec.cls]
+                gone = [ref for ref, rec in changes.items() if rec is None and ref in rows]
+                if not gone:
+                    continue
+                spec.model.objects.filter(pool_id=self.pool.pk, ref__in=gone).delete()
+                for ref in gone:
+                    _pk, uuid, _values = rows.pop(ref)
+                    self._forget_side_record(spec.cls, ref)
+                    messages.append(self._message(spec.cls, uuid, "del"))
+                result.changed += len(gone)
+
+            # Additions and modifications, parents first.
+            for spec in SPECS:
+                changes = latest.get(spec.cls)
+                if not changes:
+                    continue
+                rows = self.rows[spec.cls]
+                items = []
+                ops = []
+                for ref, rec in changes.items():
+                    if rec is None:
+                        continue
+                    self._remember_side_record(spec.cls, ref, rec)
+                    uuid = _str(rec.get("uuid"))
+                    values = self._values(spec, ref, rec)
+                    old = rows.get(ref)
+                    if old is not None and old[1] == uuid and old[2] == tuple(values.values()):
+                        continue
+                    items.append((ref, uuid, values))
+                    ops.append("mod" if old is not None else "add")
+                if not items:
+                    continue
+                pks = self._upsert(spec, items)
+                added = []
+                for (ref, uuid, values), pk, op in zip(items, pks, ops, strict=True):
+                    rows[ref] = (pk, uuid, tuple(values.values()))
+                    messages.append(self._message(spec.cls, uuid, op))
+                    if op == "add":
+                        added.append(ref)
+                messages.extend(self._fill_pending(spec.cls, added))
+                result.changed += len(items)
+
+            now = timezone.now()
+            self.pool.last_event_at = now
+            Pool.objects.filter(pk=self.pool.pk).update(last_event_at=now)
+            if len(messages) > getattr(settings, "EAC_CHANGE_MESSAGES_MAX", CHANGE_MESSAGES_MAX):
+                messages = [(self._group(), {"type": "inventory.resync", "pool": self.pool.uuid})]
+            emit_many(messages)
+        result.messages = len(messages)
+        return result
+
+
+def fetch_records(client: Any, classes: Iterable[str] = EVENT_CLASSES) -> dict[str, dict[str, dict]]:
+    """``get_all_records`` of every class the inventory mirrors: {event class: {ref: record}}."""
+    return {cls: client.get_all_records(XAPI_CLASSES[cls], RECORD_FIELDS[cls]) for cls in classes}

@@ -1,0 +1,143 @@
+"""REST API of protection: thin views over services and selectors.
+
+Errors a client can cause are 400 (bad input), 403 (not an Administrator) or
+409 (the state of the pool refuses it, with the reasons) — never a 500.
+"""
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.shortcuts import get_object_or_404
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.exceptions import APIException, PermissionDenied
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from inventory.models import Pool
+
+from .. import selectors, services
+from ..filtersets import AuditEntryFilterSet, FailoverEventFilterSet, ProtectionFilterSet, WorkflowRunFilterSet
+from ..permissions import IsAdministratorOrReadOnly
+from . import serializers
+
+
+class ConflictError(APIException):
+    status_code = status.HTTP_409_CONFLICT
+    default_code = "conflict"
+
+    def __init__(self, conflict: services.Conflict) -> None:
+        super().__init__(detail={"detail": conflict.message, "reasons": conflict.reasons})
+
+
+def client_ip(request) -> str | None:
+    return request.META.get("REMOTE_ADDR") or None
+
+
+class ServiceErrorsMixin:
+    """Turn the services' Conflict and PermissionDenied into 409 and 403."""
+
+    def handle_exception(self, exc):
+        if isinstance(exc, services.Conflict):
+            exc = ConflictError(exc)
+        elif isinstance(exc, DjangoPermissionDenied):
+            exc = PermissionDenied(str(exc) or None)
+        return super().handle_exception(exc)
+
+
+CONFLICT = OpenApiResponse(serializers.ConflictSerializer, description="Refused as things stand, with reasons")
+
+
+class ProtectionViewSet(ServiceErrorsMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin,
+                        viewsets.GenericViewSet):
+    """VMs' protections. POST protects (202, the workflow run), DELETE unprotects (202, the run)."""
+
+    queryset = selectors.protection_list()
+    serializer_class = serializers.ProtectionSerializer
+    filterset_class = ProtectionFilterSet
+    permission_classes = [IsAdministratorOrReadOnly]
+
+    @extend_schema(request=serializers.ProtectionCreateSerializer,
+                   responses={202: serializers.WorkflowRunSerializer, 400: None, 403: None, 409: CONFLICT})
+    def create(self, request):
+        data = serializers.ProtectionCreateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        run = services.protection_start(
+            vm=data.validated_data["vm"], level=data.validated_data["level"],
+            settings=dict(data.validated_data.get("settings") or {}), requested_by=request.user, via="api",
+            remote_addr=client_ip(request),
+        )
+        return Response(serializers.WorkflowRunSerializer(run, context={"request": request}).data,
+                        status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(responses={202: serializers.WorkflowRunSerializer, 403: None, 404: None, 409: CONFLICT})
+    def destroy(self, request, pk=None):
+        protection = get_object_or_404(selectors.protection_list(), pk=pk)
+        run = services.protection_stop(protection=protection, requested_by=request.user, via="api",
+                                       remote_addr=client_ip(request))
+        return Response(serializers.WorkflowRunSerializer(run, context={"request": request}).data,
+                        status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(parameters=[serializers.PreflightQuerySerializer],
+                   responses={200: serializers.PreflightSerializer, 400: None})
+    @action(detail=False, methods=["get"])
+    def preflight(self, request):
+        """What the wizard checks before protecting: agility, capacity and plan, HA state."""
+        query = serializers.PreflightQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        data = dict(query.validated_data)
+        vm = data.pop("vm")
+        level = data.pop("level")
+        return Response(selectors.protection_preflight(vm=vm, level=int(level), settings=data))
+
+
+class WorkflowRunViewSet(viewsets.ReadOnlyModelViewSet):
+    """Workflow runs and their steps, with progress."""
+
+    queryset = selectors.run_list()
+    serializer_class = serializers.WorkflowRunSerializer
+    filterset_class = WorkflowRunFilterSet
+    permission_classes = [IsAdministratorOrReadOnly]
+
+
+class FailoverEventViewSet(viewsets.ReadOnlyModelViewSet):
+    """Protected VMs lost with their host and restarted by HA: from, to, when, downtime."""
+
+    queryset = selectors.failover_event_list()
+    serializer_class = serializers.FailoverEventSerializer
+    filterset_class = FailoverEventFilterSet
+    permission_classes = [IsAdministratorOrReadOnly]
+
+
+class AuditEntryViewSet(viewsets.ReadOnlyModelViewSet):
+    """Who changed what protection, when and from where."""
+
+    queryset = selectors.audit_list()
+    serializer_class = serializers.AuditEntrySerializer
+    filterset_class = AuditEntryFilterSet
+    permission_classes = [IsAdministratorOrReadOnly]
+
+
+class FailoverPlanView(ServiceErrorsMixin, APIView):
+    """A pool's failover plan: configured and tolerable host failures, and which VMs would not restart."""
+
+    permission_classes = [IsAdministratorOrReadOnly]
+
+    @extend_schema(responses={200: serializers.FailoverPlanSerializer, 404: None})
+    def get(self, request, pk: int):
+        pool = get_object_or_404(Pool, pk=pk)
+        return Response(selectors.pool_failover_plan(pool))
+
+    @extend_schema(request=serializers.FailuresToTolerateSerializer,
+                   responses={202: serializers.WorkflowRunSerializer, 400: None, 403: None, 409: CONFLICT})
+    def put(self, request, pk: int):
+        """Set the host failures to tolerate; refused (409) with the reason when the plan cannot meet it."""
+        pool = get_object_or_404(Pool, pk=pk)
+        data = serializers.FailuresToTolerateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        run = services.pool_failures_to_tolerate_set(
+            pool=pool, failures_to_tolerate=data.validated_data["failures_to_tolerate"], requested_by=request.user,
+            via="api", remote_addr=client_ip(request),
+        )
+        return Response(serializers.WorkflowRunSerializer(run, context={"request": request}).data,
+                        status=status.HTTP_202_ACCEPTED)
+
+

@@ -1,0 +1,212 @@
+"""Protection pages: the wizard, run progress, the pool's failover plan, failover events, the audit log.
+
+Views parse the request, call a selector or a service, and render inside the console layout
+(``inventory.tree.console_context``). Administrators change things; Operators see the same pages
+without the buttons, and a POST from them is refused with a 403 page.
+"""
+from __future__ import annotations
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.paginator import Paginator
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_http_methods, require_POST
+
+from inventory.models import VM, Pool
+from inventory.tree import console_context
+
+from . import selectors, services
+from .choices import AVAILABLE_LEVELS, LEVEL_COMPARISON, UNAVAILABLE_REASON, Level, RestartPriority, RunKind
+from .filtersets import AuditEntryFilterSet, FailoverEventFilterSet
+from .models import Protection, WorkflowRun
+from .permissions import user_can_change_protection, user_can_view
+from .workflows import steps_for
+
+MAX_WIZARD_VMS = 50
+
+
+def _client_ip(request: HttpRequest) -> str | None:
+    return request.META.get("REMOTE_ADDR") or None
+
+
+def _context(request: HttpRequest, title: str, **extra) -> dict:
+    context = console_context(request, title=title, current=extra.pop("current", ""))
+    context.update(can_change=user_can_change_protection(request.user), **extra)
+    return context
+
+
+def viewer_required(view):
+    """Signed in, and an Administrator or an Operator (others get a 403 page)."""
+
+    def wrapper(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+        if not user_can_view(request.user):
+            raise PermissionDenied("Only Administrators and Operators can see protection.")
+        return view(request, *args, **kwargs)
+
+    wrapper.__name__ = view.__name__
+    wrapper.__doc__ = view.__doc__
+    return login_required(never_cache(wrapper))
+
+
+def _wizard_settings(data) -> dict:
+    keys = ("restart_priority", "order", "start_delay", "heartbeat_sr", "failures_to_tolerate")
+    return {k: data.get(k) for k in keys if data.get(k) not in (None, "")}
+
+
+def _level(data) -> int:
+    try:
+        return int(data.get("level") or Level.BASIC_RESTART)
+    except (TypeError, ValueError):
+        return Level.BASIC_RESTART
+
+
+@viewer_required
+@require_http_methods(["GET", "POST"])
+def wizard(request: HttpRequest) -> HttpResponse:
+    """Protect one VM or several (?vm=<uuid>&vm=…): level, preflight, settings, confirm."""
+    data = request.POST if request.method == "POST" else request.GET
+    uuids = [u for u in data.getlist("vm") if u][:MAX_WIZARD_VMS]
+    vms = list(VM.objects.filter(uuid__in=uuids, is_a_template=False, is_control_domain=False)
+               .select_related("pool", "resident_on").order_by("name_label"))
+    if not vms:
+        raise Http404("Choose the VMs to protect first (from the tree, the table or a VM's page).")
+    level = _level(data)
+    settings = _wizard_settings(data)
+    errors: list[str] = []
+    if request.method == "POST":
+        if not user_can_change_protection(request.user):
+            raise PermissionDenied("Only members of the Administrators group can protect VMs.")
+        started = []
+        for vm in vms:
+            try:
+                run = services.protection_start(vm=vm, level=level, settings=settings, requested_by=request.user,
+                                                via="ui", remote_addr=_client_ip(request))
+            except services.Conflict as exc:
+                errors.append(f"{vm.name_label}: {exc.message} {' '.join(exc.reasons)}")
+            except ValidationError as exc:
+                detail = exc.message_dict if hasattr(exc, "error_dict") else {"": exc.messages}
+                errors.append(f"{vm.name_label}: " + " ".join(f"{' '.join(v)}" for v in detail.values()))
+            else:
+                started.append(run.pk)
+        if started:
+            if errors:
+                messages.warning(request, " ".join(errors))
+            return redirect(reverse("protection:runs") + "?ids=" + ",".join(map(str, started)))
+    pools = {vm.pool_id: vm.pool for vm in vms}
+    preflights = [(vm, selectors.protection_preflight(vm=vm, level=level, settings=settings)) for vm in vms]
+    heartbeat = {}
+    for pool in pools.values():
+        heartbeat[pool.pk] = list(selectors.heartbeat_sr_candidates(pool))
+    levels = [
+        {"value": lv.value, "label": lv.label, "available": lv in AVAILABLE_LEVELS,
+         "reason": UNAVAILABLE_REASON.get(lv, "")}
+        for lv in Level
+    ]
+    context = _context(
+        request, "Protect " + (vms[0].name_label if len(vms) == 1 else f"{len(vms)} VMs"), current="vms",
+        vms=vms, level=level, levels=levels, comparison=LEVEL_COMPARISON, preflights=preflights,
+        settings=settings, errors=errors, pools=list(pools.values()), heartbeat=heartbeat,
+        priorities=RestartPriority.choices, can_proceed=all(p["can_proceed"] for _, p in preflights),
+        needs_heartbeat=any(not p.ha_enabled for p in pools.values()),
+        step_labels=[step.label for step in steps_for(RunKind.PROTECT)],
+    )
+    template = "protection/fragments/preflight.html" if request.htmx and request.method == "GET" else \
+        "protection/wizard.html"
+    return render(request, template, context, status=400 if errors else 200)
+
+
+@viewer_required
+def runs(request: HttpRequest) -> HttpResponse:
+    """Runs in progress or done, with their steps; ?ids=1,2 follows those runs live."""
+    ids = [int(i) for i in request.GET.get("ids", "").split(",") if i.strip().isdigit()][:MAX_WIZARD_VMS]
+    qs = selectors.run_list()
+    if ids:
+        runs_ = list(qs.filter(pk__in=ids).order_by("pk"))
+        if not runs_:
+            raise Http404("No such workflow run.")
+        page = None
+    else:
+        page = Paginator(qs, 25).get_page(request.GET.get("page"))
+        runs_ = list(page.object_list)
+    return render(request, "protection/runs.html", _context(
+        request, "Workflow runs", runs=runs_, page=page, follow=",".join(str(r.pk) for r in runs_) if ids else "",
+    ))
+
+
+@viewer_required
+def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    return redirect(reverse("protection:runs") + f"?ids={get_object_or_404(WorkflowRun, pk=pk).pk}")
+
+
+@login_required
+@require_POST
+def unprotect(request: HttpRequest, pk: int) -> HttpResponse:
+    if not user_can_change_protection(request.user):
+        raise PermissionDenied("Only members of the Administrators group can unprotect VMs.")
+    protection = get_object_or_404(Protection, pk=pk)
+    try:
+        run = services.protection_stop(protection=protection, requested_by=request.user, via="ui",
+                                       remote_addr=_client_ip(request))
+    except services.Conflict as exc:
+        messages.error(request, exc.message)
+        return redirect("inventory:vm_detail", uuid=protection.vm.uuid)
+    return redirect(reverse("protection:runs") + f"?ids={run.pk}")
+
+
+@viewer_required
+def protections(request: HttpRequest) -> HttpResponse:
+    qs = selectors.protection_list().order_by("vm__name_label")
+    return render(request, "protection/protections.html", _context(
+        request, "Protected VMs", protections=qs[:500],
+    ))
+
+
+@viewer_required
+@require_http_methods(["GET", "POST"])
+def pool_plan(request: HttpRequest, pk: int) -> HttpResponse:
+    """The pool's failover plan; Administrators set the host failures to tolerate here."""
+    pool = get_object_or_404(Pool, pk=pk)
+    error = ""
+    reasons: list[str] = []
+    status = 200
+    if request.method == "POST":
+        if not user_can_change_protection(request.user):
+            raise PermissionDenied("Only members of the Administrators group can change the failover plan.")
+        try:
+            run = services.pool_failures_to_tolerate_set(
+                pool=pool, failures_to_tolerate=request.POST.get("failures_to_tolerate"), requested_by=request.user,
+                via="ui", remote_addr=_client_ip(request))
+        except services.Conflict as exc:
+            error, reasons, status = exc.message, exc.reasons, 409
+        except ValidationError as exc:
+            error = " ".join(sum(exc.message_dict.values(), [])) if hasattr(exc, "error_dict") else " ".join(
+                exc.messages)
+            status = 400
+        else:
+            return redirect(reverse("protection:runs") + f"?ids={run.pk}")
+    plan = selectors.pool_failover_plan(pool)
+    events = FailoverEventFilterSet({"pool": pool.pk}, queryset=selectors.failover_event_list()).qs[:20]
+    return render(request, "protection/pool_plan.html", _context(
+        request, f"Failover plan of {pool.name}", pool=pool, plan=plan, error=error, reasons=reasons,
+        events=events, host_choices=range(0, max(plan["total_hosts"], 1)),
+    ), status=status)
+
+
+@viewer_required
+def failover_events(request: HttpRequest) -> HttpResponse:
+    filterset = FailoverEventFilterSet(request.GET, queryset=selectors.failover_event_list())
+    page = Paginator(filterset.qs, 50).get_page(request.GET.get("page"))
+    return render(request, "protection/failover_events.html", _context(
+        request, "Failover events", page=page, filterset=filterset,
+    ))
+
+
+@viewer_required
+def audit_log(request: HttpRequest) -> HttpResponse:
+    filterset = AuditEntryFilterSet(request.GET, queryset=selectors.audit_list())
+    page = Paginator(filterset.qs, 50).get_page(request.GET.get("page"))
+    return render(request, "protection/audit.html", _context(request, "Audit log", page=page, filterset=filterset))

@@ -1,0 +1,407 @@
+/* eAC console: the treeview (ARIA tree keyboard model, children loaded on demand) and live
+ * updates. Pages are rendered by the server; the WebSocket (htmx ws extension) brings
+ * fragments with stable ids that htmx swaps in out of band. This file only does what htmx
+ * cannot: put a moved VM under its new parent in name order, drop fragments for things the
+ * page does not show, tell the server what the page shows, and resync after a reconnect.
+ */
+(function () {
+  'use strict'
+
+  var OPEN_COOKIE = 'eac_tree'
+  var MAX_OPEN_KEYS = 80
+  var socket = null // the ws extension's socket interface once open
+  var opens = 0 // a second open is a reconnect: the page resyncs
+  var failures = 0
+  var resyncing = false
+  var resyncAgain = false
+  var queued = new Map() // group id -> tree items that arrived while the group was loading
+
+  function byId (id) { return document.getElementById(id) }
+  function tree () { return document.querySelector('[role=tree]') }
+
+  // -- the tree -------------------------------------------------------------------------------
+
+  function visibleItems () {
+    var root = tree()
+    if (!root) return []
+    return Array.prototype.filter.call(root.querySelectorAll('[role=treeitem]'), function (el) {
+      return el.offsetParent !== null
+    })
+  }
+
+  function parentItem (item) {
+    var group = item.parentElement && item.parentElement.closest('[role=group]')
+    return group ? group.closest('[role=treeitem]') : null
+  }
+
+  function setCurrent (item, focus) {
+    var root = tree()
+    if (!root || !item) return
+    root.querySelectorAll('[role=treeitem][tabindex="0"]').forEach(function (el) {
+      if (el !== item) el.setAttribute('tabindex', '-1')
+    })
+    item.setAttribute('tabindex', '0')
+    if (focus) item.focus()
+  }
+
+  function ensureTabStop () {
+    var root = tree()
+    if (!root || root.querySelector('[role=treeitem][tabindex="0"]')) return
+    var item = root.querySelector('.ti.is-current') || root.querySelector('[role=treeitem]')
+    if (item) item.setAttribute('tabindex', '0')
+  }
+
+  function openKeys () {
+    var root = tree()
+    if (!root) return []
+    return Array.prototype.map.call(root.querySelectorAll('[role=treeitem][aria-expanded=true]'), function (el) {
+      return el.dataset.key
+    }).filter(Boolean)
+  }
+
+  function saveOpen () {
+    var keys = openKeys().slice(0, MAX_OPEN_KEYS)
+    document.cookie = OPEN_COOKIE + '=' + keys.join('.') + '; path=/; max-age=31536000; SameSite=Lax'
+    sendState()
+  }
+
+  function groupOf (item) {
+    return item.querySelector(':scope > [role=group]')
+  }
+
+  function loadChildren (item) {
+    var group = groupOf(item)
+    if (!group || group.dataset.loaded !== '0' || !item.dataset.children) return
+    group.dataset.loaded = 'loading'
+    group.setAttribute('aria-busy', 'true')
+    htmx.ajax('GET', item.dataset.children, { target: group, swap: 'innerHTML' }).then(function () {
+      group.dataset.loaded = '1'
+      group.removeAttribute('aria-busy')
+      var pending = queued.get(group.id) || []
+      queued.delete(group.id)
+      pending.forEach(function (node) { placeTreeItem(node) })
+      ensureTabStop()
+    }, function () {
+      group.dataset.loaded = '0'
+      group.removeAttribute('aria-busy')
+    })
+  }
+
+  function expand (item) {
+    if (!item.hasAttribute('aria-expanded')) return
+    item.setAttribute('aria-expanded', 'true')
+    loadChildren(item)
+    saveOpen()
+  }
+
+  function collapse (item) {
+    if (!item.hasAttribute('aria-expanded')) return
+    item.setAttribute('aria-expanded', 'false')
+    saveOpen()
+  }
+
+  function toggle (item) {
+    if (item.getAttribute('aria-expanded') === 'true') collapse(item)
+    else expand(item)
+  }
+
+  function loadMore (item) {
+    if (item.dataset.busy) return
+    item.dataset.busy = '1'
+    var focused = document.activeElement === item
+    var prev = item.previousElementSibling
+    htmx.ajax('GET', item.dataset.more, { target: item, swap: 'outerHTML' }).then(function () {
+      var next = prev ? prev.nextElementSibling : null
+      if (focused && next) setCurrent(next, true)
+    })
+  }
+
+  function activate (item) {
+    if (item.dataset.more) { loadMore(item); return }
+    var link = item.querySelector(':scope > .tree-row a.tree-link')
+    if (link) link.click()
+    else toggle(item)
+  }
+
+  function onTreeKey (event) {
+    var item = event.target.closest('[role=treeitem]')
+    if (!item || event.altKey || event.ctrlKey || event.metaKey) return
+    var items = visibleItems()
+    var i = items.indexOf(item)
+    var expanded = item.getAttribute('aria-expanded')
+    var target = null
+    switch (event.key) {
+      case 'ArrowDown': target = items[i + 1]; break
+      case 'ArrowUp': target = items[i - 1]; break
+      case 'Home': target = items[0]; break
+      case 'End': target = items[items.length - 1]; break
+      case 'ArrowRight':
+        if (expanded === 'false') expand(item)
+        else if (expanded === 'true') target = groupOf(item) && groupOf(item).querySelector('[role=treeitem]')
+        break
+      case 'ArrowLeft':
+        if (expanded === 'true') collapse(item)
+        else target = parentItem(item)
+        break
+      case 'Enter': activate(item); break
+      case ' ': if (expanded !== null) toggle(item); else activate(item); break
+      default: return
+    }
+    event.preventDefault()
+    if (target) setCurrent(target, true)
+  }
+
+  function onTreeClick (event) {
+    var item = event.target.closest('[role=treeitem]')
+    if (!item) return
+    if (item.dataset.more) { loadMore(item); return }
+    if (event.target.closest('.twisty') || (event.target.closest('.tree-row') && !event.target.closest('a'))) {
+      if (item.hasAttribute('aria-expanded')) toggle(item)
+    }
+    setCurrent(item, false)
+  }
+
+  function markSection () {
+    var section = location.pathname === '/' ? 'home' : location.pathname.indexOf('/vms/') === 0 ? 'vms' : ''
+    document.querySelectorAll('.topnav a[data-section]').forEach(function (a) {
+      if (a.dataset.section === section) a.setAttribute('aria-current', 'page')
+      else a.removeAttribute('aria-current')
+    })
+  }
+
+  function markCurrent () {
+    markSection()
+    var root = tree()
+    if (!root) return
+    var path = location.pathname
+    root.querySelectorAll('.ti.is-current').forEach(function (el) { el.classList.remove('is-current') })
+    root.querySelectorAll('a.tree-link[aria-current]').forEach(function (el) { el.removeAttribute('aria-current') })
+    var found = null
+    root.querySelectorAll('a.tree-link').forEach(function (a) {
+      if (!found && a.getAttribute('href') === path) found = a
+    })
+    if (found) {
+      found.setAttribute('aria-current', 'page')
+      var item = found.closest('[role=treeitem]')
+      item.classList.add('is-current')
+      if (!root.contains(document.activeElement)) setCurrent(item, false)
+    }
+    ensureTabStop()
+  }
+
+  // -- live fragments -------------------------------------------------------------------------
+
+  function compareItems (a, b) {
+    var an = a.dataset.name || ''
+    var bn = b.dataset.name || ''
+    if (an !== bn) return an < bn ? -1 : 1
+    return (a.dataset.uuid || '') < (b.dataset.uuid || '') ? -1 : 1
+  }
+
+  function removeItem (el) {
+    var group = el.parentElement
+    if (el.getAttribute('tabindex') === '0' || el === document.activeElement) {
+      var items = visibleItems()
+      var i = items.indexOf(el)
+      var next = items[i + 1] || items[i - 1] || parentItem(el)
+      setCurrent(next, el === document.activeElement)
+    }
+    el.remove()
+    if (group && !group.querySelector('.ti') && group.dataset.loaded === '1') {
+      group.insertAdjacentHTML('beforeend', '<li class="tree-empty" role="none">No VMs</li>')
+    }
+  }
+
+  function insertSorted (group, node) {
+    var items = Array.prototype.filter.call(group.children, function (el) { return el.classList.contains('ti-vm') })
+    var lo = 0
+    var hi = items.length
+    while (lo < hi) {
+      var mid = (lo + hi) >> 1
+      if (compareItems(items[mid], node) < 0) lo = mid + 1
+      else hi = mid
+    }
+    var more = group.querySelector(':scope > .tree-more')
+    // Past the last loaded item of a partly loaded list: it belongs to a page not fetched yet.
+    if (lo === items.length && more) return
+    var empty = group.querySelector(':scope > .tree-empty')
+    if (empty) empty.remove()
+    group.insertBefore(node, items[lo] || more || null)
+    htmx.process(node)
+  }
+
+  // A VM's tree item: update it in place, move it under its new parent, or drop it.
+  function placeTreeItem (node) {
+    var current = byId(node.id)
+    var group = byId('tg-' + node.dataset.parent)
+    if (group && group.dataset.loaded === 'loading') {
+      if (current) removeItem(current)
+      var list = queued.get(group.id) || []
+      list.push(node)
+      queued.set(group.id, list)
+      return
+    }
+    if (current && current.parentElement === group) {
+      var tabindex = current.getAttribute('tabindex')
+      var focused = current === document.activeElement
+      var isCurrent = current.classList.contains('is-current')
+      node.setAttribute('tabindex', tabindex)
+      if (isCurrent) node.classList.add('is-current')
+      current.replaceWith(node)
+      htmx.process(node)
+      if (focused) node.focus()
+      return
+    }
+    if (current) removeItem(current)
+    if (group && group.dataset.loaded === '1') insertSorted(group, node)
+  }
+
+  // Table rows come in a table of their own (a <tr> does not parse beside other elements).
+  function swapRow (row) {
+    var current = row.id && byId(row.id)
+    if (!current) return
+    if (row.getAttribute('hx-swap-oob') === 'delete') { current.remove(); return }
+    htmx.swap(current, row.outerHTML, { swapStyle: 'outerHTML', swapDelay: 0, settleDelay: 0 })
+  }
+
+  function filterMessage (text) {
+    var tpl = document.createElement('template')
+    tpl.innerHTML = text
+    var out = []
+    Array.prototype.slice.call(tpl.content.children).forEach(function (node) {
+      if (node.id === 'live-control') { control(node.dataset.action); return }
+      if (node.id === 'live-rows') { Array.prototype.forEach.call(node.querySelectorAll('tr'), swapRow); return }
+      if (node.dataset.parent !== undefined) { placeTreeItem(document.importNode(node, true)); return }
+      // Fragments of things this page does not show are dropped, not reported as errors.
+      if (node.id && byId(node.id)) out.push(node.outerHTML)
+    })
+    return out.join('')
+  }
+
+  function control (action) {
+    if (action === 'resync') resync()
+  }
+
+  function resync () {
+    if (resyncing) { resyncAgain = true; return }
+    resyncing = true
+    var focusedId = document.activeElement && tree() && tree().contains(document.activeElement)
+      ? (document.activeElement.closest('[role=treeitem]') || {}).id : null
+    htmx.ajax('GET', location.pathname + location.search, {
+      target: '#main', select: '#main', swap: 'outerHTML', selectOOB: '#tree,#hdr-pools,#alerts-counter'
+    }).then(function () {
+      markCurrent()
+      if (focusedId && byId(focusedId)) setCurrent(byId(focusedId), true)
+    }).finally(function () {
+      resyncing = false
+      document.body.dispatchEvent(new CustomEvent('eac:resynced'))
+      sendState()
+      if (resyncAgain) { resyncAgain = false; resync() }
+    })
+  }
+
+  function sendState (extra) {
+    if (!socket) return
+    var main = byId('main')
+    var message = { view: main ? (main.dataset.view || '') : '', open: openKeys() }
+    if (message.view === 'vms') {
+      message.rows = Array.prototype.map.call(document.querySelectorAll('tr.vm-row'), function (row) {
+        return row.id.slice('row-vm-'.length)
+      })
+    }
+    if (extra) Object.keys(extra).forEach(function (k) { message[k] = extra[k] })
+    socket.send(JSON.stringify(message))
+  }
+
+  function setLive (state, text) {
+    var el = byId('live-status')
+    if (el) {
+      el.dataset.state = state
+      el.querySelector('.live-text').textContent = text
+    }
+    var banner = byId('stale-banner')
+    if (banner) banner.hidden = state !== 'offline'
+    document.body.classList.toggle('is-stale', state === 'offline')
+  }
+
+  // After a few failed reconnects, find out whether the session is gone: then go to the login page.
+  function checkSession () {
+    fetch(location.href, { redirect: 'manual', credentials: 'same-origin' }).then(function (r) {
+      if (r.type === 'opaqueredirect' || r.status === 302) location.reload()
+    }, function () {})
+  }
+
+  // The extension and the socket listeners are in place before htmx processes the page.
+  if (typeof htmx !== 'undefined') {
+    htmx.defineExtension('eac-live', {
+      transformResponse: function (text, xhr, elt) {
+        if (!elt || !elt.hasAttribute || !elt.hasAttribute('ws-connect')) return text
+        return filterMessage(text)
+      }
+    })
+  }
+
+  document.addEventListener('htmx:wsConnecting', function () {
+    setLive(opens ? 'offline' : 'connecting', opens ? 'Reconnecting…' : 'Connecting…')
+  })
+  document.addEventListener('htmx:wsOpen', function (event) {
+    socket = event.detail.socketWrapper
+    opens += 1
+    failures = 0
+    setLive('live', 'Live')
+    var live = byId('live')
+    if (opens === 1) sendState({ rendered_at: parseFloat(live.dataset.renderedAt) })
+    else { sendState(); resync() }
+  })
+  document.addEventListener('htmx:wsClose', function (event) {
+    var code = event.detail.event && event.detail.event.code
+    var wrapper = event.detail.socketWrapper
+    socket = null
+    if (code >= 4000) { // the server refused this user: retrying would not help
+      setLive('offline', 'Not live: access refused')
+      return
+    }
+    setLive('offline', 'Not live')
+    failures += 1
+    if (failures >= 3) checkSession()
+    // The extension retries only after abnormal closes; a server restart (1001, 1000) needs it too.
+    if ([1006, 1011, 1012, 1013].indexOf(code) < 0 && wrapper && byId('live')) {
+      setTimeout(function () { wrapper.reconnect() }, 500 + Math.random() * 1500)
+    }
+  })
+  document.addEventListener('htmx:afterSettle', function (event) {
+    if (event.detail.target && event.detail.target.id === 'main') {
+      markCurrent()
+      sendState()
+    }
+  })
+  // Filters left at "Any" stay out of the URL.
+  document.addEventListener('htmx:configRequest', function (event) {
+    if (!event.detail.elt.matches || !event.detail.elt.matches('form.filters')) return
+    var params = event.detail.parameters
+    Object.keys(params).forEach(function (name) {
+      if (params[name] === '') delete params[name]
+    })
+  })
+  // A row of the VM table opens its VM.
+  document.addEventListener('click', function (event) {
+    var row = event.target.closest && event.target.closest('tr.vm-row')
+    if (!row || event.target.closest('a, button, input, select')) return
+    var link = row.querySelector('td.c-name a')
+    if (link) link.click()
+  })
+
+  function onReady () {
+    // The tree element is replaced by a resync: listen on the document and filter.
+    document.addEventListener('keydown', function (event) {
+      if (tree() && tree().contains(event.target)) onTreeKey(event)
+    })
+    document.addEventListener('click', function (event) {
+      if (tree() && tree().contains(event.target)) onTreeClick(event)
+    })
+    markCurrent()
+  }
+
+  if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', onReady)
+  else onReady()
+})()

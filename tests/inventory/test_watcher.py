@@ -1,0 +1,429 @@
+"""The pool watcher, against a live xapisim over HTTP and the real PostgreSQL and Redis.
+
+The watcher runs as a thread of the test process (the same code ``manage.py
+watch_pools`` runs), except where the command itself is what is tested.
+"""
+import logging
+import subprocess
+import sys
+import threading
+import time
+import xmlrpc.client
+
+import pytest
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+
+from eac.realtime import pool_group
+from inventory.choices import ConnectionState
+from inventory.models import PBD, PIF, SR, VBD, VDI, VIF, VM, Host, Network, Pool
+from inventory.services import pool_create, pool_delete
+from inventory.sync import RECORD_FIELDS, SPECS, XAPI_CLASSES, PoolMirror
+from inventory.watcher import PoolWatcher, Supervisor, full_sync, sync_once
+from inventory.xapi import connect
+from tests.support import ROOT, start_xapisim, subprocess_env, wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+# A change must reach the database within a second; the slack covers polling.
+WITHIN = 1.2
+MODELS = {"host": Host, "sr": SR, "pbd": PBD, "network": Network, "pif": PIF, "vm": VM, "vdi": VDI, "vbd": VBD,
+          "vif": VIF}
+
+
+@pytest.fixture
+def pool(xapisim):
+    return pool_create(name="demo", url=xapisim.url, username="root", password="demo")
+
+
+@pytest.fixture
+def xapi(xapisim):
+    """A separate XAPI session, to act on the pool the way another client would."""
+    with connect(xapisim.url, "root", "demo") as client:
+        yield client
+
+
+@pytest.fixture
+def watch():
+    """Start a PoolWatcher thread for a pool; stopped (and its DB connection closed) after the test."""
+    started = []
+
+    def start(pool, **kwargs):
+        kwargs.setdefault("event_timeout", 5.0)
+        kwargs.setdefault("max_delay", 1.0)
+        watcher = PoolWatcher(pool, **kwargs)
+        watcher.start()
+        started.append(watcher)
+        return watcher
+
+    yield start
+    for watcher in started:
+        watcher.stop()
+    for watcher in started:
+        watcher.join(10)
+        assert not watcher.is_alive()
+
+
+def state(pool):
+    return Pool.objects.values_list("connection_state", flat=True).get(pk=pool.pk)
+
+
+def connected(pool):
+    return state(pool) == ConnectionState.CONNECTED
+
+
+def vm_ref(client, name):
+    return client.call("VM.get_by_name_label", name)[0]
+
+
+def assert_rows_match(client, pool):
+    """Every mirrored class has exactly the objects XAPI has (by uuid), and foreign keys are resolved."""
+    for cls, model in MODELS.items():
+        records = client.call(f"{XAPI_CLASSES[cls]}.get_all_records")
+        assert set(model.objects.filter(pool=pool).values_list("uuid", flat=True)) == {
+            r["uuid"] for r in records.values()
+        }, cls
+
+
+def test_full_sync_over_xml_rpc_gives_the_same_rows(xapisim, pool, xapi):
+    """A pool without JSON-RPC is read over XML-RPC, where 64-bit ints come as strings."""
+    sync_once(pool)
+    before = {m: sorted(model.objects.filter(pool=pool).values_list(*_columns(model))) for m, model in MODELS.items()}
+    Host.objects.filter(pool=pool).update(memory_total=0, cpu_count=0)
+    VM.objects.filter(pool=pool).update(memory_static_max=0, vcpus_max=0)
+    with connect(xapisim.url, "root", "demo") as client:
+        client._json_ok = False  # as after a 404 from /jsonrpc
+        full_sync(client, PoolMirror(pool))
+    after = {m: sorted(model.objects.filter(pool=pool).values_list(*_columns(model))) for m, model in MODELS.items()}
+    assert after == before
+
+
+def _columns(model):
+    return [f.attname for f in model._meta.concrete_fields if f.attname not in ("id", "updated_at")]
+
+
+def test_initial_load_matches_the_simulator(xapisim, pool, xapi):
+    result = sync_once(pool)
+
+    assert_rows_match(xapi, pool)
+    sim = xapisim.state()
+    assert result.counts["host"] == len(sim["hosts"]) == 4
+    assert result.counts["vm"] == len(sim["vms"])
+    for host in sim["hosts"]:
+        row = Host.objects.get(pool=pool, uuid=host["uuid"])
+        assert (row.name_label, row.address, row.live, row.is_master) == (
+            host["name"], host["address"], host["live"], host["master"])
+        assert row.memory_total > 0
+    for vm in sim["vms"]:
+        row = VM.objects.select_related("resident_on").get(pool=pool, uuid=vm["uuid"])
+        assert (row.name_label, row.power_state) == (vm["name"], vm["power_state"])
+        assert (row.resident_on.name_label if row.resident_on else None) == vm["host"]
+        assert (row.is_a_template, row.is_control_domain, row.is_a_snapshot) == (
+            vm["is_a_template"], vm["is_control_domain"], vm["is_a_snapshot"])
+    # Templates, dom0s and snapshots are rows too; flags let the UI leave them out.
+    vms = VM.objects.filter(pool=pool)
+    assert vms.filter(is_control_domain=True).count() == 4
+    assert vms.filter(is_a_template=True, is_a_snapshot=False).exists()
+    assert vms.filter(is_a_snapshot=True).exists()
+    # References became foreign keys.
+    assert not VBD.objects.filter(pool=pool, vm__isnull=True).exists()
+    assert not PBD.objects.filter(pool=pool, host__isnull=True).exists()
+    assert not PIF.objects.filter(pool=pool, network__isnull=True).exists()
+    assert VDI.objects.filter(pool=pool, sr__shared=True, sr__name_label="iSCSI shared storage").exists()
+
+    pool.refresh_from_db()
+    assert (pool.uuid, pool.name_label, pool.ha_enabled) == (sim["pool"]["uuid"], "Demo pool",
+                                                             sim["pool"]["ha_enabled"])
+    assert pool.connection_state == ConnectionState.CONNECTED and pool.last_sync_at is not None
+
+    # A second full sync changes nothing.
+    before = list(VM.objects.filter(pool=pool).order_by("uuid").values_list("pk", "uuid", "power_state"))
+    sync_once(pool)
+    assert list(VM.objects.filter(pool=pool).order_by("uuid").values_list("pk", "uuid", "power_state")) == before
+
+
+def test_vm_start_stop_clone_destroy_reach_the_database_within_a_second(pool, xapi, watch):
+    watch(pool)
+    wait_for(lambda: connected(pool), timeout=10, message="connected")
+    halted = VM.objects.get(pool=pool, name_label="dev-sandbox")
+    assert halted.power_state == "Halted"
+    ref = vm_ref(xapi, "dev-sandbox")
+
+    xapi.call("VM.start", ref, False, False)
+    row = wait_for(lambda: VM.objects.filter(pk=halted.pk, power_state="Running").select_related("resident_on")
+                   .first(), timeout=WITHIN, message="VM running")
+    assert row.resident_on is not None
+
+    xapi.call("VM.clean_shutdown", ref)
+    wait_for(lambda: VM.objects.filter(pk=halted.pk, power_state="Halted", resident_on=None).exists(),
+             timeout=WITHIN, message="VM halted")
+
+    clone = xapi.call("VM.clone", ref, "dev-sandbox-clone")
+    clone_uuid = xapi.call("VM.get_uuid", clone)
+    row = wait_for(lambda: VM.objects.filter(pool=pool, uuid=clone_uuid).first(), timeout=WITHIN,
+                   message="clone row")
+    assert row.name_label == "dev-sandbox-clone"
+    # Its disks came along, and point at the clone.
+    wait_for(lambda: VBD.objects.filter(vm=row).count() == len(xapi.call("VM.get_VBDs", clone)), timeout=WITHIN,
+             message="clone's VBDs")
+
+    xapi.call("VM.destroy", clone)
+    wait_for(lambda: not VM.objects.filter(pool=pool, uuid=clone_uuid).exists(), timeout=WITHIN,
+             message="clone row deleted")
+    pool.refresh_from_db()
+    assert pool.last_event_at is not None
+
+
+@pytest.fixture
+def messages(pool):
+    """``receive(predicate)``: the next message on the pool's channel-layer group matching ``predicate``."""
+    layer = get_channel_layer()
+    channel = async_to_sync(layer.new_channel)()
+    async_to_sync(layer.group_add)(pool_group(pool.uuid), channel)
+
+    def receive(predicate, timeout=3.0):
+        deadline = time.monotonic() + timeout
+        seen = []
+        while time.monotonic() < deadline:
+            try:
+                message = async_to_sync(_receive)(layer, channel, deadline - time.monotonic())
+            except TimeoutError:
+                break
+            seen.append(message)
+            if predicate(message):
+                return message
+        raise AssertionError(f"no matching message; got {seen}")
+
+    yield receive
+    async_to_sync(layer.group_discard)(pool_group(pool.uuid), channel)
+
+
+def test_changes_are_announced_on_the_pool_group(pool, xapi, watch, messages):
+    watch(pool)
+    # The full sync is announced once, not object by object; then the state change.
+    messages(lambda m: m == {"type": "inventory.resync", "pool": pool.uuid})
+    messages(lambda m: m == {"type": "inventory.change", "pool": pool.uuid, "cls": "pool", "uuid": pool.uuid,
+                             "op": "mod"})
+    vm = VM.objects.get(pool=pool, name_label="wiki")
+    xapi.call("VM.set_name_label", vm_ref(xapi, "wiki"), "wiki-renamed")
+    messages(lambda m: m == {"type": "inventory.change", "pool": pool.uuid, "cls": "vm", "uuid": vm.uuid,
+                             "op": "mod"})
+    assert VM.objects.get(pk=vm.pk).name_label == "wiki-renamed"
+
+    clone = xapi.call("VM.clone", vm_ref(xapi, "dev-sandbox"), "announced-clone")
+    clone_uuid = xapi.call("VM.get_uuid", clone)
+    messages(lambda m: m.get("cls") == "vm" and m.get("uuid") == clone_uuid and m.get("op") == "add")
+    xapi.call("VM.destroy", clone)
+    messages(lambda m: m.get("cls") == "vm" and m.get("uuid") == clone_uuid and m.get("op") == "del")
+
+
+def test_a_burst_of_changes_is_announced_as_one_resync(pool, xapi, watch, messages, settings):
+    settings.EAC_CHANGE_MESSAGES_MAX = 1
+    watch(pool)
+    messages(lambda m: m["type"] == "inventory.change" and m["cls"] == "pool")  # connected, after the full sync
+    # A clone adds a VM, its disks and its network interfaces: more than one object in a batch.
+    xapi.call("VM.clone", vm_ref(xapi, "backup-proxy"), "burst")
+    messages(lambda m: m == {"type": "inventory.resync", "pool": pool.uuid})
+    wait_for(lambda: VM.objects.filter(pool=pool, name_label="burst").exists(), timeout=WITHIN, message="clone")
+
+
+async def _receive(layer, channel, timeout):
+    import asyncio
+
+    return await asyncio.wait_for(layer.receive(channel), max(timeout, 0.01))
+
+
+def test_host_and_pif_metrics_update_live_and_carrier(xapisim, pool, watch):
+    watch(pool)
+    wait_for(lambda: connected(pool), timeout=10, message="connected")
+    pif = PIF.objects.filter(pool=pool, device="eth1").select_related("host").first()
+    assert pif.carrier
+    pif_uuid = pif.uuid
+    xapisim.control("POST", f"/sim/pifs/{pif_uuid}/carrier", {"up": False})
+    wait_for(lambda: not PIF.objects.get(pk=pif.pk).carrier, timeout=WITHIN, message="carrier down")
+    xapisim.control("POST", f"/sim/pifs/{pif_uuid}/carrier", {"up": True})
+    wait_for(lambda: PIF.objects.get(pk=pif.pk).carrier, timeout=WITHIN, message="carrier up")
+
+
+def test_simulator_restart_reconnects_and_resyncs(xapisim, pool, xapi, watch):
+    watch(pool)
+    wait_for(lambda: connected(pool), timeout=10, message="connected")
+    # A VM that exists only until the restart (the simulator starts again from its preset).
+    clone = xapi.call("VM.clone", vm_ref(xapi, "dev-sandbox"), "short-lived")
+    clone_uuid = xapi.call("VM.get_uuid", clone)
+    wait_for(lambda: VM.objects.filter(pool=pool, uuid=clone_uuid).exists(), timeout=WITHIN, message="clone")
+
+    states = [state(pool)]
+    stop = threading.Event()
+
+    def record_states():
+        from django.db import connection
+
+        try:
+            while not stop.is_set():
+                current = state(pool)
+                if states[-1] != current:
+                    states.append(current)
+                time.sleep(0.02)
+        finally:
+            connection.close()
+
+    recorder = threading.Thread(target=record_states)
+    recorder.start()
+    try:
+        xapisim.restart()
+        wait_for(lambda: states[-1] == ConnectionState.CONNECTED and ConnectionState.RECONNECTING in states,
+                 timeout=15, message="reconnecting, then connected")
+    finally:
+        stop.set()
+        recorder.join()
+    assert states[0] == ConnectionState.CONNECTED and states[-1] == ConnectionState.CONNECTED
+    assert ConnectionState.RECONNECTING in states
+
+    # Rows are back as the restarted simulator has them: the clone is gone.
+    with connect(xapisim.url, "root", "demo") as fresh:
+        wait_for(lambda: not VM.objects.filter(pool=pool, uuid=clone_uuid).exists(), timeout=5, message="resync")
+        assert_rows_match(fresh, pool)
+        # And events flow again.
+        fresh.call("VM.set_name_label", vm_ref(fresh, "mail"), "mail-after-restart")
+        wait_for(lambda: VM.objects.filter(pool=pool, name_label="mail-after-restart").exists(), timeout=WITHIN,
+                 message="event after restart")
+
+
+def test_watcher_follows_the_master_to_another_host():
+    sim = start_xapisim("--ha-timeout", "1")
+    try:
+        pool = pool_create(name="demo", url=sim.url, username="root", password="demo")
+        watcher = PoolWatcher(pool, event_timeout=5.0, max_delay=0.5)
+        watcher.start()
+        try:
+            wait_for(lambda: connected(pool), timeout=10, message="connected")
+            old_master = Host.objects.get(pool=pool, is_master=True)
+            assert old_master.name_label == "xcp-host-1"
+
+            sim.control("POST", "/sim/hosts/xcp-host-1/crash", base=sim.host_url("127.0.0.2"))
+
+            new_url = sim.host_url("127.0.0.2")
+            wait_for(lambda: Pool.objects.filter(pk=pool.pk, master_url=new_url, connection_state="connected")
+                     .exists(), timeout=15, message="watcher on the new master")
+            wait_for(lambda: Host.objects.filter(pool=pool, is_master=True).values_list("name_label", flat=True)
+                     .first() == "xcp-host-2", timeout=WITHIN, message="is_master moved")
+            assert not Host.objects.get(pk=old_master.pk).live
+            # Events flow from the new master.
+            with connect(new_url, "root", "demo") as xapi:
+                xapi.call("VM.set_name_label", vm_ref(xapi, "gitlab"), "gitlab-on-new-master")
+            wait_for(lambda: VM.objects.filter(pool=pool, name_label="gitlab-on-new-master").exists(),
+                     timeout=WITHIN, message="event from the new master")
+        finally:
+            watcher.stop()
+            watcher.join(10)
+    finally:
+        sim.stop()
+
+
+def test_expired_session_logs_in_again_and_resyncs(xapisim, pool, watch, caplog):
+    caplog.set_level(logging.INFO, logger="inventory")
+    watcher = watch(pool, event_timeout=0.5)
+    wait_for(lambda: connected(pool), timeout=10, message="connected")
+    first_sync = Pool.objects.get(pk=pool.pk).last_sync_at
+    session = wait_for(lambda: watcher._client and watcher._client.session_ref, message="session")
+    xmlrpc.client.ServerProxy(xapisim.url).session.logout(session)
+    wait_for(lambda: Pool.objects.get(pk=pool.pk).last_sync_at > first_sync, timeout=5, message="resync")
+    assert "The session with the pool has expired. Logging in again for a full sync." in caplog.text
+    assert connected(pool)
+
+
+def test_wrong_password_shows_unreachable_with_a_sentence_and_never_the_password(xapisim, pool, watch, caplog):
+    caplog.set_level(logging.DEBUG)
+    Pool.objects.filter(pk=pool.pk).update(password="Wr0ng-s3cret")
+    pool.refresh_from_db()
+    watch(pool)
+    wait_for(lambda: state(pool) == ConnectionState.UNREACHABLE, timeout=5, message="unreachable")
+    pool.refresh_from_db()
+    assert pool.last_error == "The pool refused the user name or password."
+    assert "Wr0ng-s3cret" not in caplog.text
+    assert "refused the user name or password" in caplog.text
+
+
+def test_passwords_never_reach_the_logs(xapisim, caplog):
+    caplog.set_level(logging.DEBUG)
+    pool = pool_create(name="lab", url=xapisim.url, username="root", password="demo")
+    sync_once(pool)
+    with pytest.raises(Exception):  # noqa: B017 - only the logs matter here
+        pool_create(name="other", url=xapisim.url, username="root", password="Zq9-unique-secret")
+    assert "pool lab added" in caplog.text and "full sync" in caplog.text
+    assert "Zq9-unique-secret" not in caplog.text
+
+
+def test_supervisor_starts_and_stops_watchers_as_pools_come_and_go(xapisim):
+    supervisor = Supervisor(poll_interval=0.2, event_timeout=2.0, max_delay=0.5)
+    thread = threading.Thread(target=supervisor.run)
+    thread.start()
+    try:
+        pool = pool_create(name="demo", url=xapisim.url, username="root", password="demo")
+        wait_for(lambda: connected(pool) and VM.objects.filter(pool=pool).exists(), timeout=10,
+                 message="new pool watched")
+        watcher = supervisor.watchers[pool.pk]
+        pool_delete(pool=pool)
+        wait_for(lambda: not watcher.is_alive(), timeout=5, message="watcher of the deleted pool stopped")
+        assert pool.pk not in supervisor.watchers
+        assert not VM.objects.exists()
+    finally:
+        supervisor.stop()
+        thread.join(15)
+    assert not thread.is_alive()
+
+
+def test_watch_pools_command_once_syncs_and_exits(xapisim, pool):
+    proc = subprocess.run(
+        [sys.executable, "manage.py", "watch_pools", "--once", "--pool", "demo"],
+        cwd=ROOT, env=subprocess_env(LOG_LEVEL="INFO"), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "demo: synced" in proc.stdout
+    assert "full sync from" in proc.stderr  # logged at INFO
+    assert VM.objects.filter(pool=pool).count() == len(xapisim.state()["vms"])
+
+
+def test_watch_pools_command_follows_changes_until_terminated(xapisim, pool, xapi):
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "watch_pools", "--poll", "0.5"],
+        cwd=ROOT, env=subprocess_env(LOG_LEVEL="INFO", EAC_EVENT_TIMEOUT="5"), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_for(lambda: connected(pool), timeout=30, message="watcher process connected")
+        xapi.call("VM.set_name_label", vm_ref(xapi, "jenkins"), "jenkins-2")
+        wait_for(lambda: VM.objects.filter(pool=pool, name_label="jenkins-2").exists(), timeout=WITHIN,
+                 message="change seen by the watcher process")
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 0, stderr
+    assert "watcher: stopped" in stderr
+
+
+def test_the_mirror_reads_only_fields_it_asks_xapi_for():
+    """Only RECORD_FIELDS are decoded from XAPI's answers: a field read but not asked for would stay None."""
+
+    class Recording(dict):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def get(self, key, default=None):
+            self.seen.add(key)
+            return super().get(key, default)
+
+    mirror = PoolMirror(Pool(name="x"))
+    for spec in SPECS:
+        record = Recording()
+        spec.values(mirror, "OpaqueRef:x", record)
+        assert record.seen <= set(RECORD_FIELDS[spec.cls]), spec.cls
+    for cls, read in (("pool", mirror._pool_fields), ("host_metrics", mirror._host_metrics_of)):
+        record = Recording()
+        read(record)
+        assert record.seen <= set(RECORD_FIELDS[cls]), cls
+    record = Recording()
+    PoolMirror._remember_side_record(mirror, "pif", "OpaqueRef:p", record)
+    assert record.seen <= set(RECORD_FIELDS["pif"])

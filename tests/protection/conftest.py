@@ -1,0 +1,1 @@
+from tests.protection.fixtures import *  # noqa: F403
