@@ -150,6 +150,8 @@ class VM(XapiObject):
     affinity = models.ForeignKey(Host, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     memory_static_max = models.BigIntegerField(default=0)
     memory_dynamic_max = models.BigIntegerField(default=0)
+    # What XAPI reserves on top of memory_static_max (shadow memory, etc.): HA plans count both.
+    memory_overhead = models.BigIntegerField(default=0)
     vcpus_max = models.IntegerField(default=0)
     is_a_template = models.BooleanField(default=False)
     is_control_domain = models.BooleanField(default=False)

@@ -69,7 +69,7 @@ RECORD_FIELDS: dict[str, tuple[str, ...]] = {
     "pif": ("uuid", "host", "network", "device", "MAC", "IP", "management", "currently_attached", "metrics"),
     "pif_metrics": ("uuid", "carrier"),
     "vm": ("uuid", "name_label", "name_description", "power_state", "resident_on", "affinity", "memory_static_max",
-           "memory_dynamic_max", "VCPUs_max", "is_a_template", "is_control_domain", "is_a_snapshot",
+           "memory_dynamic_max", "memory_overhead", "VCPUs_max", "is_a_template", "is_control_domain", "is_a_snapshot",
            "ha_restart_priority", "order", "start_delay", "current_operations", "metrics"),
     "vdi": ("uuid", "name_label", "name_description", "SR", "virtual_size", "physical_utilisation", "type",
             "sharable", "read_only"),
@@ -190,6 +190,7 @@ def _vm_values(m: PoolMirror, ref: str, r: dict) -> dict[str, Any]:
         "affinity_id": m.resolve("host", r.get("affinity"), "vm", ref, "affinity_id"),
         "memory_static_max": _int(r.get("memory_static_max")),
         "memory_dynamic_max": _int(r.get("memory_dynamic_max")),
+        "memory_overhead": _int(r.get("memory_overhead")),
         "vcpus_max": _int(r.get("VCPUs_max")),
         "is_a_template": _bool(r.get("is_a_template")),
         "is_control_domain": _bool(r.get("is_control_domain")),
@@ -323,6 +324,7 @@ def _pg_upsert(spec: _Spec, pool_id: int, items: list[tuple[str, str, dict[str, 
 class SyncResult:
     counts: dict[str, int] = field(default_factory=dict)  # full sync: rows per class
     changed: int = 0  # objects written or deleted
+    changed_uuids: dict[str, set[str]] = field(default_factory=dict)  # class -> uuids written or deleted
     messages: int = 0
 
 
@@ -647,6 +649,8 @@ class PoolMirror:
             now = timezone.now()
             self.pool.last_event_at = now
             Pool.objects.filter(pk=self.pool.pk).update(last_event_at=now)
+            for _group, event in messages:
+                result.changed_uuids.setdefault(event["cls"], set()).add(event["uuid"])
             if len(messages) > getattr(settings, "EAC_CHANGE_MESSAGES_MAX", CHANGE_MESSAGES_MAX):
                 messages = [(self._group(), {"type": "inventory.resync", "pool": self.pool.uuid})]
             emit_many(messages)

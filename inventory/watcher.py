@@ -180,6 +180,7 @@ class PoolWatcher(threading.Thread):
     def _failed(self, pool: Pool, state: str, error: str) -> None:
         log.warning("pool %s: %s", pool.name, error)
         self._set_state(pool, state, error)
+        _observe(pool)
 
     def _watch(self, pool: Pool) -> None:
         """One session: connect, full sync, events until stopped.  Raises on any loss."""
@@ -190,6 +191,7 @@ class PoolWatcher(threading.Thread):
         token, _ = full_sync(client, mirror)
         self._set_state(pool, ConnectionState.CONNECTED)
         self._synced = True
+        _observe(pool)
         pump = EventPump(client, token, timeout=self.event_timeout)
         pump.start()
         try:
@@ -207,8 +209,18 @@ class PoolWatcher(threading.Thread):
                     result = mirror.apply(events)
                     log.debug("pool %s: %d event(s), %d object(s) changed", pool.name, len(events),
                               result.changed)
+                    if result.changed:
+                        _observe(pool, result.changed_uuids)
         finally:
             pump.stop()
+
+
+def _observe(pool: Pool, changed: dict[str, set[str]] | None = None) -> None:
+    """Let protection judge what the committed changes mean (failovers, alerts, plan) right away,
+    rather than at the next beat sweep: the alert budget is 5 s from the state change."""
+    from protection.services import protection_observe_changes  # protection builds on inventory, not back
+
+    protection_observe_changes(pool=pool, changed=changed)
 
 
 class EventPump:

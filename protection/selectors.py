@@ -14,8 +14,6 @@ from .models import AuditEntry, FailoverEvent, Protection, WorkflowRun
 
 GIB = 2**30
 RUNNING_STATES = ("Running", "Paused")
-# XAPI reserves memory_static_max + memory_overhead for a VM; use the overhead once the inventory mirrors it.
-_VM_HAS_OVERHEAD = any(f.name == "memory_overhead" for f in VM._meta.get_fields())
 
 
 # -- the tree's icons ---------------------------------------------------------------------------
@@ -119,7 +117,7 @@ def plan_inputs(
         .filter(Q(ha_restart_priority=RestartPriority.RESTART) | Q(uuid__in=down_uuids))
         .order_by("uuid")
         .values("pk", "uuid", "name_label", "power_state", "resident_on_id", "memory_static_max",
-                *(["memory_overhead"] if _VM_HAS_OVERHEAD else []))
+                "memory_overhead")
     )
     vms = []
     for vm in candidates:
@@ -132,7 +130,7 @@ def plan_inputs(
         vms.append(_plan_vm({"pk": add_vm.pk, "uuid": add_vm.uuid, "name_label": add_vm.name_label,
                              "power_state": add_vm.power_state, "resident_on_id": add_vm.resident_on_id,
                              "memory_static_max": add_vm.memory_static_max,
-                             "memory_overhead": getattr(add_vm, "memory_overhead", 0)}, live, down_uuids))
+                             "memory_overhead": add_vm.memory_overhead}, live, down_uuids))
     vms = [vm for vm in vms if vm is not None]
     vms.sort(key=lambda vm: vm.key)
     return plan_hosts, vms, len(hosts)
@@ -143,7 +141,8 @@ def _plan_vm(vm: dict, live: dict, down_uuids: set[str]) -> planner.ProtectedVM 
     if not running and vm["uuid"] not in down_uuids:
         return None  # shut down on purpose: XAPI does not plan for it
     host = live.get(vm["resident_on_id"]) if running else None
-    return planner.ProtectedVM(key=vm["uuid"], memory=vm["memory_static_max"] + (vm.get("memory_overhead") or 0),
+    # XAPI reserves memory_static_max + memory_overhead for a VM.
+    return planner.ProtectedVM(key=vm["uuid"], memory=vm["memory_static_max"] + vm["memory_overhead"],
                                host=host["uuid"] if host else None, name=vm["name_label"] or vm["uuid"])
 
 
