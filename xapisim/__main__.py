@@ -20,6 +20,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1, help="makes uuids and refs reproducible (default: 1)")
     p.add_argument("--port", type=int, default=8086, help="port every host listens on; 0 picks a free one")
     p.add_argument("--bind", default="127.0.0.1", help="address of host 0; host i gets the i-th next one")
+    p.add_argument(
+        "--advertise",
+        metavar="NAME",
+        help="serve host 0 alone, on every interface, known to clients as NAME (for containers)",
+    )
     p.add_argument("--user", default="root")
     p.add_argument(
         "--password",
@@ -51,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         op_delay=args.op_delay,
         ha_timeout=args.ha_timeout,
         listen_hosts=max(1, args.listen_hosts),
+        advertise=args.advertise,
     )
     done = threading.Event()
 

@@ -246,6 +246,7 @@ class Simulator:
         vm_restart_delay: float = 1.0,
         boot_delay: float = 0.5,
         listen_hosts: int = 16,
+        advertise: str | None = None,
     ) -> None:
         if hosts is not None or vms is not None:
             preset = "generated"
@@ -257,7 +258,10 @@ class Simulator:
         self.seed = seed
         self.port = port
         self.bind = bind
-        self.listen_hosts = listen_hosts
+        # In a container the 127.0.0.x addresses of the other hosts are out of reach: with
+        # ``advertise``, host 0 alone listens, on every interface, under that name.
+        self.advertise = advertise
+        self.listen_hosts = 1 if advertise else listen_hosts
         config = Config(
             user=user,
             password=password,
@@ -283,6 +287,10 @@ class Simulator:
             if self.n_hosts < 1:
                 raise ValueError("a pool needs at least one host")
             presets.build_generated(self.engine, self.seed, self.bind, self.n_hosts, max(0, self.n_vms))
+        if self.advertise:
+            first = self.engine.hosts[0]
+            self.engine.addresses[first] = self.advertise
+            self.engine.store.update(first, {"address": self.advertise, "hostname": self.advertise})
         with self.engine.lock:
             for table in self.engine.store.tables.values():
                 warm(list(table.values()))
@@ -304,7 +312,8 @@ class Simulator:
             if host in self._servers:
                 return
             address = self.engine.addresses[host]
-            server = _HostServer((address, self.port), self.engine, host)
+            listen_on = "0.0.0.0" if self.advertise and host == self.engine.hosts[0] else address  # noqa: S104
+            server = _HostServer((listen_on, self.port), self.engine, host)
             t = threading.Thread(
                 target=server.serve_forever, kwargs={"poll_interval": 0.05}, name=f"xapisim-{address}", daemon=True
             )

@@ -96,3 +96,22 @@ def test_a_thousand_hosts_and_ten_thousand_vms_build_fast_and_list_in_under_two_
         assert elapsed < 2.0, f"VM.get_all_records took {elapsed:.2f}s"
     finally:
         sim.stop()
+
+
+def test_advertise_serves_host_zero_alone_on_every_interface_under_the_given_name():
+    import socket
+
+    from tests.xapisim.conftest import login, make_sim
+
+    sim = make_sim(advertise="xapisim.example")
+    try:
+        session = login(f"http://127.0.0.1:{sim.port}")
+        hosts = session.xenapi.host.get_all_records().values()
+        master = session.xenapi.pool.get_master(session.xenapi.pool.get_all()[0])
+        assert session.xenapi.host.get_address(master) == "xapisim.example"
+        assert sorted(h["address"] for h in hosts)[0] == "127.0.0.2"  # the others keep theirs
+        # A wildcard listener: the same port answers on an address other than 127.0.0.1.
+        with socket.create_connection(("127.0.0.3", sim.port), timeout=2):
+            pass
+    finally:
+        sim.stop()
