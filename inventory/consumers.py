@@ -32,6 +32,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 
 from alerts.services import ALERTS_GROUP  # where alerts.change is sent when an alert opens or closes
 from eac.realtime import pool_group
+from protection.permissions import user_can_change_protection, user_can_view
 
 from . import tree as ui
 from . import ui_selectors as sel
@@ -46,7 +47,9 @@ MAX_ITEMS = 1000
 VIEW_RE = re.compile(r"^(home|vms|vm:[0-9a-f-]{36}|host:[0-9a-f-]{36}|pool:\d{1,18})$")
 UUID_RE = re.compile(r"^[0-9a-f-]{36}$")
 # Changes of these classes can alter what a VM's or a host's page shows.
-DETAIL_CLASSES = {"vm", "host", "pif", "pbd", "sr", "vbd", "vif", "vdi", "network", "pool"}
+DETAIL_CLASSES = {"vm", "host", "pif", "pbd", "sr", "vbd", "vif", "vdi", "network", "pool", "protection"}
+# Classes whose uuid is a VM's: a protection change re-renders its VM (tree items, row, page).
+VM_CLASSES = ("vm", "protection")
 MISSING = object()
 # How long the first event of a batch waits for the rest of a burst (part of the 250 ms budget).
 COALESCE_SECONDS = 0.005
@@ -141,6 +144,11 @@ def _visible_pools(user) -> dict[str, int] | None:
     return dict(sel.pools_visible_to(user).exclude(uuid="").values_list("uuid", "pk"))
 
 
+def _roles(user) -> tuple[bool, bool]:
+    """(may see protection and alerts, may change protection): what the pushed fragments offer."""
+    return user_can_view(user), user_can_change_protection(user)
+
+
 def _overviews(keys: list) -> dict:
     return {("ov", pk): ov for pk, ov in sel.pool_overviews([k[1] for k in keys]).items()}
 
@@ -183,6 +191,7 @@ class LiveConsumer(AsyncWebsocketConsumer):
             return
         self.user = user
         self.pools: dict[str, int] = pools
+        self.can_view_protection, self.can_change = await database_sync_to_async(_roles)(user)
         self.joined = [pool_group(uuid) for uuid in pools] + [ALERTS_GROUP]
         for group in self.joined:
             await self.channel_layer.group_add(group, self.channel_name)
@@ -269,7 +278,7 @@ class LiveConsumer(AsyncWebsocketConsumer):
 
     async def alerts_change(self, event: dict) -> None:
         count = await database_sync_to_async(sel.open_alerts_count)(self.user)
-        await self.send(text_data=ui.alerts_counter(count))
+        await self.send(text_data=ui.alerts_counter(count, self.can_view_protection))
 
     # -- rendering ---------------------------------------------------------------------------------
 
@@ -331,12 +340,13 @@ class LiveConsumer(AsyncWebsocketConsumer):
 
         # Labels: only those whose data differ from what this page was last sent.
         moved = [self.pools[pool_uuid] for pool_uuid, classes in batch.items() if sel.batch_moves_status(classes)]
-        vm_keys = [
+        vm_keys = sorted({
             ("vm", self.pools[pool_uuid], uuid)
             for pool_uuid, classes in batch.items()
-            for uuid in classes.get("vm", {})
+            for cls in VM_CLASSES
+            for uuid in classes.get(cls, {})
             if UUID_RE.match(uuid)
-        ]
+        })
         overviews, nodes = await asyncio.gather(
             self._read_labels(since, moved), reads.get_many(vm_keys, since, _vm_nodes) if vm_keys else _nothing()
         )
@@ -362,7 +372,7 @@ class LiveConsumer(AsyncWebsocketConsumer):
             if summary_open:
                 parts.append(ui.tree_vm(node, True))
             if self.view == "vms" and uuid in self.rows:
-                rows.append(ui.vm_row(node))
+                rows.append(ui.vm_row(node, self.can_change))
 
         detail = await self._detail(batch, since, reads)
         if detail:
@@ -380,7 +390,9 @@ class LiveConsumer(AsyncWebsocketConsumer):
         if not changes:
             return ""
         if kind == "vm":
-            relevant = ident in changes.get("vm", {}) or any(c in DETAIL_CLASSES - {"vm"} for c in changes)
+            relevant = any(ident in changes.get(c, {}) for c in VM_CLASSES) or any(
+                c in DETAIL_CLASSES - set(VM_CLASSES) for c in changes
+            )
         else:
             relevant = any(c in DETAIL_CLASSES for c in changes)
         if not relevant:
@@ -397,4 +409,5 @@ class LiveConsumer(AsyncWebsocketConsumer):
             detail = sel.pool_detail(user=user, pk=int(ident))
             return ui.pool_detail_panel(detail) if detail else ""
 
-        return await reads.get(("detail", self.view), since, render)
+        # Shared by the sockets showing the same page, as long as their users may do the same things.
+        return await reads.get(("detail", self.view, self.can_view_protection, self.can_change), since, render)

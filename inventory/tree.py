@@ -13,7 +13,7 @@ WebSocket consumer renders it alone and sends it, for htmx to swap in by id. DOM
 ``tree-pvsvm-<uuid>``       the same VM's item in the Protected VM Summary
 ``row-vm-<uuid>``           its row in the Virtual Machine Status table
 ``vm-<uuid>``, ``host-<uuid>``, ``pool-<uuid>``: the detail panel of the object's page
-``alerts-counter``          the open-alerts counter
+``alerts-counter``          the open-alerts counter (a link to the alerts page)
 ==========================  =========================================================
 
 A tree node with children is ``li#ti-<key>`` holding the row ``#tree-<key>`` and the group
@@ -30,6 +30,8 @@ from functools import lru_cache
 
 from django.http import HttpRequest
 from django.template.loader import render_to_string
+
+from protection.permissions import user_can_change_protection, user_can_view
 
 from . import ui_selectors as sel
 
@@ -109,16 +111,35 @@ def build_tree(user, open_keys: set[str] | None) -> TreeContext:
     return TreeContext(overviews=overviews, pools=pools, summary=summary)
 
 
+# The header's sections, by the start of the path (longest first); eac.js marks them the same way.
+SECTIONS = (
+    ("/protection/audit/", "audit"),
+    ("/protection/", "protection"),
+    ("/alerts/recipients/", "recipients"),
+    ("/alerts/", "alerts"),
+    ("/vms/", "vms"),
+)
+
+
+def section_of(path: str) -> str:
+    if path == "/":
+        return "home"
+    return next((name for prefix, name in SECTIONS if path.startswith(prefix)), "")
+
+
 def console_context(request: HttpRequest, *, title: str, current: str = "") -> dict:
-    """What base.html needs around a page: header, tree, live socket."""
+    """What base.html needs around a page: header (its sections for this user), tree, live socket."""
     user = request.user
     can_view = sel.user_can_view_inventory(user)
     rendered_at = time.time()
     tree = build_tree(user, parse_open_keys(request.COOKIES.get(OPEN_COOKIE))) if can_view else None
     return {
         "title": title,
-        "current": current,
+        "current": section_of(request.path) or current,
         "can_view": can_view,
+        # Protection, alerts and the audit log are for Administrators and Operators.
+        "can_view_protection": user_can_view(user),
+        "can_change_protection": user_can_change_protection(user),
         "tree": tree,
         "alerts_count": sel.open_alerts_count(user),
         "rendered_at": f"{rendered_at:.3f}",
@@ -162,8 +183,9 @@ def tree_vm(node: sel.VMNode, in_summary: bool = False) -> str:
 
 
 @lru_cache(maxsize=20000)
-def vm_row(node: sel.VMNode) -> str:
-    return render_fragment("vm_row.html", vm=node)
+def vm_row(node: sel.VMNode, can_change: bool = False) -> str:
+    """A row of the table; with ``can_change``, its selection box and protect / unprotect action."""
+    return render_fragment("vm_row.html", vm=node, can_change=can_change)
 
 
 @lru_cache(maxsize=1024)
@@ -176,8 +198,9 @@ def summary_card(groups: tuple[sel.GroupLabel, ...]) -> str:
     return render_fragment("summary_card.html", groups=groups)
 
 
-def alerts_counter(count: int) -> str:
-    return render_fragment("alerts_counter.html", alerts_count=count)
+def alerts_counter(count: int, can_view_protection: bool = False) -> str:
+    """The header's counter; a link to the alerts page for those who may open it."""
+    return render_fragment("alerts_counter.html", alerts_count=count, can_view_protection=can_view_protection)
 
 
 def vm_detail_panel(detail: sel.VMDetail) -> str:

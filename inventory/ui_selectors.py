@@ -5,12 +5,10 @@ Everything a fragment template shows is a small frozen dataclass built here (nev
 queryset or a model instance), so the same template renders the full page in a view
 and the pushed fragment in the WebSocket consumer without touching the database.
 
-Protection is not built yet. Its part of the UI goes through three functions that the
-protection app fills in: ``vm_annotate_protection`` (level, health and status as query
-annotations, so the table can sort and filter on them in the database),
-``vm_protection_states`` and ``vm_protection_components``. Until then every VM is
-unprotected, and a "candidate" when all its disks are on shared storage (Level 1's
-precondition: the VM can restart on any host).
+A VM's protection (level, health, status in the Protected VM Summary, and which VMs are
+"candidates") is defined once, by ``protection.selectors.vm_annotate_protection``, as query
+annotations: the table sorts and filters on them in the database, and the summary counts and
+the tree's marks are read from the same annotations, so they always agree.
 """
 from __future__ import annotations
 
@@ -23,7 +21,10 @@ from typing import NamedTuple
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import models
-from django.db.models import Case, Count, Exists, IntegerField, OuterRef, Q, QuerySet, Value, When
+from django.db.models import Case, Count, Exists, F, IntegerField, OuterRef, QuerySet, Value, When
+
+from protection import selectors as protection_selectors
+from protection.permissions import user_can_change_protection, user_can_view
 
 from .choices import ConnectionState, PowerState
 from .models import PBD, PIF, VBD, VIF, VM, Host, Pool
@@ -104,40 +105,26 @@ class ProtectionState(NamedTuple):
     health: str  # Health
     status: str  # ProtectionStatus
     secondary_host: str = ""  # name of the secondary host (Level 2/3), for the "Hosts" column
-
-
-def _local_disk() -> Exists:
-    return Exists(
-        VBD.objects.filter(vm=OuterRef("pk"), type="Disk", vdi__isnull=False).filter(
-            Q(vdi__sr__isnull=True) | Q(vdi__sr__shared=False)
-        )
-    )
+    protection_pk: int | None = None  # for the "Unprotect" action
 
 
 def vm_annotate_protection(qs: QuerySet[VM]) -> QuerySet[VM]:
-    """Annotate ``prot_level`` (int or None), ``prot_health``, ``prot_status`` and ``prot_secondary``.
-
-    The protection app replaces the placeholders with subqueries on its Protection rows;
-    everything else (table sort and filters, tree marks, summary counts) follows.
-    """
-    return qs.annotate(
-        prot_level=Value(None, output_field=IntegerField()),
-        prot_health=Value(Health.UNPROTECTED.value, output_field=models.CharField()),
-        prot_status=Case(
-            When(_local_disk(), then=Value(ProtectionStatus.UNPROTECTED.value)),
-            default=Value(ProtectionStatus.CANDIDATE.value),
-            output_field=models.CharField(),
-        ),
-        prot_secondary=Value("", output_field=models.CharField()),
-    )
+    """Annotate ``prot_level`` (int or None), ``prot_health``, ``prot_status``, ``prot_secondary``
+    (the protection app's definition) and ``prot_pk`` (the Protection's id, for its actions)."""
+    return protection_selectors.vm_annotate_protection(qs).annotate(prot_pk=F("protection__pk"))
 
 
 def _state_of(vm: VM) -> ProtectionState:
-    return ProtectionState(vm.prot_level, vm.prot_health, vm.prot_status, vm.prot_secondary or "")
+    return ProtectionState(vm.prot_level, vm.prot_health, vm.prot_status, vm.prot_secondary or "",
+                           getattr(vm, "prot_pk", None))
 
 
 def vm_protection_states(vms: Iterable[VM]) -> dict[int, ProtectionState]:
-    """{vm id: ProtectionState} for the given VMs, in one query (none if they come annotated)."""
+    """{vm id: ProtectionState} for the given VMs, in one query (none if they come annotated).
+
+    The same annotations as ``protection.selectors.protection_states_for`` reads, with the summary
+    status and the secondary host that the console shows besides level and health.
+    """
     vms = list(vms)
     if all(hasattr(vm, "prot_status") for vm in vms):
         return {vm.pk: _state_of(vm) for vm in vms}
@@ -146,26 +133,22 @@ def vm_protection_states(vms: Iterable[VM]) -> dict[int, ProtectionState]:
 
 
 def vm_status_counts(pool_ids: Iterable[int]) -> dict[int, dict[str, int]]:
-    """{pool id: {ProtectionStatus: VMs}} for the Protected VM Summary, in two queries.
+    """{pool id: {ProtectionStatus: VMs}} for the Protected VM Summary, in one query.
 
-    Until the protection app fills this in: a VM with a disk on local storage is unprotected,
-    the others are candidates. (Counted from the disks, not per VM: 10,000 VMs in ~30 ms.)
+    Counted on the annotations the table filters on, so a group's count is the number of rows
+    the table shows for that status.
     """
     pool_ids = list(pool_ids)
-    base = user_vm_base().filter(pool_id__in=pool_ids)
-    totals = dict(base.values_list("pool_id").annotate(n=Count("pk")).order_by())
-    local = dict(
-        VBD.objects.filter(vm__in=base, type="Disk", vdi__isnull=False)
-        .filter(Q(vdi__sr__isnull=True) | Q(vdi__sr__shared=False))
-        .values_list("vm__pool_id")
-        .annotate(n=Count("vm_id", distinct=True))
+    counts: dict[int, dict[str, int]] = {pk: {} for pk in pool_ids}
+    rows = (
+        vm_annotate_protection(user_vm_base().filter(pool_id__in=pool_ids))
+        .values_list("pool_id", "prot_status")
+        .annotate(n=Count("pk"))
         .order_by()
     )
-    return {
-        pk: {ProtectionStatus.CANDIDATE.value: totals.get(pk, 0) - local.get(pk, 0),
-             ProtectionStatus.UNPROTECTED.value: local.get(pk, 0)}
-        for pk in pool_ids
-    }  # fmt: skip
+    for pool_id, status, n in rows:
+        counts[pool_id][status] = n
+    return counts
 
 
 def batch_moves_status(classes: dict[str, dict[str, str]]) -> bool:
@@ -185,6 +168,9 @@ def vm_health_marks(pool_ids: Iterable[int]) -> dict[tuple[int, int | None], str
     marks: dict[tuple[int, int | None], str] = defaultdict(str)
     rows = (
         vm_annotate_protection(user_vm_base().filter(pool_id__in=list(pool_ids)))
+        # Only a protection can be unwell: the inner join keeps this cheap when few VMs are protected
+        # (it runs for every batch of live changes).
+        .filter(protection__isnull=False)
         .filter(prot_health__in=[Health.DEGRADED, Health.FAILED])
         .values_list("pool_id", "resident_on_id", "prot_health")
         .distinct()
@@ -207,8 +193,8 @@ class Component:
 
 
 def vm_protection_components(vm: VM) -> list[Component]:
-    """The protected VM's components and their state; the protection app fills this in."""
-    return []
+    """The protected VM's components and their state (none when it is not protected)."""
+    return [Component(**c) for c in protection_selectors.vm_components(vm)]
 
 
 @dataclass(frozen=True)
@@ -219,8 +205,49 @@ class VMEvent:
 
 
 def vm_events(vm: VM, *, limit: int = 20) -> list[VMEvent]:
-    """What happened to the VM, newest first; the protection and alerts apps fill this in."""
-    return []
+    """What happened to the VM's protection, newest first: failovers and protection changes."""
+    return [VMEvent(**e) for e in protection_selectors.vm_events(vm, limit=limit)]
+
+
+@dataclass(frozen=True)
+class ProtectionInfo:
+    """The VM page's protection panel: what was dialled, where it stands, and a run in progress."""
+
+    pk: int
+    level: int
+    status: str  # protection.choices.ProtectionStatus
+    status_label: str
+    reason: str
+    restart_priority: str  # protection.choices.RestartPriority
+    restart_priority_label: str
+    order: int
+    start_delay: int
+    active_run: int | None
+    active_run_label: str
+
+    @property
+    def can_unprotect(self) -> bool:
+        return self.active_run is None
+
+
+def vm_protection_info(vm: VM) -> ProtectionInfo | None:
+    protection = protection_selectors.protection_for_vm(vm)
+    if protection is None:
+        return None
+    run = protection_selectors.vm_active_run(vm)
+    return ProtectionInfo(
+        pk=protection.pk,
+        level=protection.level,
+        status=protection.status,
+        status_label=protection.get_status_display(),
+        reason=protection.status_reason,
+        restart_priority=protection.restart_priority,
+        restart_priority_label=protection.get_restart_priority_display(),
+        order=protection.order,
+        start_delay=protection.start_delay,
+        active_run=run.pk if run else None,
+        active_run_label=run.get_kind_display() if run else "",
+    )
 
 
 # -- tree and table nodes -------------------------------------------------------------------------
@@ -250,6 +277,7 @@ class VMNode:
     health: str
     status: str
     secondary_host: str = ""
+    protection_pk: int | None = None
 
     @property
     def power_label(self) -> str:
@@ -317,6 +345,7 @@ def vm_node(vm: VM) -> VMNode:
         health=state.health,
         status=state.status,
         secondary_host=state.secondary_host,
+        protection_pk=state.protection_pk,
     )
 
 
@@ -606,6 +635,8 @@ class VMDetail:
     events: list[VMEvent]
     components: list[Component]
     pool_reachable: bool
+    protection: ProtectionInfo | None = None
+    can_change: bool = False  # may this user protect and unprotect (the panel's buttons)
 
     @property
     def protection_empty_reason(self) -> str:
@@ -614,7 +645,7 @@ class VMDetail:
         if self.node.level is None:
             if self.node.status == ProtectionStatus.CANDIDATE:
                 return "Not protected. All its disks are on shared storage: it is a candidate for Level 1."
-            return "Not protected."
+            return "Not protected. A disk is on storage only one host reaches: Level 1 needs shared storage."
         if not self.components:
             return "No component reported yet."
         return ""
@@ -672,6 +703,8 @@ def vm_detail(*, user, uuid: str) -> VMDetail | None:
         events=vm_events(vm),
         components=vm_protection_components(vm),
         pool_reachable=vm.pool.connection_state == ConnectionState.CONNECTED,
+        protection=vm_protection_info(vm),
+        can_change=user_can_change_protection(user),
     )
 
 
@@ -727,6 +760,7 @@ class PoolDetail:
     overview: PoolOverview
     by_level: list[tuple[str, int]]
     by_health: list[tuple[str, int]]
+    can_view_protection: bool = False  # links to the failover plan
 
     @property
     def master(self) -> HostLabel | None:
@@ -746,7 +780,8 @@ def pool_detail(*, user, pk: int) -> PoolDetail | None:
         healths[health] += n
     by_level = [(f"Level {lv}", levels.get(lv, 0)) for lv in (1, 2, 3)] + [("Not protected", levels.get(None, 0))]
     by_health = [(h.label, healths.get(h.value, 0)) for h in Health]
-    return PoolDetail(pool=pool, overview=overview, by_level=by_level, by_health=by_health)
+    return PoolDetail(pool=pool, overview=overview, by_level=by_level, by_health=by_health,
+                      can_view_protection=user_can_view(user))
 
 
 # -- the Virtual Machine Status table ----------------------------------------------------------------

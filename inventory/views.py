@@ -103,6 +103,7 @@ def vm_list(request: HttpRequest) -> HttpResponse:
     several_pools = len({h.pool_id for h in hosts}) > 1
     context = ui.console_context(request, title="Virtual machines", current="vms")
     context.update(
+        can_change=context["can_change_protection"],  # selection boxes and the rows' actions
         page=page,
         rows=[sel.vm_node(vm) for vm in page.object_list],
         columns=columns,

@@ -9,7 +9,7 @@ from django.db.models import Case, Count, Exists, F, OuterRef, Q, QuerySet, Valu
 from inventory.models import SR, VBD, VIF, VM, Host, Pool
 
 from . import planner
-from .choices import AVAILABLE_LEVELS, STATUS_HEALTH, UNAVAILABLE_REASON, Level, RestartPriority, RunState
+from .choices import AVAILABLE_LEVELS, UNAVAILABLE_REASON, Level, RestartPriority, RunState
 from .models import AuditEntry, FailoverEvent, Protection, WorkflowRun
 
 GIB = 2**30
@@ -23,29 +23,19 @@ def protection_states_for(vm_ids: Iterable[int]) -> dict[int, tuple[int | None, 
     """(level, health) for each VM id: health is good, degraded, failed, unprotected or candidate.
 
     An unprotected VM is a *candidate* when every one of its disks is on a shared SR (it could be
-    protected at Level 1 as it is). Three queries, whatever the number of VMs.
+    protected at Level 1 as it is). Read from ``vm_annotate_protection``, the one definition of
+    those states, in one query whatever the number of VMs.
     """
     ids = list(vm_ids)
     if not ids:
         return {}
-    states: dict[int, tuple[int | None, str]] = {}
-    for vm_id, level, status in Protection.objects.filter(vm_id__in=ids).values_list("vm_id", "level", "status"):
-        states[vm_id] = (level, STATUS_HEALTH.get(status, "degraded"))
-    rest = [i for i in ids if i not in states]
-    if rest:
-        pinned = set(
-            VBD.objects.filter(vm_id__in=rest, vdi__isnull=False, vdi__sr__shared=False).values_list("vm_id", flat=True)
-        )
-        eligible = set(
-            VM.objects.filter(pk__in=rest, is_a_template=False, is_control_domain=False, is_a_snapshot=False)
-            .values_list("pk", flat=True)
-        )
-        for vm_id in rest:
-            states[vm_id] = (None, "candidate" if vm_id in eligible and vm_id not in pinned else "unprotected")
-    return states
+    rows = vm_annotate_protection(VM.objects.filter(pk__in=ids)).values_list("pk", "prot_level", "prot_health",
+                                                                             "prot_status")
+    return {pk: (level, "candidate" if status == "candidate" else health) for pk, level, health, status in rows}
 
 
-def _local_disk() -> Exists:
+def _pinned_to_a_host() -> Exists:
+    """A disk (or a CD with a disc in) on storage only one host reaches: XAPI would not call the VM agile."""
     return Exists(
         VBD.objects.filter(vm=OuterRef("pk"), vdi__isnull=False).filter(
             Q(vdi__sr__isnull=True) | Q(vdi__sr__shared=False)
@@ -56,9 +46,11 @@ def _local_disk() -> Exists:
 def vm_annotate_protection(qs: QuerySet[VM]) -> QuerySet[VM]:
     """Annotate ``prot_level``, ``prot_health``, ``prot_status``, ``prot_secondary`` in the database.
 
-    For the treeview's table (sort and filter) and its Protected VM Summary groups: ``prot_status`` is
-    level1/level2/level3 when protected and healthy, degraded for any other protection state, and
-    candidate or unprotected without protection; ``prot_health`` is good, degraded, failed or unprotected.
+    The one definition of a VM's protection state, for the console's tree, table, marks and Protected
+    VM Summary (``inventory.ui_selectors`` delegates here) and for ``protection_states_for``.
+    ``prot_status`` is level1/level2/level3 when protected and healthy, degraded for any other
+    protection state, and candidate or unprotected without protection (a candidate is an ordinary VM
+    whose disks are all on shared storage); ``prot_health`` is good, degraded, failed or unprotected.
     """
     p = "protection__"
     return qs.annotate(
@@ -75,7 +67,9 @@ def vm_annotate_protection(qs: QuerySet[VM]) -> QuerySet[VM]:
             When(**{f"{p}status": "protected", f"{p}level": 2}, then=Value("level2")),
             When(**{f"{p}status": "protected", f"{p}level": 3}, then=Value("level3")),
             When(**{f"{p}isnull": False}, then=Value("degraded")),
-            When(_local_disk(), then=Value("unprotected")),
+            When(Q(is_a_template=True) | Q(is_control_domain=True) | Q(is_a_snapshot=True),
+                 then=Value("unprotected")),
+            When(_pinned_to_a_host(), then=Value("unprotected")),
             default=Value("candidate"),
             output_field=models.CharField(),
         ),
@@ -86,6 +80,12 @@ def vm_annotate_protection(qs: QuerySet[VM]) -> QuerySet[VM]:
 
 def protection_for_vm(vm: VM) -> Protection | None:
     return Protection.objects.filter(vm=vm).first()
+
+
+def vm_active_run(vm: VM) -> WorkflowRun | None:
+    """The workflow changing the VM's protection now, if any (at most one runs per VM)."""
+    return (WorkflowRun.objects.filter(vm=vm, state__in=[RunState.PENDING, RunState.RUNNING])
+            .order_by("-created_at", "-pk").first())
 
 
 def protection_list(*, pool: Pool | None = None) -> QuerySet[Protection]:
@@ -340,9 +340,13 @@ def vm_components(vm: VM) -> list[dict]:
     pool = protection.pool
     plan_ok = pool.ha_enabled and not pool.ha_overcommitted and (
         pool.ha_plan_exists_for >= pool.ha_host_failures_to_tolerate)
-    out.append({"kind": "Failover plan", "name": pool.name, "health": "good" if plan_ok else "degraded",
-                "since": None, "detail": f"tolerates {pool.ha_plan_exists_for} of "
-                                         f"{pool.ha_host_failures_to_tolerate} host failure(s)"})
+    if pool.ha_enabled:
+        detail = (f"covers {pool.ha_plan_exists_for} of the {pool.ha_host_failures_to_tolerate} host failure(s) "
+                  f"to tolerate" + ("; overcommitted" if pool.ha_overcommitted else ""))
+    else:
+        detail = "high availability is off on the pool"
+    out.append({"kind": "Failover plan", "name": pool.name_label or pool.name,
+                "health": "good" if plan_ok else "degraded", "since": None, "detail": detail})
     return out
 
 

@@ -22,7 +22,7 @@ from django.utils import timezone
 
 from alerts import services as alerts
 from alerts.choices import Condition
-from eac.realtime import emit, pool_group
+from eac.realtime import emit, emit_many, pool_group
 from inventory.choices import ConnectionState
 from inventory.models import VM, Host, Pool
 
@@ -547,9 +547,13 @@ def _after_run(run: WorkflowRun, failed: tuple[str, str, list] | None) -> None:
 
 
 def _emit_vm(vm: VM) -> None:
-    """Tell the pages showing ``vm`` to re-render it (the tree's icon reads the protection)."""
-    emit(pool_group(vm.pool.uuid), {"type": "inventory.change", "pool": vm.pool.uuid, "cls": "vm",
-                                    "uuid": vm.uuid, "op": "mod"})
+    """Tell the pages showing ``vm`` to re-render it (the tree's icon reads the protection): as a change
+    of the VM, and as a change of class "protection", which may move it between the summary's groups."""
+    group = pool_group(vm.pool.uuid)
+    emit_many([
+        (group, {"type": "inventory.change", "pool": vm.pool.uuid, "cls": cls, "uuid": vm.uuid, "op": "mod"})
+        for cls in ("vm", "protection")
+    ])
 
 
 def workflow_sweep() -> dict[str, int]:

@@ -114,8 +114,10 @@ def wizard(request: HttpRequest) -> HttpResponse:
         needs_heartbeat=any(not p.ha_enabled for p in pools.values()),
         step_labels=[step.label for step in steps_for(RunKind.PROTECT)],
     )
-    template = "protection/fragments/preflight.html" if request.htmx and request.method == "GET" else \
-        "protection/wizard.html"
+    # The wizard's own form refreshes the preflight alone; a boosted link or form (the table's
+    # selection, "Protect…") navigates to the whole page.
+    refresh = request.htmx and not request.htmx.boosted and request.method == "GET"
+    template = "protection/fragments/preflight.html" if refresh else "protection/wizard.html"
     return render(request, template, context, status=400 if errors else 200)
 
 

@@ -161,8 +161,16 @@
     setCurrent(item, false)
   }
 
+  // The header's sections by the start of the path, longest first (as inventory/tree.py's SECTIONS).
+  var SECTIONS = [['/protection/audit/', 'audit'], ['/protection/', 'protection'],
+    ['/alerts/recipients/', 'recipients'], ['/alerts/', 'alerts'], ['/vms/', 'vms']]
+
   function markSection () {
-    var section = location.pathname === '/' ? 'home' : location.pathname.indexOf('/vms/') === 0 ? 'vms' : ''
+    var path = location.pathname
+    var section = path === '/' ? 'home' : ''
+    for (var i = 0; !section && i < SECTIONS.length; i++) {
+      if (path.indexOf(SECTIONS[i][0]) === 0) section = SECTIONS[i][1]
+    }
     document.querySelectorAll('.topnav a[data-section]').forEach(function (a) {
       if (a.dataset.section === section) a.setAttribute('aria-current', 'page')
       else a.removeAttribute('aria-current')
@@ -260,8 +268,31 @@
   function swapRow (row) {
     var current = row.id && byId(row.id)
     if (!current) return
-    if (row.getAttribute('hx-swap-oob') === 'delete') { current.remove(); return }
+    if (row.getAttribute('hx-swap-oob') === 'delete') { current.remove(); updateSelection(); return }
+    // A row that changes keeps its tick: the user chose it, the server does not know.
+    var box = current.querySelector('input.vm-select')
+    var ticked = box && box.checked
     htmx.swap(current, row.outerHTML, { swapStyle: 'outerHTML', swapDelay: 0, settleDelay: 0 })
+    var fresh = byId(row.id)
+    var freshBox = fresh && fresh.querySelector('input.vm-select')
+    if (freshBox && ticked) freshBox.checked = true
+  }
+
+  // -- the table's selection (Administrators: "Protect selected…") ------------------------------
+
+  function updateSelection () {
+    var form = byId('vm-selection')
+    if (!form) return
+    var boxes = document.querySelectorAll('input.vm-select')
+    var ticked = Array.prototype.filter.call(boxes, function (b) { return b.checked }).length
+    form.querySelector('.selection-count .n').textContent = ticked
+    form.classList.toggle('has-selection', ticked > 0)
+    byId('protect-selected').disabled = ticked === 0
+    var all = byId('vm-select-all')
+    if (all) {
+      all.checked = ticked > 0 && ticked === boxes.length
+      all.indeterminate = ticked > 0 && ticked < boxes.length
+    }
   }
 
   function filterMessage (text) {
@@ -341,10 +372,16 @@
     })
   }
 
-  document.addEventListener('htmx:wsConnecting', function () {
+  // Only the console's own socket (#live) says whether the page is live: a page may hold others
+  // (a workflow's progress), which open and close as the user comes and goes.
+  function isLive (event) { return event.target && event.target.id === 'live' }
+
+  document.addEventListener('htmx:wsConnecting', function (event) {
+    if (!isLive(event)) return
     setLive(opens ? 'offline' : 'connecting', opens ? 'Reconnecting…' : 'Connecting…')
   })
   document.addEventListener('htmx:wsOpen', function (event) {
+    if (!isLive(event)) return
     socket = event.detail.socketWrapper
     opens += 1
     failures = 0
@@ -354,6 +391,7 @@
     else { sendState(); resync() }
   })
   document.addEventListener('htmx:wsClose', function (event) {
+    if (!isLive(event)) return
     var code = event.detail.event && event.detail.event.code
     var wrapper = event.detail.socketWrapper
     socket = null
@@ -372,6 +410,7 @@
   document.addEventListener('htmx:afterSettle', function (event) {
     if (event.detail.target && event.detail.target.id === 'main') {
       markCurrent()
+      updateSelection()
       sendState()
     }
   })
@@ -383,10 +422,17 @@
       if (params[name] === '') delete params[name]
     })
   })
+  document.addEventListener('change', function (event) {
+    var target = event.target
+    if (target.id === 'vm-select-all') {
+      document.querySelectorAll('input.vm-select').forEach(function (b) { b.checked = target.checked })
+    }
+    if (target.id === 'vm-select-all' || (target.classList && target.classList.contains('vm-select'))) updateSelection()
+  })
   // A row of the VM table opens its VM.
   document.addEventListener('click', function (event) {
     var row = event.target.closest && event.target.closest('tr.vm-row')
-    if (!row || event.target.closest('a, button, input, select')) return
+    if (!row || event.target.closest('a, button, input, select, .c-select, .c-actions')) return
     var link = row.querySelector('td.c-name a')
     if (link) link.click()
   })
@@ -400,6 +446,7 @@
       if (tree() && tree().contains(event.target)) onTreeClick(event)
     })
     markCurrent()
+    updateSelection()
   }
 
   if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', onReady)

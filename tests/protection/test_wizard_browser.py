@@ -1,0 +1,82 @@
+"""The wizard in Chromium: protect a VM at Level 1, watch the steps live, see its icon change live."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from inventory.models import VM
+from protection.selectors import protection_states_for
+from tests.support import ROOT, wait_for
+from tests.ui.conftest import Server, browser, login, page, screenshot, sim, static_root, watched_pool  # noqa: F401
+
+pytestmark = [pytest.mark.browser]
+
+
+class QueuedServer(Server):
+    """daphne as in the UI tests, but sending its tasks to this test's own Celery queue."""
+
+    def __init__(self, root, env):
+        super().__init__(root)
+        self.env = env
+
+    def start(self) -> Server:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "eac.asgi:application"],
+            cwd=ROOT, env=dict(self.env, STATIC_ROOT=str(self.static_root)), stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(self._answers, timeout=30, interval=0.1, message="daphne to answer")
+        return self
+
+
+@pytest.fixture
+def queued_server(static_root, console_env):  # noqa: F811
+    srv = QueuedServer(static_root, console_env).start()
+    yield srv
+    srv.stop()
+
+
+def test_wizard_protects_a_vm_at_level1_and_its_icon_changes_live(
+    page, queued_server, watched_pool, sim, console_env, start_proc, admin_user  # noqa: F811
+):
+    start_proc("worker", console_env)
+    vms = VM.objects.filter(pool=watched_pool, power_state="Running", is_control_domain=False,
+                            is_a_template=False, resident_on__is_master=False).order_by("name_label")
+    states = protection_states_for(vms.values_list("pk", flat=True))
+    vm = next(v for v in vms if states[v.pk][1] == "candidate")
+    login(page, queued_server, username="alice-admin", password="pw-alice-admin")
+
+    # The VM's page stays open in one tab: its protection badge must change there without a reload.
+    vm_page = page.context.new_page()
+    vm_page.goto(f"{queued_server.url}/vms/{vm.uuid}/")
+    vm_page.wait_for_selector("#live-status[data-state=live]")
+    badge = vm_page.locator(f"#vm-{vm.uuid} .status-pill")
+    assert "Candidate" in badge.inner_text()
+
+    page.goto(f"{queued_server.url}/protection/protect/?vm={vm.uuid}")
+    assert page.locator("input[name=level][value='2']").is_disabled()
+    assert "Availability Manager agents" in page.locator("#level-2-why").text_content()
+    page.wait_for_selector(f"#preflight-{vm.uuid}[data-can-proceed=true]")
+    page.select_option("#id_heartbeat_sr", label="iSCSI shared storage")
+    page.fill("#id_order", "2")
+    screenshot(page, "protect-wizard")
+    # Each XAPI answer takes a while, so the steps are seen moving rather than already done.
+    master = watched_pool.hosts.get(is_master=True)
+    sim.control("POST", f"/sim/hosts/{master.name_label}/slow", {"delay_ms": 250})
+    page.click("#protect-confirm")
+
+    page.wait_for_url("**/protection/runs/?ids=*")
+    card = page.locator("section.run")
+    assert card.get_attribute("data-state") in ("pending", "running")
+    # Pushed over the WebSocket as the worker goes: the page is never reloaded.
+    page.wait_for_selector("section.run[data-state=succeeded]", timeout=30_000)
+    assert card.locator("li.step[data-state=done]").count() == 5
+    assert card.locator("progress.run-progress").get_attribute("value") == "1.000"
+    screenshot(page, "protect-progress")
+
+    vm_page.wait_for_selector(f"#vm-{vm.uuid} .status-pill.st-level1", timeout=15_000)
+    assert "Level 1" in vm_page.locator(f"#vm-{vm.uuid} .status-pill").inner_text()
+    screenshot(vm_page, "protect-vm-protected")
