@@ -42,16 +42,7 @@ class ProtectionStatus(models.TextChoices):
     FAILED = "failed", "Failed"
 
 
-# Health shown as the tree icon colour: good / degraded / failed / unprotected / candidate.
-STATUS_HEALTH = {
-    ProtectionStatus.CANDIDATE: "candidate",
-    ProtectionStatus.PROTECTING: "degraded",
-    ProtectionStatus.PROTECTED: "good",
-    ProtectionStatus.DEGRADED: "degraded",
-    ProtectionStatus.FAILING_OVER: "degraded",
-    ProtectionStatus.UNPROTECTING: "degraded",
-    ProtectionStatus.FAILED: "failed",
-}
+# Colours of the health a VM's protection shows (protection.selectors.vm_annotate_protection).
 HEALTH_COLOUR = {
     "good": "green",
     "degraded": "orange",

@@ -48,8 +48,9 @@ def vm_annotate_protection(qs: QuerySet[VM]) -> QuerySet[VM]:
 
     The one definition of a VM's protection state, for the console's tree, table, marks and Protected
     VM Summary (``inventory.ui_selectors`` delegates here) and for ``protection_states_for``.
-    ``prot_status`` is level1/level2/level3 when protected and healthy, degraded for any other
-    protection state, and candidate or unprotected without protection (a candidate is an ordinary VM
+    ``prot_status`` is level1/level2/level3 when protected and healthy (or being unprotected: XAPI
+    still restarts it), candidate while being protected, degraded for any other protection state, and
+    candidate or unprotected without protection (a candidate is an ordinary VM
     whose disks are all on shared storage); ``prot_health`` is good, degraded, failed or unprotected.
     """
     p = "protection__"
@@ -57,15 +58,19 @@ def vm_annotate_protection(qs: QuerySet[VM]) -> QuerySet[VM]:
         prot_level=F(f"{p}level"),
         prot_health=Case(
             When(**{f"{p}isnull": True}, then=Value("unprotected")),
-            When(**{f"{p}status": "protected"}, then=Value("good")),
+            # Being set up is not a loss of redundancy: not protected yet, not degraded.
+            When(**{f"{p}status": "protecting"}, then=Value("unprotected")),
+            # Until unprotect has run, XAPI still restarts the VM.
+            When(**{f"{p}status__in": ["protected", "unprotecting"]}, then=Value("good")),
             When(**{f"{p}status": "failed"}, then=Value("failed")),
             default=Value("degraded"),
             output_field=models.CharField(),
         ),
         prot_status=Case(
-            When(**{f"{p}status": "protected", f"{p}level": 1}, then=Value("level1")),
-            When(**{f"{p}status": "protected", f"{p}level": 2}, then=Value("level2")),
-            When(**{f"{p}status": "protected", f"{p}level": 3}, then=Value("level3")),
+            When(**{f"{p}status__in": ["protected", "unprotecting"], f"{p}level": 1}, then=Value("level1")),
+            When(**{f"{p}status__in": ["protected", "unprotecting"], f"{p}level": 2}, then=Value("level2")),
+            When(**{f"{p}status__in": ["protected", "unprotecting"], f"{p}level": 3}, then=Value("level3")),
+            When(**{f"{p}status": "protecting"}, then=Value("candidate")),
             When(**{f"{p}isnull": False}, then=Value("degraded")),
             When(Q(is_a_template=True) | Q(is_control_domain=True) | Q(is_a_snapshot=True),
                  then=Value("unprotected")),

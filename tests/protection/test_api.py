@@ -40,7 +40,8 @@ def test_administrator_protect_returns_202_with_the_run_and_its_steps(admin_api,
     assert run["params"]["order"] == 2 and run["params"]["failures_to_tolerate"] == 1
     protection = Protection.objects.get(vm=pool_setup["agile"])
     assert protection.status == "protecting"
-    assert protection_states_for([pool_setup["agile"].pk]) == {pool_setup["agile"].pk: (1, "degraded")}
+    # Being set up is not a loss of redundancy: shown as a candidate for Level 1, not degraded.
+    assert protection_states_for([pool_setup["agile"].pk]) == {pool_setup["agile"].pk: (1, "candidate")}
     got = admin_api.get(f"/api/v1/workflow-runs/{run['id']}/").json()
     assert got["id"] == run["id"] and len(got["steps"]) == 5
     assert AuditEntry.objects.filter(action="protect", username="alice-admin").exists()
@@ -201,3 +202,11 @@ def test_malformed_requests_are_400s_never_500s(admin_api, pool_setup, payload):
     assert admin_api.get("/api/v1/protections/preflight/").status_code == 400
     assert admin_api.get("/api/v1/protections/preflight/", {"vm": "x" * 70}).status_code == 400
     assert admin_api.delete("/api/v1/protections/424242/").status_code == 404
+
+
+def test_a_vm_being_unprotected_still_shows_its_level_as_good_until_the_run_ends(admin_api, pool_setup):
+    response = protect(admin_api, pool_setup["agile"], heartbeat_sr=pool_setup["shared"].uuid, order=2)
+    assert response.status_code == 202, response.content
+    Protection.objects.filter(vm=pool_setup["agile"]).update(status="unprotecting")
+    # XAPI keeps restarting the VM until the unprotect steps have run.
+    assert protection_states_for([pool_setup["agile"].pk]) == {pool_setup["agile"].pk: (1, "good")}
