@@ -1,4 +1,4 @@
-"""Writes of the inventory: registering pools, and the watcher's connection state.
+"""Writes of the inventory: registering pools, the watcher's connection state, and VM power actions.
 
 Inventory rows themselves are written by the watcher only, through ``inventory.sync``.
 """
@@ -8,15 +8,19 @@ import logging
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from django.core.exceptions import ValidationError
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.validators import URLValidator
 from django.db import transaction
 
 from eac.realtime import emit, pool_group
+from protection.choices import AuditAction
+from protection.permissions import user_can_change_protection
+from protection.services import Conflict, audit_record
+from protection.xapi_errors import describe_exception
 
-from .choices import ConnectionState
-from .models import Pool
-from .xapi import XapiAuthError, XapiError, XapiUnreachable, connect, safe_url
+from .choices import ConnectionState, PowerState
+from .models import VM, Pool
+from .xapi import XapiAuthError, XapiError, XapiUnreachable, connect, pool_client, safe_url
 
 log = logging.getLogger(__name__)
 
@@ -196,3 +200,73 @@ def pool_connection_state_set(*, pool: Pool, state: str, error: str = "") -> boo
         if updated:
             _announce(pool, "mod")
     return bool(updated)
+
+
+# -- power actions on a VM ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PowerAction:
+    method: str  # the XAPI call
+    args: tuple  # after the VM's ref
+    from_state: str  # the power state the action applies to
+    audit: str  # AuditAction of the request
+
+
+# VM.start(vm, start_paused, force): force=False, so XAPI keeps its checks (the failover plan among them).
+POWER_ACTIONS: dict[str, PowerAction] = {
+    "start": PowerAction("VM.start", (False, False), PowerState.HALTED, AuditAction.VM_START),
+    "shutdown": PowerAction("VM.clean_shutdown", (), PowerState.RUNNING, AuditAction.VM_SHUTDOWN),
+}
+
+
+def vm_power_request(*, vm: VM, action: str, requested_by, via: str = "ui",
+                     remote_addr: str | None = None) -> None:
+    """Ask a worker to start or cleanly shut down ``vm`` (the web never calls XAPI in a request).
+
+    Administrators only. The request is refused at once when the VM is not in the state the action
+    applies to (as the console last saw it); XAPI may still refuse it, and the worker records why.
+    """
+    if not user_can_change_protection(requested_by):
+        raise PermissionDenied("Only members of the Administrators group can start or shut down VMs.")
+    spec = POWER_ACTIONS.get(action)
+    if spec is None:
+        raise ValidationError({"action": f"Unknown action {action[:40]!r}: use one of {', '.join(POWER_ACTIONS)}."})
+    if vm.power_state != spec.from_state:
+        raise Conflict(f"{vm.name_label} is {vm.power_state.lower()}: it can be "
+                       f"{'started' if action == 'start' else 'shut down'} only when {spec.from_state.lower()}.")
+    from .tasks import vm_power as vm_power_task
+
+    with transaction.atomic():
+        audit_record(user=requested_by, action=spec.audit, via=via, remote_addr=remote_addr, pool=vm.pool, vm=vm)
+        _announce_vm(vm)  # the page's events list shows the request
+        vm_power_task.delay_on_commit(vm_id=vm.pk, action=action, requested_by_id=requested_by.pk)
+
+
+def vm_power(*, vm_id: int, action: str, requested_by_id: int | None) -> str:
+    """Run a power action on XAPI (in a worker). A refusal is written to the audit log as a sentence
+    and the VM's page re-rendered, so the Administrator reads why; success shows through the watcher."""
+    from django.contrib.auth import get_user_model
+
+    vm = VM.objects.select_related("pool").filter(pk=vm_id).first()
+    if vm is None:
+        return "gone"
+    spec = POWER_ACTIONS[action]
+    try:
+        with pool_client(vm.pool) as client:
+            client.call(spec.method, vm.ref, *spec.args)
+    except XapiError as exc:
+        code, sentence = describe_exception(exc, vm.pool)
+        log.info("vm power: %s of %s refused: %s", action, vm.name_label, code)
+        user = get_user_model().objects.filter(pk=requested_by_id).first() if requested_by_id else None
+        with transaction.atomic():
+            audit_record(user=user, action=AuditAction.VM_POWER_REFUSED, via="system", pool=vm.pool, vm=vm,
+                         detail={"action": action, "code": code, "message": sentence})
+            _announce_vm(vm)
+        return code
+    return "ok"
+
+
+def _announce_vm(vm: VM) -> None:
+    emit(pool_group(vm.pool.uuid), {"type": "inventory.change", "pool": vm.pool.uuid, "cls": "vm",
+                                    "uuid": vm.uuid, "op": "mod"})

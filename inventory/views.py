@@ -9,13 +9,19 @@ from __future__ import annotations
 from functools import wraps
 
 import django_filters
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.paginator import Paginator
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBadRequest
-from django.shortcuts import render
+from django.shortcuts import redirect, render
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET
+from django.views.decorators.http import require_GET, require_POST
 
+from protection.permissions import user_can_change_protection
+from protection.services import Conflict
+
+from . import services
 from . import tree as ui
 from . import ui_selectors as sel
 from .choices import PowerState
@@ -130,6 +136,26 @@ def vm_detail(request: HttpRequest, uuid: str) -> HttpResponse:
     context = ui.console_context(request, title=detail.node.name, current="vms")
     context["d"] = detail
     return render(request, "inventory/vm_page.html", context)
+
+
+@login_required
+@require_POST
+def vm_power(request: HttpRequest, uuid: str) -> HttpResponse:
+    """Start or cleanly shut down a VM (Administrators): enqueued for a worker, then back to the VM's page,
+    where the watcher shows the new power state or the events list says why XAPI refused."""
+    if not user_can_change_protection(request.user):
+        raise PermissionDenied("Only members of the Administrators group can start or shut down VMs.")
+    detail = sel.vm_detail(user=request.user, uuid=uuid)
+    if detail is None:
+        raise Http404("No such VM")
+    try:
+        services.vm_power_request(vm=detail.vm, action=request.POST.get("action", ""), requested_by=request.user,
+                                  via="ui", remote_addr=request.META.get("REMOTE_ADDR") or None)
+    except ValidationError as exc:
+        return HttpResponseBadRequest(" ".join(exc.messages), content_type="text/plain; charset=utf-8")
+    except Conflict as exc:
+        messages.error(request, exc.message)
+    return redirect("inventory:vm_detail", uuid=uuid)
 
 
 @console_page

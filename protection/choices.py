@@ -89,3 +89,6 @@ class AuditAction(models.TextChoices):
     ALERT_ACKNOWLEDGED = "alert_ack", "Alert acknowledged"
     RECIPIENT_CHANGED = "recipient", "Alert recipient changed"
     TEST_ALERT = "test_alert", "Test alert sent"
+    VM_START = "vm_start", "Start requested"
+    VM_SHUTDOWN = "vm_shutdown", "Shut down requested"
+    VM_POWER_REFUSED = "vm_power_refused", "Power action refused"

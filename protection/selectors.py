@@ -9,7 +9,7 @@ from django.db.models import Case, Count, Exists, F, OuterRef, Q, QuerySet, Valu
 from inventory.models import SR, VBD, VIF, VM, Host, Pool
 
 from . import planner
-from .choices import AVAILABLE_LEVELS, UNAVAILABLE_REASON, Level, RestartPriority, RunState
+from .choices import AVAILABLE_LEVELS, UNAVAILABLE_REASON, AuditAction, Level, RestartPriority, RunState
 from .models import AuditEntry, FailoverEvent, Protection, WorkflowRun
 
 GIB = 2**30
@@ -370,6 +370,12 @@ def vm_events(vm: VM, *, limit: int = 20) -> list[dict]:
                        "severity": "critical" if e.state != FailoverEvent.State.RESTARTED else "warning"})
     for a in AuditEntry.objects.filter(vm=vm).order_by("-at")[:limit]:
         who = a.username or "the console"
-        events.append({"at": a.at, "text": f"{a.get_action_display()} ({who})", "severity": "info"})
+        text = f"{a.get_action_display()} ({who})"
+        # A refusal carries XAPI's reason as a sentence (protection.xapi_errors): the page shows it.
+        reason = a.detail.get("message") if isinstance(a.detail, dict) else None
+        if reason:
+            text += f": {reason}"
+        severity = "critical" if a.action == AuditAction.VM_POWER_REFUSED else "info"
+        events.append({"at": a.at, "text": text, "severity": severity})
     events.sort(key=lambda e: e["at"], reverse=True)
     return events[:limit]
