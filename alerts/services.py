@@ -30,9 +30,6 @@ log = logging.getLogger(__name__)
 ALERTS_GROUP = "alerts.all"
 
 
-def _setting(name: str, default):
-    return getattr(settings, name, default)
-
 
 # -- reads used by other apps' writes -------------------------------------------------------------
 
@@ -319,10 +316,10 @@ def delivery_send(*, delivery_id: int) -> str:
         try:
             delivery_message(delivery).send(fail_silently=False)
         except Exception as exc:
-            delay = min(_setting("EAC_MAIL_RETRY_DELAY", 5.0) * 2 ** (delivery.attempts - 1), 3600.0)
+            delay = min(settings.EAC_MAIL_RETRY_DELAY * 2 ** (delivery.attempts - 1), 3600.0)
             delivery.last_error = f"{type(exc).__name__}: {exc}"[:1000]
             delivery.next_attempt_at = now + timedelta(seconds=delay)
-            if delivery.attempts >= _setting("EAC_MAIL_MAX_ATTEMPTS", 50):
+            if delivery.attempts >= settings.EAC_MAIL_MAX_ATTEMPTS:
                 delivery.state = DeliveryState.FAILED
             delivery.save(update_fields=["attempts", "last_error", "next_attempt_at", "state"])
             log.warning("alert mail to %s failed (attempt %d): %s", delivery.email, delivery.attempts,
@@ -343,7 +340,7 @@ def delivery_sweep() -> int:
     from .tasks import delivery_send as delivery_send_task
 
     now = timezone.now()
-    stale = now - timedelta(seconds=_setting("EAC_MAIL_RESEND_AFTER", 60))
+    stale = now - timedelta(seconds=settings.EAC_MAIL_RESEND_AFTER)
     due = Delivery.objects.filter(state=DeliveryState.PENDING).filter(
         Q(next_attempt_at__lte=now) | Q(next_attempt_at__isnull=True, created_at__lt=stale)
     )

@@ -226,6 +226,9 @@ EAC_WORKFLOW_RETRY_DELAY = env.float("EAC_WORKFLOW_RETRY_DELAY", default=1.0)
 EAC_RESTART_GRACE = env.float("EAC_RESTART_GRACE", default=120.0)
 EAC_MAIL_RETRY_DELAY = env.float("EAC_MAIL_RETRY_DELAY", default=5.0)
 EAC_MAIL_MAX_ATTEMPTS = env.int("EAC_MAIL_MAX_ATTEMPTS", default=50)
+# A pending run or mail not picked up by a worker this long is enqueued again by the beat sweeps.
+EAC_WORKFLOW_PENDING_RESEND = env.float("EAC_WORKFLOW_PENDING_RESEND", default=60.0)
+EAC_MAIL_RESEND_AFTER = env.float("EAC_MAIL_RESEND_AFTER", default=60.0)
 CELERY_BEAT_SCHEDULE = {
     "protection-sweep": {
         "task": "protection.tasks.protection_sweep",
@@ -238,6 +241,8 @@ CELERY_BEAT_SCHEDULE = {
 EAC_EVENT_TIMEOUT = env.float("EAC_EVENT_TIMEOUT", default=30.0)
 EAC_RECONNECT_MAX_DELAY = env.float("EAC_RECONNECT_MAX_DELAY", default=30.0)
 EAC_XAPI_TIMEOUT = env.float("EAC_XAPI_TIMEOUT", default=60.0)
+# Above this many changed objects in one batch, pages get one "resync" instead of a message each.
+EAC_CHANGE_MESSAGES_MAX = env.int("EAC_CHANGE_MESSAGES_MAX", default=200)
 
 if HTTPS:
     SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=True)

@@ -58,9 +58,6 @@ class Conflict(Exception):
         self.reasons = reasons or []
 
 
-def _setting(name: str, default):
-    return getattr(settings, name, default)
-
 
 def run_group(run_id: int) -> str:
     """Channel-layer group of one workflow run's progress."""
@@ -347,7 +344,7 @@ class _Engine:
         self.run = run
         self.worker = worker
         self._client = None
-        self.lease = timedelta(seconds=_setting("EAC_WORKFLOW_LEASE", 120))
+        self.lease = timedelta(seconds=settings.EAC_WORKFLOW_LEASE)
 
     def client(self):
         if self._client is None:
@@ -402,7 +399,7 @@ def workflow_run_execute(*, run_id: int, worker: str) -> str:
     that keeps killing its worker must not loop forever.
     """
     now = timezone.now()
-    lease = timedelta(seconds=_setting("EAC_WORKFLOW_LEASE", 120))
+    lease = timedelta(seconds=settings.EAC_WORKFLOW_LEASE)
     claimed = WorkflowRun.objects.filter(
         Q(pk=run_id) & (Q(state=RunState.PENDING) | Q(state=RunState.RUNNING, lease_until__lt=now))
     ).update(
@@ -413,7 +410,7 @@ def workflow_run_execute(*, run_id: int, worker: str) -> str:
         return "not-claimed"
     run = WorkflowRun.objects.select_related("pool", "vm", "protection").get(pk=run_id)
     engine = _Engine(run, worker)
-    if run.claims > _setting("EAC_WORKFLOW_MAX_CLAIMS", 5):
+    if run.claims > settings.EAC_WORKFLOW_MAX_CLAIMS:
         _run_finish(engine, failed=("TOO_MANY_ATTEMPTS", f"Gave up after {run.claims - 1} attempts: the worker "
                                     "running this workflow kept stopping before it finished.", []), step=None)
         return "failed"
@@ -438,8 +435,8 @@ def workflow_run_execute(*, run_id: int, worker: str) -> str:
 def _step_execute(engine: _Engine, step: WorkflowStep) -> tuple[str, str, list] | None:
     """Run one step with retries of transient XAPI errors. None if done, else (code, sentence, params)."""
     impl = step_named(engine.run.kind, step.name)
-    retries = _setting("EAC_WORKFLOW_STEP_RETRIES", 5)
-    base = _setting("EAC_WORKFLOW_RETRY_DELAY", 1.0)
+    retries = settings.EAC_WORKFLOW_STEP_RETRIES
+    base = settings.EAC_WORKFLOW_RETRY_DELAY
     attempt = 0
     while True:
         attempt += 1
@@ -564,7 +561,7 @@ def workflow_sweep() -> dict[str, int]:
     from .tasks import workflow_run as workflow_run_task
 
     now = timezone.now()
-    stale_pending = now - timedelta(seconds=_setting("EAC_WORKFLOW_PENDING_RESEND", 60))
+    stale_pending = now - timedelta(seconds=settings.EAC_WORKFLOW_PENDING_RESEND)
     resumed = list(WorkflowRun.objects.filter(state=RunState.RUNNING, lease_until__lt=now).values_list("pk", flat=True))
     lost = list(WorkflowRun.objects.filter(state=RunState.PENDING, created_at__lt=stale_pending)
                 .values_list("pk", flat=True))
@@ -742,7 +739,7 @@ def _evaluate_protection(protection: Protection, hosts: dict[int, Host], plan_ok
                 from_host_name=before.name_label, detected_at=_lost_since(pool, before, now),
             )
         if event is not None:
-            grace = timedelta(seconds=_setting("EAC_RESTART_GRACE", 120))
+            grace = timedelta(seconds=settings.EAC_RESTART_GRACE)
             if now - event.detected_at > grace:
                 _restart_failed(protection, event, now)
             else:
@@ -787,7 +784,7 @@ def _restart_failed(protection: Protection, event: FailoverEvent, now) -> None:
     event.state = FailoverEvent.State.FAILED
     event.save(update_fields=["state"])
     protection.status = ProtectionStatus.FAILED
-    protection.status_reason = (f"HA did not restart the VM within {_setting('EAC_RESTART_GRACE', 120)} s of "
+    protection.status_reason = (f"HA did not restart the VM within {settings.EAC_RESTART_GRACE} s of "
                                 f"losing host {event.from_host_name}.")
     alerts.alert_raise(
         condition=Condition.VM_RESTART_FAILED, object_key=f"vm:{vm.uuid}", pool=protection.pool,

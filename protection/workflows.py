@@ -9,6 +9,7 @@ times on each.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,12 +30,14 @@ class StepFailed(Exception):
 
 
 @dataclass(frozen=True)
-class Step:
+class Step(ABC):
+    """One named step; each subclass does its work in ``run`` and may return a result dict."""
+
     name: str
     label: str
 
-    def run(self, ctx: StepContext) -> dict[str, Any] | None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def run(self, ctx: StepContext) -> dict[str, Any] | None: ...
 
 
 # -- Level 1 protect ---------------------------------------------------------------------------

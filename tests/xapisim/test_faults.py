@@ -8,8 +8,9 @@ import time
 import pytest
 import XenAPI
 
+from tests.support import wait_for
 from tests.xapisim.conftest import login, make_sim
-from tests.xapisim.rpc import control, wait_until
+from tests.xapisim.rpc import control
 
 
 def _failure(call, *args) -> list[str]:
@@ -62,7 +63,7 @@ def _check_host_crash_without_ha(api, sim) -> None:
     assert _failure(api.VM.clean_shutdown, guests[0]) == ["HOST_OFFLINE", host]
     halted = api.VM.get_by_name_label("dev-sandbox")[0]
     assert _failure(api.VM.start_on, halted, host, False, False) == ["HOST_OFFLINE", host]
-    wait_until(lambda: not api.host_metrics.get_live(metrics), what="host declared dead")
+    wait_for(lambda: not api.host_metrics.get_live(metrics), timeout=10, message="host declared dead")
     assert _failure(api.VM.start_on, halted, host, False, False) == ["HOST_NOT_LIVE"]
     for vm in guests:
         assert (api.VM.get_power_state(vm), api.VM.get_resident_on(vm)) == ("Halted", "OpaqueRef:NULL")
@@ -71,7 +72,7 @@ def _check_host_crash_without_ha(api, sim) -> None:
     assert control(sim.url, "POST", "/sim/hosts/xcp-host-3/crash")[0] == 409
 
     assert control(sim.url, "POST", "/sim/hosts/xcp-host-3/power-on")[0] == 200
-    wait_until(lambda: api.host_metrics.get_live(metrics), what="host back")
+    wait_for(lambda: api.host_metrics.get_live(metrics), timeout=10, message="host back")
     assert not _refused(sim.url_of(2))
     assert _failure(login, sim.url_of(2)) == ["HOST_IS_SLAVE", "127.0.0.1"]
     assert all(api.VM.get_power_state(vm) == "Halted" for vm in guests), "without HA nothing restarts"
@@ -88,7 +89,7 @@ def test_master_crash_elects_a_new_master_and_slaves_point_to_it():
         assert _refused(sim.url)
         # Until the failure is noticed the others still name the old master.
         assert _failure(login, sim.url_of(2)) == ["HOST_IS_SLAVE", "127.0.0.1"]
-        session = wait_until(lambda: _try_login(sim.url_of(1)), what="new master")
+        session = wait_for(lambda: _try_login(sim.url_of(1)), timeout=10, message="new master")
         api = session.xenapi
         new_master = api.pool.get_master(pool)
         assert new_master != old_master and api.host.get_name_label(new_master) == "xcp-host-2"
@@ -97,7 +98,9 @@ def test_master_crash_elects_a_new_master_and_slaves_point_to_it():
         status, state = control(sim.url_of(1), "GET", "/sim/state")
         assert state["pool"]["master"] == "xcp-host-2"
         assert control(sim.url_of(1), "POST", "/sim/hosts/xcp-host-1/power-on")[0] == 200
-        wait_until(lambda: api.host_metrics.get_live(api.host.get_metrics(old_master)), what="old master back")
+        wait_for(
+            lambda: api.host_metrics.get_live(api.host.get_metrics(old_master)), timeout=10, message="old master back"
+        )
         assert _failure(login, sim.url) == ["HOST_IS_SLAVE", "127.0.0.2"], "it comes back as a slave"
     finally:
         sim.stop()

@@ -7,8 +7,9 @@ import time
 import pytest
 import XenAPI
 
+from tests.support import wait_for
 from tests.xapisim.conftest import login, make_sim
-from tests.xapisim.rpc import control, wait_until
+from tests.xapisim.rpc import control
 
 GiB = 1 << 30
 
@@ -149,7 +150,7 @@ def test_host_crash_with_ha_restarts_protected_vms_on_survivors(api, sim):
     assert api.host_metrics.get_live(metrics) is True, "xapi only notices after the timeout"
     assert api.VM.get_power_state(vms["web-02"]) == "Running"
 
-    wait_until(lambda: not api.host_metrics.get_live(metrics), what="host declared dead")
+    wait_for(lambda: not api.host_metrics.get_live(metrics), timeout=10, message="host declared dead")
     assert time.monotonic() - crashed_at >= 0.9
     first_running: dict[str, float] = {}
 
@@ -159,7 +160,7 @@ def test_host_crash_with_ha_restarts_protected_vms_on_survivors(api, sim):
                 first_running[name] = time.monotonic()
         return len(first_running) == 4
 
-    wait_until(restarted, timeout=10, what="HA restarts")
+    wait_for(restarted, timeout=10, message="HA restarts")
     for name in ("db-replica", "web-02", "fileserver", "k8s-node-2"):
         assert api.VM.get_resident_on(vms[name]) not in (victim, "OpaqueRef:NULL")
     assert first_running["web-02"] - first_running["db-replica"] >= 0.8, "order 1 waits for order 0's start_delay"
@@ -184,7 +185,7 @@ def test_a_crashed_protected_vm_is_restarted_by_ha(api, sim):
     assert api.VM.get_power_state(vm) == "Halted"
     uuid = api.VM.get_uuid(vm)
     assert any(m["name"] == "VM_CRASHED" and m["obj_uuid"] == uuid for m in api.message.get_all_records().values())
-    wait_until(lambda: api.VM.get_power_state(vm) == "Running", what="HA restart")
+    wait_for(lambda: api.VM.get_power_state(vm) == "Running", timeout=10, message="HA restart")
     assert api.VM.get_ha_always_run(vm) is True
     # A VM its owner shuts down is not restarted.
     api.VM.clean_shutdown(vm)

@@ -8,8 +8,8 @@ import time
 import pytest
 import XenAPI
 
+from tests.support import wait_for
 from tests.xapisim.conftest import login, make_sim
-from tests.xapisim.rpc import wait_until
 
 GiB = 1 << 30
 
@@ -25,7 +25,7 @@ def _failure(call, *args) -> list[str]:
 
 
 def _wait_task(api, task: str) -> dict:
-    wait_until(lambda: api.task.get_status(task) != "pending", what="task end")
+    wait_for(lambda: api.task.get_status(task) != "pending", timeout=10, message="task end")
     return api.task.get_record(task)
 
 
@@ -199,7 +199,7 @@ def test_an_operation_in_progress_blocks_another_and_shows_in_events():
         vm = _vm(api, "backup-proxy")
         token = api.event_from(["vm"], "", 0.0)["token"]
         task = api.Async.VM.start(vm, False, False)
-        wait_until(lambda: api.VM.get_current_operations(vm), what="current_operations")
+        wait_for(lambda: api.VM.get_current_operations(vm), timeout=10, message="current_operations")
         assert api.VM.get_current_operations(vm) == {task: "start"}
         assert api.VM.get_allowed_operations(vm) == []
         assert api.VM.get_scheduled_to_be_resident_on(vm) != "OpaqueRef:NULL"
@@ -223,7 +223,7 @@ def test_cancelling_a_task_stops_the_operation():
         api = login(sim.url).xenapi
         vm = _vm(api, "jenkins")
         task = api.Async.VM.clean_shutdown(vm)
-        wait_until(lambda: api.VM.get_current_operations(vm), what="operation start")
+        wait_for(lambda: api.VM.get_current_operations(vm), timeout=10, message="operation start")
         api.task.cancel(task)
         record = _wait_task(api, task)
         assert record["status"] == "cancelled"
