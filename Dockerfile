@@ -9,4 +9,4 @@ RUN DEBUG=1 EAC_VAR_DIR=/tmp/eac python manage.py collectstatic --noinput
 RUN useradd --system eac && mkdir -p /app/var && chown eac /app/var
 USER eac
 EXPOSE 8000
-CMD ["daphne", "-b", "0.0.0.0", "-p", "8000", "eac.asgi:application"]
+CMD ["daphne", "-b", "0.0.0.0", "-p", "8000", "console.asgi:application"]

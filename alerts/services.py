@@ -11,7 +11,7 @@ import logging
 from datetime import timedelta
 
 from django.conf import settings
-from django.core.exceptions import ValidationError
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.mail import EmailMessage
 from django.core.validators import validate_email
 from django.db import IntegrityError, transaction
@@ -19,7 +19,9 @@ from django.db.models import F, Q
 from django.template.loader import render_to_string
 from django.utils import timezone
 
-from eac.realtime import emit
+from eac.audit import AuditAction, audit_record
+from eac.permissions import user_can_acknowledge, user_is_administrator
+from eac.realtime import alerts_change, emit
 from inventory.models import Pool
 
 from .choices import SEVERITY, SUBSCRIBABLE, AlertState, Condition, DeliveryKind, DeliveryState
@@ -27,39 +29,6 @@ from .models import Alert, Delivery, Recipient
 
 log = logging.getLogger(__name__)
 
-ALERTS_GROUP = "alerts.all"
-
-
-
-# -- reads used by other apps' writes -------------------------------------------------------------
-
-
-def alert_is_open(*, condition: str, object_key: str) -> bool:
-    return Alert.objects.filter(condition=condition, object_key=object_key, state=AlertState.OPEN).exists()
-
-
-def open_object_keys(*, condition: str, pool: Pool | None = None) -> set[str]:
-    qs = Alert.objects.filter(condition=condition, state=AlertState.OPEN)
-    if pool is not None:
-        qs = qs.filter(pool=pool)
-    return set(qs.values_list("object_key", flat=True))
-
-
-def open_alerts(*, condition: str, pool: Pool | None = None, from_host: str | None = None) -> list[Alert]:
-    qs = Alert.objects.filter(condition=condition, state=AlertState.OPEN)
-    if pool is not None:
-        qs = qs.filter(pool=pool)
-    if from_host is not None:
-        qs = qs.filter(details__from_host=from_host)
-    return list(qs)
-
-
-def open_alert_raised_at(*, condition: str, object_key: str):
-    return (
-        Alert.objects.filter(condition=condition, object_key=object_key, state=AlertState.OPEN)
-        .values_list("raised_at", flat=True)
-        .first()
-    )
 
 
 # -- raise and clear ------------------------------------------------------------------------------
@@ -104,7 +73,7 @@ def alert_raise(
             Alert.objects.filter(pk=existing.pk).update(occurrences=F("occurrences") + 1, last_seen_at=timezone.now())
             return existing, False
         _deliveries_create(alert, DeliveryKind.RAISED)
-        emit(ALERTS_GROUP, {"type": "alerts.change", "alert": alert.pk})
+        emit(alerts_change(alert=alert.pk))
     log.info("alert raised: %s %s", condition, object_key)
     return alert, True
 
@@ -135,19 +104,13 @@ def alert_clear(
             alert.downtime_seconds = downtime_seconds
         alert.save()
         _deliveries_create(alert, DeliveryKind.CLEARED)
-        emit(ALERTS_GROUP, {"type": "alerts.change", "alert": alert.pk})
+        emit(alerts_change(alert=alert.pk))
     log.info("alert cleared: %s %s", condition, object_key)
     return alert
 
 
 def alert_acknowledge(*, alert: Alert, user, via: str = "api", remote_addr: str | None = None) -> Alert:
-    from protection.choices import AuditAction
-    from protection.permissions import user_can_acknowledge
-    from protection.services import audit_record
-
     if not user_can_acknowledge(user):
-        from django.core.exceptions import PermissionDenied
-
         raise PermissionDenied("Only Administrators and Operators can acknowledge alerts.")
     with transaction.atomic():
         alert = Alert.objects.select_for_update().get(pk=alert.pk)
@@ -157,15 +120,12 @@ def alert_acknowledge(*, alert: Alert, user, via: str = "api", remote_addr: str 
             alert.save(update_fields=["acknowledged_at", "acknowledged_by"])
             audit_record(user=user, action=AuditAction.ALERT_ACKNOWLEDGED, via=via, remote_addr=remote_addr,
                          pool=alert.pool, object_repr=str(alert)[:255], detail={"alert": alert.pk})
-            emit(ALERTS_GROUP, {"type": "alerts.change", "alert": alert.pk})
+            emit(alerts_change(alert=alert.pk))
     return alert
 
 
 def alert_send_test(*, user, email: str | None = None, via: str = "api", remote_addr: str | None = None) -> Alert:
     """A test alert mailed to ``email`` (or to every enabled recipient): proves the mail path end to end."""
-    from protection.choices import AuditAction
-    from protection.services import audit_record
-
     if email:
         try:
             validate_email(email)
@@ -241,13 +201,7 @@ def recipient_update(*, recipient: Recipient, user=None, via: str = "api", remot
 
 
 def _recipient_save(recipient: Recipient, *, email, name, conditions, enabled, user, via, remote_addr) -> Recipient:
-    from protection.choices import AuditAction
-    from protection.permissions import user_is_administrator
-    from protection.services import audit_record
-
     if not user_is_administrator(user):
-        from django.core.exceptions import PermissionDenied
-
         raise PermissionDenied("Only Administrators can change who gets alerts.")
     try:
         validate_email(email)
@@ -267,13 +221,7 @@ def _recipient_save(recipient: Recipient, *, email, name, conditions, enabled, u
 
 
 def recipient_delete(*, recipient: Recipient, user=None, via: str = "api", remote_addr: str | None = None) -> None:
-    from protection.choices import AuditAction
-    from protection.permissions import user_is_administrator
-    from protection.services import audit_record
-
     if not user_is_administrator(user):
-        from django.core.exceptions import PermissionDenied
-
         raise PermissionDenied("Only Administrators can change who gets alerts.")
     with transaction.atomic():
         audit_record(user=user, action=AuditAction.RECIPIENT_CHANGED, via=via, remote_addr=remote_addr,

@@ -9,8 +9,8 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
 
-from protection.permissions import user_can_acknowledge, user_is_administrator
-from protection.views import _client_ip, _context, viewer_required
+from eac.errors import client_ip, validation_sentence
+from eac.permissions import user_can_acknowledge, user_is_administrator, viewer_required
 
 from . import selectors, services
 from .choices import SUBSCRIBABLE, AlertState
@@ -24,8 +24,8 @@ def alert_list(request: HttpRequest) -> HttpResponse:
     data.setdefault("state", AlertState.OPEN)
     filterset = AlertFilterSet(data, queryset=selectors.alert_list())
     page = Paginator(filterset.qs, 50).get_page(request.GET.get("page"))
-    return render(request, "alerts/alert_list.html", _context(
-        request, "Alerts", page=page, state=data.get("state"), can_ack=user_can_acknowledge(request.user),
+    return render(request, "alerts/alert_list.html", dict(
+        title="Alerts", page=page, state=data.get("state"), can_ack=user_can_acknowledge(request.user),
         open_count=selectors.alert_open_count(),
     ))
 
@@ -34,14 +34,8 @@ def alert_list(request: HttpRequest) -> HttpResponse:
 @require_POST
 def acknowledge(request: HttpRequest, pk: int) -> HttpResponse:
     alert = get_object_or_404(Alert, pk=pk)
-    services.alert_acknowledge(alert=alert, user=request.user, via="ui", remote_addr=_client_ip(request))
+    services.alert_acknowledge(alert=alert, user=request.user, via="ui", remote_addr=client_ip(request))
     return redirect(request.POST.get("next") or "alerts:alert_list")
-
-
-def _errors(exc: ValidationError) -> str:
-    if hasattr(exc, "error_dict"):
-        return " ".join(m for msgs in exc.message_dict.values() for m in msgs)
-    return " ".join(exc.messages)
 
 
 @viewer_required
@@ -58,30 +52,30 @@ def recipients(request: HttpRequest) -> HttpResponse:
                 services.recipient_create(
                     email=request.POST.get("email", "").strip(), name=request.POST.get("name", ""),
                     conditions=request.POST.getlist("conditions"), user=request.user, via="ui",
-                    remote_addr=_client_ip(request),
+                    remote_addr=client_ip(request),
                 )
                 messages.success(request, "Recipient added.")
             elif action == "update":
                 recipient = get_object_or_404(Recipient, pk=request.POST.get("pk"))
                 services.recipient_update(recipient=recipient, conditions=request.POST.getlist("conditions"),
                                           enabled=request.POST.get("enabled") == "on", user=request.user,
-                                          via="ui", remote_addr=_client_ip(request))
+                                          via="ui", remote_addr=client_ip(request))
                 messages.success(request, f"{recipient.email} updated.")
             elif action == "delete":
                 recipient = get_object_or_404(Recipient, pk=request.POST.get("pk"))
                 services.recipient_delete(recipient=recipient, user=request.user, via="ui",
-                                          remote_addr=_client_ip(request))
+                                          remote_addr=client_ip(request))
                 messages.success(request, "Recipient removed.")
             elif action == "test":
                 alert = services.alert_send_test(user=request.user, email=request.POST.get("email") or None,
-                                                 via="ui", remote_addr=_client_ip(request))
+                                                 via="ui", remote_addr=client_ip(request))
                 sent_to = ", ".join(alert.deliveries.values_list("email", flat=True))
                 messages.success(request, f"Test alert queued for {sent_to}.")
             return redirect("alerts:recipients")
         except ValidationError as exc:
-            messages.error(request, _errors(exc))
+            messages.error(request, validation_sentence(exc))
             status = 400
-    return render(request, "alerts/recipients.html", _context(
-        request, "Alert recipients", recipients=selectors.recipient_list(),
+    return render(request, "alerts/recipients.html", dict(
+        title="Alert recipients", recipients=selectors.recipient_list(),
         conditions=[(c.value, c.label) for c in SUBSCRIBABLE], can_admin=user_is_administrator(request.user),
     ), status=status)

@@ -35,9 +35,9 @@ from django.test import Client  # noqa: E402
 from django.test.utils import setup_test_environment  # noqa: E402
 from rest_framework.authtoken.models import Token  # noqa: E402
 
+from eac.permissions import OPERATORS  # noqa: E402
 from inventory.choices import ConnectionState, PowerState  # noqa: E402
 from inventory.models import PBD, PIF, SR, VBD, VDI, VIF, VM, Host, Network, Pool  # noqa: E402
-from protection.permissions import OPERATORS  # noqa: E402
 
 BUDGET_MS = 100.0
 GiB = 1024**3

@@ -3,7 +3,7 @@
 Run: .venv/bin/python benchmarks/bench_live.py [--hosts 100] [--vms 10000] [--sockets 20] [--tabs 20] [--events 40]
 
 Everything is real and runs on this machine: ``python -m xapisim --hosts H --vms V``, the
-watcher (``manage.py watch_pools``), daphne serving eac.asgi on a database of its own
+watcher (``manage.py watch_pools``), daphne serving console.asgi on a database of its own
 (``eac_bench_live`` on the DATABASE_URL server of eac.test_settings, created and migrated
 if needed), Redis as the channel layer, and Debian's Chromium driven by Playwright with
 ``--tabs`` tabs open on the Virtual Machine Status table (each tab holds its WebSocket); with
@@ -199,7 +199,7 @@ def main() -> None:
             port = s.getsockname()[1]
         url = f"http://127.0.0.1:{port}"
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "eac.asgi:application"],
+            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "console.asgi:application"],
             cwd=ROOT, env={**env, "STATIC_ROOT": static}, stdout=log_file("daphne.log"),
             stderr=subprocess.STDOUT,
         ))  # fmt: skip

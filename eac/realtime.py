@@ -15,15 +15,50 @@ log = logging.getLogger(__name__)
 
 Message = tuple[str, dict]
 
+# -- groups (names allow [a-z0-9._-]) -----------------------------------------------------------------
+
+ALERTS_GROUP = "alerts.all"  # alerts.change: an alert opened, closed or was acknowledged
+
 
 def pool_group(pool_uuid: str) -> str:
-    """Channel-layer group of a pool's changes (group names allow [a-z0-9._-])."""
+    """A pool's changes: inventory.change / inventory.resync (the watcher), protection.change."""
     return f"pool.{pool_uuid}"
 
 
-def emit(group: str, event: dict) -> None:
-    """Send ``event`` (a dict with a ``type`` like ``inventory.change``) to ``group`` after commit."""
-    emit_many([(group, event)])
+def run_group(run_id: int) -> str:
+    """One workflow run's progress: protection.progress."""
+    return f"workflow.{run_id}"
+
+
+# -- messages: each event type is built here, handled by a consumer method of the same name ------------
+
+
+def inventory_change(*, pool: str, cls: str, uuid: str, op: str = "mod") -> Message:
+    """One XAPI object of ``pool`` (uuid) was added, modified or deleted (op: add, mod, del)."""
+    return pool_group(pool), {"type": "inventory.change", "pool": pool, "cls": cls, "uuid": uuid, "op": op}
+
+
+def inventory_resync(*, pool: str) -> Message:
+    """The pool was read again from scratch: pages showing it rebuild."""
+    return pool_group(pool), {"type": "inventory.resync", "pool": pool}
+
+
+def protection_change(*, pool: str, vm: str) -> Message:
+    """The protection of VM ``vm`` (uuid) of ``pool`` changed: its icons, row and page re-render."""
+    return pool_group(pool), {"type": "protection.change", "pool": pool, "vm": vm}
+
+
+def protection_progress(*, run: int) -> Message:
+    return run_group(run), {"type": "protection.progress", "run": run}
+
+
+def alerts_change(*, alert: int) -> Message:
+    return ALERTS_GROUP, {"type": "alerts.change", "alert": alert}
+
+
+def emit(message: Message) -> None:
+    """Send one (group, event) pair, built by a function above, after commit."""
+    emit_many([message])
 
 
 def emit_many(messages: Iterable[Message]) -> None:

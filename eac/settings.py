@@ -80,6 +80,7 @@ INSTALLED_APPS = [
     "inventory",
     "protection",
     "alerts",
+    "console",
 ]
 
 MIDDLEWARE = [
@@ -94,9 +95,9 @@ MIDDLEWARE = [
     "django_htmx.middleware.HtmxMiddleware",
 ]
 
-ROOT_URLCONF = "eac.urls"
-WSGI_APPLICATION = "eac.wsgi.application"
-ASGI_APPLICATION = "eac.asgi.application"
+ROOT_URLCONF = "console.urls"
+WSGI_APPLICATION = "console.wsgi.application"
+ASGI_APPLICATION = "console.asgi.application"
 
 TEMPLATES = [
     {
@@ -108,6 +109,8 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                # The layout around every page (header, tree, live socket), computed only if rendered.
+                "console.context_processors.layout",
             ],
         },
     },

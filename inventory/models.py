@@ -5,6 +5,8 @@ is how XAPI records point at each other. The watcher (``inventory.sync``, run by
 ``manage.py watch_pools``) is the only writer of these rows; Pool's own
 configuration is written by ``services.pool_create`` / ``pool_update``.
 """
+from __future__ import annotations
+
 from django.db import models
 
 from .choices import ConnectionState, PowerState
@@ -142,6 +144,13 @@ class PIF(XapiObject):
         verbose_name = "PIF"
 
 
+class VMQuerySet(models.QuerySet):
+    def ordinary(self) -> VMQuerySet:
+        """VMs as an administrator thinks of them: not templates, control domains (dom0) or snapshots,
+        which XAPI also calls VMs and the inventory keeps as rows."""
+        return self.filter(is_a_template=False, is_control_domain=False, is_a_snapshot=False)
+
+
 class VM(XapiObject):
     pool = models.ForeignKey(Pool, on_delete=models.CASCADE, related_name="vms")
     name_description = models.TextField(blank=True)
@@ -163,10 +172,17 @@ class VM(XapiObject):
     metrics_ref = models.CharField(max_length=80, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
 
+    objects = VMQuerySet.as_manager()
+
     class Meta(XapiObject.Meta):
         constraints = _keys("vm")
         indexes = [models.Index(fields=["pool", "power_state"]), models.Index(fields=["name_label"])]
         verbose_name = "VM"
+
+    @property
+    def is_ordinary(self) -> bool:
+        """The same rule as ``VM.objects.ordinary()``, for one VM in hand."""
+        return not (self.is_a_template or self.is_control_domain or self.is_a_snapshot)
 
 
 class VDI(XapiObject):

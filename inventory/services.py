@@ -12,14 +12,14 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.validators import URLValidator
 from django.db import transaction
 
-from eac.realtime import emit, pool_group
-from protection.choices import AuditAction
-from protection.permissions import user_can_change_protection
-from protection.services import Conflict, audit_record
-from protection.xapi_errors import describe_exception
+from eac.audit import AuditAction, audit_record
+from eac.errors import Conflict
+from eac.permissions import user_can_change_protection
+from eac.realtime import emit, inventory_change
 
 from .choices import ConnectionState, PowerState
 from .models import VM, Pool
+from .selectors import xapi_error_describe
 from .xapi import XapiAuthError, XapiError, XapiUnreachable, connect, pool_client, safe_url
 
 log = logging.getLogger(__name__)
@@ -98,8 +98,7 @@ def _check_unique(*, name: str | None, uuid: str | None, exclude_pk: int | None)
 
 def _announce(pool: Pool, op: str) -> None:
     if pool.uuid:
-        emit(pool_group(pool.uuid), {"type": "inventory.change", "pool": pool.uuid, "cls": "pool",
-                                     "uuid": pool.uuid, "op": op})
+        emit(inventory_change(pool=pool.uuid, cls="pool", uuid=pool.uuid, op=op))
 
 
 def pool_create(*, name: str, url: str, username: str, password: str, verify_tls: bool = True,
@@ -181,8 +180,7 @@ def pool_delete(*, pool: Pool) -> None:
     with transaction.atomic():
         pool.delete()
         if uuid:
-            emit(pool_group(uuid), {"type": "inventory.change", "pool": uuid, "cls": "pool", "uuid": uuid,
-                                    "op": "del"})
+            emit(inventory_change(pool=uuid, cls="pool", uuid=uuid, op="del"))
     log.info("pool %s deleted", name)
 
 
@@ -256,7 +254,7 @@ def vm_power(*, vm_id: int, action: str, requested_by_id: int | None) -> str:
         with pool_client(vm.pool) as client:
             client.call(spec.method, vm.ref, *spec.args)
     except XapiError as exc:
-        code, sentence = describe_exception(exc, vm.pool)
+        code, sentence = xapi_error_describe(exc, vm.pool)
         log.info("vm power: %s of %s refused: %s", action, vm.name_label, code)
         user = get_user_model().objects.filter(pk=requested_by_id).first() if requested_by_id else None
         with transaction.atomic():
@@ -268,5 +266,4 @@ def vm_power(*, vm_id: int, action: str, requested_by_id: int | None) -> str:
 
 
 def _announce_vm(vm: VM) -> None:
-    emit(pool_group(vm.pool.uuid), {"type": "inventory.change", "pool": vm.pool.uuid, "cls": "vm",
-                                    "uuid": vm.uuid, "op": "mod"})
+    emit(inventory_change(pool=vm.pool.uuid, cls="vm", uuid=vm.uuid))

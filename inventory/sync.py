@@ -25,7 +25,7 @@ from django.db import connection, models, transaction
 from django.db.models.functions import Concat
 from django.utils import timezone
 
-from eac.realtime import emit_many, pool_group
+from eac.realtime import Message, emit_many, inventory_change, inventory_resync
 
 from .models import PBD, PIF, SR, VBD, VDI, VIF, VM, Host, Network, Pool
 
@@ -412,12 +412,8 @@ class PoolMirror:
             "ha_configuration": _map(record.get("ha_configuration")),
         }
 
-    def _group(self) -> str:
-        return pool_group(self.pool.uuid)
-
-    def _message(self, cls: str, uuid: str, op: str) -> tuple[str, dict]:
-        return (self._group(), {"type": "inventory.change", "pool": self.pool.uuid, "cls": cls, "uuid": uuid,
-                                "op": op})
+    def _message(self, cls: str, uuid: str, op: str) -> Message:
+        return inventory_change(pool=self.pool.uuid, cls=cls, uuid=uuid, op=op)
 
     # -- bulk writes ---------------------------------------------------------------------------
 
@@ -526,7 +522,7 @@ class PoolMirror:
                 self._fill_pending(spec.cls, rows.keys())  # no message: a resync is announced as a whole
                 result.counts[spec.cls] = len(items)
                 result.changed += len(items)
-            emit_many([(self._group(), {"type": "inventory.resync", "pool": pool.uuid})])
+            emit_many([inventory_resync(pool=pool.uuid)])
         result.messages = 1
         return result
 
@@ -649,7 +645,7 @@ class PoolMirror:
                 result.changed_uuids.setdefault(event["cls"], set()).add(event["uuid"])
             # A burst is cheaper to reload than to replay: each group_send costs ~0.5-1 ms.
             if len(messages) > settings.EAC_CHANGE_MESSAGES_MAX:
-                messages = [(self._group(), {"type": "inventory.resync", "pool": self.pool.uuid})]
+                messages = [inventory_resync(pool=self.pool.uuid)]
             emit_many(messages)
         result.messages = len(messages)
         return result

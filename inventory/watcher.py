@@ -22,6 +22,7 @@ from django.db import DatabaseError, close_old_connections, connection
 from .choices import ConnectionState
 from .models import Pool
 from .services import pool_connection_state_set
+from .signals import batch_committed
 from .sync import EVENT_CLASSES, RECORD_FIELDS, PoolMirror, SyncResult, fetch_records
 from .xapi import XapiAuthError, XapiClient, XapiError, XapiUnreachable, pool_client, safe_url
 
@@ -216,11 +217,11 @@ class PoolWatcher(threading.Thread):
 
 
 def _observe(pool: Pool, changed: dict[str, set[str]] | None = None) -> None:
-    """Let protection judge what the committed changes mean (failovers, alerts, plan) right away,
-    rather than at the next beat sweep: the alert budget is 5 s from the state change."""
-    from protection.services import protection_observe_changes  # protection builds on inventory, not back
-
-    protection_observe_changes(pool=pool, changed=changed)
+    """Announce the committed changes at once, rather than leaving them to the next beat sweep: the
+    alert budget is 5 s from the state change (protection listens, see ``inventory.signals``)."""
+    for receiver, result in batch_committed.send_robust(sender=Pool, pool=pool, changed=changed):
+        if isinstance(result, Exception):
+            log.error("pool %s: %s failed on a committed batch: %r", pool.name, receiver, result)
 
 
 class EventPump:

@@ -24,6 +24,9 @@ from xml.parsers.expat import ExpatError
 
 import msgspec
 import XenAPI
+from django.conf import settings
+
+from .xapi_errors import TRANSIENT_CODES, sentence
 
 if TYPE_CHECKING:
     from .models import Pool
@@ -41,35 +44,6 @@ MAX_MASTER_HOPS = 3
 # -- errors --------------------------------------------------------------------------------------
 
 
-def _p(params: Sequence[str], i: int, default: str = "?") -> str:
-    return params[i] if len(params) > i else default
-
-
-_DESCRIPTIONS: dict[str, Callable[[Sequence[str]], str]] = {
-    "SESSION_AUTHENTICATION_FAILED": lambda p: "The pool refused the user name or password.",
-    "SESSION_AUTHORIZATION_FAILED": lambda p: "The pool user is not allowed to log in to the XAPI.",
-    "HOST_IS_SLAVE": lambda p: f"This host is not the pool master; the master is {_p(p, 0)}.",
-    "SESSION_INVALID": lambda p: "The session with the pool has expired.",
-    "HANDLE_INVALID": lambda p: f"The {_p(p, 0)} object {_p(p, 1)} no longer exists in the pool.",
-    "UUID_INVALID": lambda p: f"The pool has no {_p(p, 0)} with uuid {_p(p, 1)}.",
-    "EVENTS_LOST": lambda p: "The pool dropped events (too many changes at once); a full resync is needed.",
-    "MESSAGE_METHOD_UNKNOWN": lambda p: f"The pool does not know the call {_p(p, 0)}.",
-    "MESSAGE_PARAMETER_COUNT_MISMATCH": lambda p: f"The call {_p(p, 0)} was sent with the wrong number of arguments.",
-    "VM_BAD_POWER_STATE": lambda p: f"The VM is {_p(p, 2).lower()}; it must be {_p(p, 1).lower()} for this.",
-    "HOST_OFFLINE": lambda p: "The host is offline.",
-    "HOST_NOT_LIVE": lambda p: "The host is not live.",
-    "HOST_CANNOT_ATTACH_NETWORK": lambda p: "The host cannot attach the VM's network.",
-    "HOST_NOT_ENOUGH_FREE_MEMORY": lambda p: "No host has enough free memory for the VM.",
-    "OPERATION_NOT_ALLOWED": lambda p: f"The pool does not allow this operation: {_p(p, 0, 'no reason given')}.",
-    "OTHER_OPERATION_IN_PROGRESS": lambda p: f"Another operation is in progress on this {_p(p, 0)}; try again.",
-    "RBAC_PERMISSION_DENIED": lambda p: f"The pool user lacks the permission for {_p(p, 0)}.",
-    "VM_REQUIRES_SR": lambda p: "The VM needs a storage repository that the host cannot see.",
-    "HA_NOT_ENABLED": lambda p: "HA is not enabled on the pool.",
-    "HA_IS_ENABLED": lambda p: "HA is enabled on the pool; disable it first.",
-    "XMLRPC_FAULT": lambda p: f"The pool answered with an XML-RPC fault: {_p(p, 0)}.",
-}
-
-
 class XapiError(Exception):
     """A failure reported by XAPI (``code`` and ``params`` as in its ErrorDescription) or on the way to it."""
 
@@ -84,13 +58,12 @@ class XapiError(Exception):
 
     def describe(self) -> str:
         """A sentence an administrator understands (never a password)."""
-        if self._message:
-            return self._message
-        describe = _DESCRIPTIONS.get(self.code)
-        if describe:
-            return describe(self.params)
-        detail = f" ({', '.join(self.params)})" if self.params else ""
-        return f"The pool refused the request: {self.code}{detail}."
+        return self._message or sentence(self.code, self.params)
+
+    @property
+    def transient(self) -> bool:
+        """Would the same call likely succeed a little later (a step retries it with backoff)?"""
+        return self.code in TRANSIENT_CODES
 
     def __str__(self) -> str:
         return self.describe()
@@ -99,9 +72,13 @@ class XapiError(Exception):
 class XapiUnreachable(XapiError):
     """The pool cannot be reached, or what answers is not a XAPI (network, timeout, TLS, HTTP)."""
 
+    transient = True
+
 
 class XapiAuthError(XapiError):
     """The pool refused the credentials."""
+
+    transient = False
 
 
 _AUTH_CODES = {"SESSION_AUTHENTICATION_FAILED", "SESSION_AUTHORIZATION_FAILED"}
@@ -660,23 +637,25 @@ def connect(url: str, username: str, password: str, *, verify_tls: bool = True, 
     )
 
 
+def _host_addresses(pool: Pool) -> list[str]:
+    """Management addresses of the pool's known hosts, the best master candidates first
+    (the current master, then live hosts): where to look when the master is unreachable."""
+    rows = pool.hosts.exclude(address="").order_by("-is_master", "-live", "name_label")
+    return list(dict.fromkeys(rows.values_list("address", flat=True)))
+
+
 def pool_client(pool: Pool, *, timeout: float | None = None) -> XapiClient:
     """A session on ``pool``'s master: tries where the master was last found, the configured URL, then
     every known host of the pool (same scheme and port); records where the master is now."""
-    from django.conf import settings
-
-    from .models import Pool as PoolModel
-    from .selectors import host_addresses
-
     base = pool.master_url or pool.url
-    fallbacks = [pool.url, *(url_with_host(pool.url, address) for address in host_addresses(pool=pool))]
+    fallbacks = [pool.url, *(url_with_host(pool.url, address) for address in _host_addresses(pool))]
     client = connect(base, pool.username, pool.password, verify_tls=pool.verify_tls,
                      timeout=settings.EAC_XAPI_TIMEOUT if timeout is None else timeout, fallback_urls=fallbacks)
     if client.url != pool.master_url:
         if pool.master_url:
             log.info("xapi: pool %s: master moved from %s to %s", pool.name, safe_url(pool.master_url),
                      safe_url(client.url))
-        PoolModel.objects.filter(pk=pool.pk).update(master_url=client.url)
+        type(pool).objects.filter(pk=pool.pk).update(master_url=client.url)
         pool.master_url = client.url
     return client
 

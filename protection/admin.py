@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from .models import AuditEntry, FailoverEvent, Protection, WorkflowRun, WorkflowStep
+from .models import FailoverEvent, Protection, WorkflowRun, WorkflowStep
 
 
 @admin.register(Protection)
@@ -30,13 +30,3 @@ class WorkflowRunAdmin(admin.ModelAdmin):
 class FailoverEventAdmin(admin.ModelAdmin):
     list_display = ["vm_name", "from_host_name", "to_host_name", "state", "detected_at", "downtime_seconds"]
     list_filter = ["state", "pool"]
-
-
-@admin.register(AuditEntry)
-class AuditEntryAdmin(admin.ModelAdmin):
-    list_display = ["at", "username", "action", "object_repr", "remote_addr", "via"]
-    list_filter = ["action", "via"]
-    search_fields = ["username", "object_repr"]
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False  # the audit log is written by the console only

@@ -42,14 +42,33 @@ class ProtectionStatus(models.TextChoices):
     FAILED = "failed", "Failed"
 
 
-# Colours of the health a VM's protection shows (protection.selectors.vm_annotate_protection).
-HEALTH_COLOUR = {
-    "good": "green",
-    "degraded": "orange",
-    "failed": "red",
-    "unprotected": "grey",
-    "candidate": "blue",
-}
+class Health(models.TextChoices):
+    """How a VM's protection is doing, as its icons show it (``selectors.vm_annotate_protection``)."""
+
+    GOOD = "good", "Good"
+    DEGRADED = "degraded", "Degraded"
+    FAILED = "failed", "Failed"
+    UNPROTECTED = "unprotected", "Unprotected"
+
+
+class SummaryGroup(models.TextChoices):
+    """The groups of the original console's "Protected VM Summary", in its order: where a VM counts,
+    derived from its ProtectionStatus (or its storage, when it has none)."""
+
+    LEVEL1 = "level1", "Protected at Level 1"
+    LEVEL2 = "level2", "Protected at Level 2"
+    LEVEL3 = "level3", "Protected at Level 3"
+    DEGRADED = "degraded", "Degraded"
+    CANDIDATE = "candidate", "Candidate"
+    UNPROTECTED = "unprotected", "Unprotected"
+
+
+# XAPI power states in which a VM holds its host's memory (and HA must restart it if the host dies).
+RUNNING_STATES = ("Running", "Paused")
+
+# Bounds of the Level 1 settings, shared by the service, the wizard's form and the API's serializer.
+ORDER_MAX = 10_000  # VM.order: XAPI restarts lower orders first
+START_DELAY_MAX = 86_400  # seconds, VM.start_delay
 
 
 class RestartPriority(models.TextChoices):
@@ -71,24 +90,11 @@ class RunState(models.TextChoices):
     FAILED = "failed", "Failed"
 
 
+ACTIVE_RUN_STATES = (RunState.PENDING, RunState.RUNNING)
+
+
 class StepState(models.TextChoices):
     PENDING = "pending", "Pending"
     RUNNING = "running", "Running"
     DONE = "done", "Done"
     FAILED = "failed", "Failed"
-
-
-class AuditAction(models.TextChoices):
-    PROTECT = "protect", "Protect requested"
-    UNPROTECT = "unprotect", "Unprotect requested"
-    PROTECTED = "protected", "Protection completed"
-    UNPROTECTED = "unprotected", "Unprotection completed"
-    WORKFLOW_FAILED = "workflow_failed", "Workflow failed"
-    SET_FAILURES_TO_TOLERATE = "set_ftt", "Host failures to tolerate set"
-    SET_FAILURES_TO_TOLERATE_REFUSED = "set_ftt_refused", "Host failures to tolerate refused"
-    ALERT_ACKNOWLEDGED = "alert_ack", "Alert acknowledged"
-    RECIPIENT_CHANGED = "recipient", "Alert recipient changed"
-    TEST_ALERT = "test_alert", "Test alert sent"
-    VM_START = "vm_start", "Start requested"
-    VM_SHUTDOWN = "vm_shutdown", "Shut down requested"
-    VM_POWER_REFUSED = "vm_power_refused", "Power action refused"

@@ -18,11 +18,13 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.template.loader import render_to_string
 from django.utils.html import escape
 
+from eac.errors import Conflict, validation_sentence
+from eac.permissions import user_can_view
+from eac.realtime import run_group
 from inventory.models import VM
 
 from . import services
 from .models import Protection, WorkflowRun
-from .permissions import user_can_view
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ class ProtectionConsumer(WebsocketConsumer):
         for chunk in query.get("runs", []):
             ids.extend(int(i) for i in chunk.split(",") if i.strip().isdigit())
         self.runs = sorted(set(WorkflowRun.objects.filter(pk__in=ids[:MAX_RUNS]).values_list("pk", flat=True)))
-        self.groups_joined = [services.run_group(pk) for pk in self.runs]
+        self.groups_joined = [run_group(pk) for pk in self.runs]
         for group in self.groups_joined:
             async_to_sync(self.channel_layer.group_add)(group, self.channel_name)
         self.accept()
@@ -92,13 +94,13 @@ class ProtectionConsumer(WebsocketConsumer):
         except PermissionDenied as exc:
             self.send(text_data=_result(False, str(exc)))
             return
-        except services.Conflict as exc:
-            self.send(text_data=_result(False, " ".join([exc.message, *exc.reasons])))
+        except Conflict as exc:
+            self.send(text_data=_result(False, exc.sentence()))
             return
         except ValidationError as exc:
-            self.send(text_data=_result(False, " ".join(exc.messages)))
+            self.send(text_data=_result(False, validation_sentence(exc)))
             return
-        group = services.run_group(run.pk)
+        group = run_group(run.pk)
         async_to_sync(self.channel_layer.group_add)(group, self.channel_name)
         self.groups_joined.append(group)
         self.send(text_data=_result(True, f"{run.get_kind_display()} started.", run.pk))

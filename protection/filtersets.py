@@ -1,8 +1,10 @@
 """One FilterSet per protection model, shared by the REST API and the UI lists."""
 import django_filters
 
-from .choices import AuditAction, Level, ProtectionStatus, RunKind, RunState
-from .models import AuditEntry, FailoverEvent, Protection, WorkflowRun
+from eac.audit import AuditAction, AuditEntry
+
+from .choices import Level, ProtectionStatus, RunKind, RunState
+from .models import FailoverEvent, Protection, WorkflowRun
 
 
 class ProtectionFilterSet(django_filters.FilterSet):

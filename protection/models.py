@@ -1,4 +1,4 @@
-"""A VM's protection, the workflows that change it, failover events and the audit log.
+"""A VM's protection, the workflows that change it, and failover events.
 
 A workflow is a run of named steps persisted here (see ``protection/workflows.py``):
 the database, not the worker, is where a run stands, so a killed worker leaves
@@ -9,7 +9,7 @@ from django.db import models
 
 from inventory.models import VM, Host, Pool
 
-from .choices import AuditAction, Level, ProtectionStatus, RestartPriority, RunKind, RunState, StepState
+from .choices import Level, ProtectionStatus, RestartPriority, RunKind, RunState, StepState
 
 
 class Protection(models.Model):
@@ -142,27 +142,3 @@ class FailoverEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.vm_name}: {self.from_host_name} → {self.to_host_name or '?'}"
-
-
-class AuditEntry(models.Model):
-    """Who changed what protection, when, and from where."""
-
-    at = models.DateTimeField(auto_now_add=True, db_index=True)
-    user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
-    )
-    username = models.CharField(max_length=150, blank=True, help_text="Kept when the user is deleted")
-    action = models.CharField(max_length=32, choices=AuditAction.choices)
-    via = models.CharField(max_length=16, blank=True, help_text="ui, api, websocket or system")
-    remote_addr = models.GenericIPAddressField(null=True, blank=True)
-    pool = models.ForeignKey(Pool, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
-    vm = models.ForeignKey(VM, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
-    object_repr = models.CharField(max_length=255, blank=True)
-    detail = models.JSONField(default=dict, blank=True)
-
-    class Meta:
-        ordering = ["-at", "-id"]
-        verbose_name_plural = "audit entries"
-
-    def __str__(self) -> str:
-        return f"{self.at:%Y-%m-%d %H:%M:%S} {self.username or 'system'} {self.get_action_display()} {self.object_repr}"

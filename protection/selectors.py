@@ -1,38 +1,37 @@
-"""Reads of protection: states for the tree, the failover plan, the wizard's preflight, lists."""
+"""Reads of protection: a VM's protection state (the one definition), the failover plan, lists,
+and what a VM's page shows of its protection.
+
+A VM's protection state (level, health, and its group in the Protected VM Summary) is defined once,
+by ``vm_annotate_protection``, as query annotations: the console's table sorts and filters on them
+in the database, and the summary counts and the tree's marks read the same annotations, so they
+always agree.
+"""
 from __future__ import annotations
 
+import datetime as dt
+from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from django.db import models
 from django.db.models import Case, Count, Exists, F, OuterRef, Q, QuerySet, Value, When
 
-from inventory.models import SR, VBD, VIF, VM, Host, Pool
+from eac.audit import AuditAction, AuditEntry
+from inventory.models import VBD, VM, Host, Pool
 
 from . import planner
-from .choices import AVAILABLE_LEVELS, UNAVAILABLE_REASON, AuditAction, Level, RestartPriority, RunState
-from .models import AuditEntry, FailoverEvent, Protection, WorkflowRun
+from .choices import (
+    ACTIVE_RUN_STATES,
+    RUNNING_STATES,
+    Health,
+    ProtectionStatus,
+    RestartPriority,
+    SummaryGroup,
+)
+from .models import FailoverEvent, Protection, WorkflowRun
 
-GIB = 2**30
-RUNNING_STATES = ("Running", "Paused")
-
-
-# -- the tree's icons ---------------------------------------------------------------------------
-
-
-def protection_states_for(vm_ids: Iterable[int]) -> dict[int, tuple[int | None, str]]:
-    """(level, health) for each VM id: health is good, degraded, failed, unprotected or candidate.
-
-    An unprotected VM is a *candidate* when every one of its disks is on a shared SR (it could be
-    protected at Level 1 as it is). Read from ``vm_annotate_protection``, the one definition of
-    those states, in one query whatever the number of VMs.
-    """
-    ids = list(vm_ids)
-    if not ids:
-        return {}
-    rows = vm_annotate_protection(VM.objects.filter(pk__in=ids)).values_list("pk", "prot_level", "prot_health",
-                                                                             "prot_status")
-    return {pk: (level, "candidate" if status == "candidate" else health) for pk, level, health, status in rows}
-
+# -- a VM's protection state -------------------------------------------------------------------------
 
 def _pinned_to_a_host() -> Exists:
     """A disk (or a CD with a disc in) on storage only one host reaches: XAPI would not call the VM agile."""
@@ -44,38 +43,39 @@ def _pinned_to_a_host() -> Exists:
 
 
 def vm_annotate_protection(qs: QuerySet[VM]) -> QuerySet[VM]:
-    """Annotate ``prot_level``, ``prot_health``, ``prot_status``, ``prot_secondary`` in the database.
+    """Annotate ``prot_level`` (int or None), ``prot_health`` (Health), ``prot_status`` (SummaryGroup),
+    ``prot_secondary`` (the secondary host's name, Level 2/3) and ``prot_pk`` (the Protection's id).
 
-    The one definition of a VM's protection state, for the console's tree, table, marks and Protected
-    VM Summary (``inventory.ui_selectors`` delegates here) and for ``protection_states_for``.
     ``prot_status`` is level1/level2/level3 when protected and healthy (or being unprotected: XAPI
     still restarts it), candidate while being protected, degraded for any other protection state, and
-    candidate or unprotected without protection (a candidate is an ordinary VM
-    whose disks are all on shared storage); ``prot_health`` is good, degraded, failed or unprotected.
+    candidate or unprotected without protection (a candidate is an ordinary VM whose disks are all on
+    shared storage).
     """
     p = "protection__"
+    well = {f"{p}status__in": [ProtectionStatus.PROTECTED, ProtectionStatus.UNPROTECTING]}
     return qs.annotate(
+        prot_pk=F(f"{p}pk"),
         prot_level=F(f"{p}level"),
         prot_health=Case(
-            When(**{f"{p}isnull": True}, then=Value("unprotected")),
+            When(**{f"{p}isnull": True}, then=Value(Health.UNPROTECTED)),
             # Being set up is not a loss of redundancy: not protected yet, not degraded.
-            When(**{f"{p}status": "protecting"}, then=Value("unprotected")),
+            When(**{f"{p}status": ProtectionStatus.PROTECTING}, then=Value(Health.UNPROTECTED)),
             # Until unprotect has run, XAPI still restarts the VM.
-            When(**{f"{p}status__in": ["protected", "unprotecting"]}, then=Value("good")),
-            When(**{f"{p}status": "failed"}, then=Value("failed")),
-            default=Value("degraded"),
+            When(**well, then=Value(Health.GOOD)),
+            When(**{f"{p}status": ProtectionStatus.FAILED}, then=Value(Health.FAILED)),
+            default=Value(Health.DEGRADED),
             output_field=models.CharField(),
         ),
         prot_status=Case(
-            When(**{f"{p}status__in": ["protected", "unprotecting"], f"{p}level": 1}, then=Value("level1")),
-            When(**{f"{p}status__in": ["protected", "unprotecting"], f"{p}level": 2}, then=Value("level2")),
-            When(**{f"{p}status__in": ["protected", "unprotecting"], f"{p}level": 3}, then=Value("level3")),
-            When(**{f"{p}status": "protecting"}, then=Value("candidate")),
-            When(**{f"{p}isnull": False}, then=Value("degraded")),
+            When(**well, **{f"{p}level": 1}, then=Value(SummaryGroup.LEVEL1)),
+            When(**well, **{f"{p}level": 2}, then=Value(SummaryGroup.LEVEL2)),
+            When(**well, **{f"{p}level": 3}, then=Value(SummaryGroup.LEVEL3)),
+            When(**{f"{p}status": ProtectionStatus.PROTECTING}, then=Value(SummaryGroup.CANDIDATE)),
+            When(**{f"{p}isnull": False}, then=Value(SummaryGroup.DEGRADED)),
             When(Q(is_a_template=True) | Q(is_control_domain=True) | Q(is_a_snapshot=True),
-                 then=Value("unprotected")),
-            When(_pinned_to_a_host(), then=Value("unprotected")),
-            default=Value("candidate"),
+                 then=Value(SummaryGroup.UNPROTECTED)),
+            When(_pinned_to_a_host(), then=Value(SummaryGroup.UNPROTECTED)),
+            default=Value(SummaryGroup.CANDIDATE),
             output_field=models.CharField(),
         ),
         # Level 1 has no secondary host (Level 2/3 will fill this in).
@@ -83,19 +83,97 @@ def vm_annotate_protection(qs: QuerySet[VM]) -> QuerySet[VM]:
     )
 
 
-def protection_for_vm(vm: VM) -> Protection | None:
-    return Protection.objects.filter(vm=vm).first()
+class ProtectionState(NamedTuple):
+    level: int | None
+    health: str  # Health
+    status: str  # SummaryGroup
+    secondary_host: str = ""  # name of the secondary host (Level 2/3), for the "Hosts" column
+    protection_pk: int | None = None  # for the "Unprotect" action
+
+
+def _state_of(vm: VM) -> ProtectionState:
+    return ProtectionState(vm.prot_level, vm.prot_health, vm.prot_status, vm.prot_secondary or "",
+                           getattr(vm, "prot_pk", None))
+
+
+def vm_protection_states(vms: Iterable[VM]) -> dict[int, ProtectionState]:
+    """{vm id: ProtectionState} for the given VMs, in one query (none if they come annotated).
+
+    """
+    vms = list(vms)
+    if all(hasattr(vm, "prot_status") for vm in vms):
+        return {vm.pk: _state_of(vm) for vm in vms}
+    rows = vm_annotate_protection(VM.objects.filter(pk__in=[vm.pk for vm in vms]))
+    return {vm.pk: _state_of(vm) for vm in rows}
+
+
+def vm_status_counts(pool_ids: Iterable[int]) -> dict[int, dict[str, int]]:
+    """{pool id: {ProtectionStatus: VMs}} for the Protected VM Summary, in one query.
+
+    Counted on the annotations the table filters on, so a group's count is the number of rows
+    the table shows for that status.
+    """
+    pool_ids = list(pool_ids)
+    counts: dict[int, dict[str, int]] = {pk: {} for pk in pool_ids}
+    rows = (
+        vm_annotate_protection(VM.objects.ordinary().filter(pool_id__in=pool_ids))
+        .values_list("pool_id", "prot_status")
+        .annotate(n=Count("pk"))
+        .order_by()
+    )
+    for pool_id, status, n in rows:
+        counts[pool_id][status] = n
+    return counts
+
+
+def vm_health_marks(pool_ids: Iterable[int]) -> dict[tuple[int, int | None], str]:
+    """{(pool id, host id or None for not running): worst health (degraded or failed)} of the VMs whose
+    protection is not well, for the marks of the tree."""
+    marks: dict[tuple[int, int | None], str] = defaultdict(str)
+    rows = (
+        vm_annotate_protection(VM.objects.ordinary().filter(pool_id__in=list(pool_ids)))
+        # Only a protection can be unwell: the inner join keeps this cheap when few VMs are protected
+        # (it runs for every batch of live changes).
+        .filter(protection__isnull=False)
+        .filter(prot_health__in=[Health.DEGRADED, Health.FAILED])
+        .values_list("pool_id", "resident_on_id", "prot_health")
+        .distinct()
+        .order_by()
+    )
+    for pool_id, host_id, health in rows:
+        if marks[pool_id, host_id] != Health.FAILED:
+            marks[pool_id, host_id] = health
+    return marks
+
+
+# -- protections and runs ----------------------------------------------------------------------
 
 
 def vm_active_run(vm: VM) -> WorkflowRun | None:
     """The workflow changing the VM's protection now, if any (at most one runs per VM)."""
-    return (WorkflowRun.objects.filter(vm=vm, state__in=[RunState.PENDING, RunState.RUNNING])
-            .order_by("-created_at", "-pk").first())
+    return WorkflowRun.objects.filter(vm=vm, state__in=ACTIVE_RUN_STATES).order_by("-created_at", "-pk").first()
 
 
 def protection_list(*, pool: Pool | None = None) -> QuerySet[Protection]:
     qs = Protection.objects.select_related("vm", "pool", "vm__resident_on")
     return qs.filter(pool=pool) if pool is not None else qs
+
+
+def run_list() -> QuerySet[WorkflowRun]:
+    return WorkflowRun.objects.select_related("pool", "vm", "created_by").prefetch_related("steps")
+
+
+def failover_event_list(*, pool: Pool | None = None) -> QuerySet[FailoverEvent]:
+    qs = FailoverEvent.objects.select_related("pool")
+    return qs.filter(pool=pool) if pool is not None else qs
+
+
+def protected_vm_refs(pool: Pool, *, exclude_vm_id: int | None = None) -> dict[str, str]:
+    """{VM ref: restart priority} of the pool's protected VMs, as the inventory mirrors them."""
+    qs = VM.objects.ordinary().filter(pool=pool).exclude(ha_restart_priority="")
+    if exclude_vm_id is not None:
+        qs = qs.exclude(pk=exclude_vm_id)
+    return dict(qs.values_list("ref", "ha_restart_priority"))
 
 
 # -- the failover plan --------------------------------------------------------------------------
@@ -118,7 +196,7 @@ def plan_inputs(
     down_uuids = set(FailoverEvent.objects.filter(pool=pool, state=FailoverEvent.State.DOWN)
                      .values_list("vm_uuid", flat=True))
     candidates = (
-        VM.objects.filter(pool=pool, is_a_template=False, is_control_domain=False, is_a_snapshot=False)
+        VM.objects.ordinary().filter(pool=pool)
         .filter(Q(ha_restart_priority=RestartPriority.RESTART) | Q(uuid__in=down_uuids))
         .order_by("uuid")
         .values("pk", "uuid", "name_label", "power_state", "resident_on_id", "memory_static_max",
@@ -182,6 +260,13 @@ def pool_failover_plan(pool: Pool, *, failures_to_tolerate: int | None = None) -
     }
 
 
+def pool_plan_holds(pool: Pool) -> bool:
+    """Does the pool's failover plan hold as XAPI reports it: HA on, not overcommitted, a plan for the
+    configured number of host failures?"""
+    return (pool.ha_enabled and not pool.ha_overcommitted
+            and pool.ha_plan_exists_for >= pool.ha_host_failures_to_tolerate)
+
+
 def plan_refusal_reason(pool: Pool, failures_to_tolerate: int) -> str | None:
     """Why the pool cannot tolerate ``failures_to_tolerate`` host failures, or None if it can."""
     plan = pool_planner(pool)
@@ -202,160 +287,91 @@ def plan_blockers_text(plan: planner.Planner, failures: int) -> str:
     return " ".join([head, *lines]) if lines else head
 
 
-# -- the wizard's preflight ---------------------------------------------------------------------
+# -- what a VM's page shows of its protection ----------------------------------------------------
 
 
-def vm_agility_problems(vm: VM) -> list[str]:
-    """Why XAPI would not call the VM agile, from the inventory: local disks, networks not on every host."""
-    problems = []
-    for sr_name in (
-        SR.objects.filter(vdis__vbds__vm=vm, shared=False).values_list("name_label", flat=True).distinct()
-    ):
-        problems.append(
-            f"A disk is on “{sr_name}”, a storage repository only one host can reach: move it to shared storage."
-        )
-    hosts = Host.objects.filter(pool=vm.pool).count()
-    networks = (
-        VIF.objects.filter(vm=vm, network__isnull=False)
-        .values("network__name_label")
-        .annotate(hosts=Count("network__pifs__host", distinct=True))
+@dataclass(frozen=True)
+class Component:
+    """One part of a protected VM (primary or secondary host, a disk, a NIC, an availability link)."""
+
+    kind: str
+    name: str
+    health: str
+    since: dt.datetime | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class VMEvent:
+    at: dt.datetime
+    text: str
+    severity: str = "info"
+
+
+@dataclass(frozen=True)
+class ProtectionInfo:
+    """The VM page's protection panel: what was dialled, where it stands, and a run in progress."""
+
+    pk: int
+    level: int
+    status: str  # ProtectionStatus
+    status_label: str
+    reason: str
+    restart_priority: str  # RestartPriority
+    restart_priority_label: str
+    order: int
+    start_delay: int
+    active_run: int | None
+    active_run_label: str
+
+    @property
+    def can_unprotect(self) -> bool:
+        return self.active_run is None
+
+
+def vm_protection_info(vm: VM) -> ProtectionInfo | None:
+    protection = Protection.objects.filter(vm=vm).first()
+    if protection is None:
+        return None
+    run = vm_active_run(vm)
+    return ProtectionInfo(
+        pk=protection.pk,
+        level=protection.level,
+        status=protection.status,
+        status_label=protection.get_status_display(),
+        reason=protection.status_reason,
+        restart_priority=protection.restart_priority,
+        restart_priority_label=protection.get_restart_priority_display(),
+        order=protection.order,
+        start_delay=protection.start_delay,
+        active_run=run.pk if run else None,
+        active_run_label=run.get_kind_display() if run else "",
     )
-    for net in networks:
-        if net["hosts"] and net["hosts"] < hosts:
-            problems.append(
-                f"Network “{net['network__name_label']}” exists on {net['hosts']} of the {hosts} hosts only."
-            )
-    return problems
 
 
-def heartbeat_sr_candidates(pool: Pool) -> QuerySet[SR]:
-    """Shared SRs attached on every host: where XAPI HA can keep its heartbeat (statefile)."""
-    hosts = Host.objects.filter(pool=pool).count()
-    return (
-        SR.objects.filter(pool=pool, shared=True)
-        .exclude(content_type="iso")
-        .annotate(attached=Count("pbds", filter=Q(pbds__currently_attached=True), distinct=True))
-        .filter(attached__gte=max(hosts, 1))
-        .order_by("name_label")
-    )
-
-
-def protection_preflight(*, vm: VM, level: int, settings: dict | None = None) -> dict:
-    """What the wizard shows before it can go on: level, agility, capacity and plan, HA state."""
-    settings = settings or {}
-    pool = vm.pool
-    checks = []
-
-    titles = {"level": "Level", "vm": "VM", "agility": "Agility", "plan": "Failover plan", "capacity": "Capacity",
-              "ha": "High availability", "busy": "Workflow"}
-
-    def check(name: str, ok: bool, message: str, blocking: bool = True) -> None:
-        checks.append({"name": name, "title": titles[name], "ok": ok, "message": message,
-                       "blocking": blocking and not ok})
-
-    if level not in AVAILABLE_LEVELS:
-        check("level", False, UNAVAILABLE_REASON.get(Level(level), "This level is not available."))
-    else:
-        check("level", True, "Level 1: XAPI HA restarts the VM on a surviving host when its host fails.")
-    if vm.is_a_template or vm.is_control_domain or vm.is_a_snapshot:
-        check("vm", False, "Only ordinary VMs can be protected (not templates, snapshots or control domains).")
-    problems = vm_agility_problems(vm)
-    check("agility", not problems, " ".join(problems) or "Every disk and network of the VM is shared by all hosts.")
-
-    ha_enabled = pool.ha_enabled
-    target = pool.ha_host_failures_to_tolerate if ha_enabled else int(settings.get("failures_to_tolerate", 1) or 1)
-    priority = settings.get("restart_priority", RestartPriority.RESTART)
-    plan = pool_planner(pool, add_vm=vm if priority == RestartPriority.RESTART else None)
-    best = plan.max_failures()
-    if priority != RestartPriority.RESTART:
-        check("plan", True, "Best-effort restart does not enter the failover plan.")
-    elif plan.overcommitted or best < target:
-        check("plan", False, f"With this VM the plan would not hold for {target} host failure(s). "
-              + plan_blockers_text(plan, target))
-    else:
-        check("plan", True, f"With this VM the pool can tolerate {best} host failure(s); {target} needed.")
-    capacity_free = sum(h.capacity for h in plan.hosts)
-    check("capacity", vm.memory_static_max <= capacity_free or vm.power_state in RUNNING_STATES,
-          f"{capacity_free / GIB:.1f} GiB free on the live hosts; the VM needs {vm.memory_static_max / GIB:.1f} GiB.")
-
-    candidates = list(heartbeat_sr_candidates(pool).values("uuid", "name_label"))
-    if ha_enabled:
-        check("ha", True, f"High availability is on, tolerating {pool.ha_host_failures_to_tolerate} host failure(s).")
-    elif not candidates:
-        check("ha", False, "High availability is off and no shared SR is attached to every host for its heartbeat.")
-    elif settings.get("heartbeat_sr") and settings["heartbeat_sr"] not in {c["uuid"] for c in candidates}:
-        check("ha", False, "The chosen heartbeat SR is not shared by every host of the pool.")
-    else:
-        check("ha", True, "High availability is off: it will be turned on with the heartbeat SR you choose.",
-              blocking=False)
-    active = WorkflowRun.objects.filter(vm=vm, state__in=[RunState.PENDING, RunState.RUNNING]).first()
-    if active:
-        check("busy", False, f"A {active.get_kind_display().lower()} workflow is already running for this VM.")
-    return {
-        "vm": vm.pk,
-        "level": level,
-        "can_proceed": not any(c["blocking"] for c in checks),
-        "checks": checks,
-        "ha_enabled": ha_enabled,
-        "failures_to_tolerate": target,
-        "max_failures_with_vm": best,
-        "heartbeat_srs": candidates,
-    }
-
-
-# -- lists --------------------------------------------------------------------------------------
-
-
-def run_list(*, user=None) -> QuerySet[WorkflowRun]:
-    return WorkflowRun.objects.select_related("pool", "vm", "created_by").prefetch_related("steps")
-
-
-def failover_event_list(*, pool: Pool | None = None) -> QuerySet[FailoverEvent]:
-    qs = FailoverEvent.objects.select_related("pool")
-    return qs.filter(pool=pool) if pool is not None else qs
-
-
-def audit_list() -> QuerySet[AuditEntry]:
-    return AuditEntry.objects.select_related("pool", "vm", "user")
-
-
-def protected_vm_refs(pool: Pool, *, exclude_vm_id: int | None = None) -> dict[str, str]:
-    """{VM ref: restart priority} of the pool's protected VMs, as the inventory mirrors them."""
-    qs = VM.objects.filter(pool=pool, is_a_template=False, is_control_domain=False).exclude(ha_restart_priority="")
-    if exclude_vm_id is not None:
-        qs = qs.exclude(pk=exclude_vm_id)
-    return dict(qs.values_list("ref", "ha_restart_priority"))
-
-
-
-
-# -- for the VM page (inventory.ui_selectors calls these) ------------------------------------------
-
-
-def vm_components(vm: VM) -> list[dict]:
+def vm_protection_components(vm: VM) -> list[Component]:
     """The parts a Level 1 protection depends on, with their health: the host, and the pool's plan."""
     protection = Protection.objects.filter(vm=vm).select_related("pool").first()
     if protection is None:
-        return []
+        return []  # not protected: no component to show
     out = []
     host = vm.resident_on
     if host is not None:
-        out.append({"kind": "Host", "name": host.name_label, "health": "good" if host.live else "failed",
-                    "since": None, "detail": "XAPI HA restarts the VM elsewhere if it fails"})
+        out.append(Component(kind="Host", name=host.name_label, health=Health.GOOD if host.live else Health.FAILED,
+                             detail="XAPI HA restarts the VM elsewhere if it fails"))
     pool = protection.pool
-    plan_ok = pool.ha_enabled and not pool.ha_overcommitted and (
-        pool.ha_plan_exists_for >= pool.ha_host_failures_to_tolerate)
+    plan_ok = pool_plan_holds(pool)
     if pool.ha_enabled:
         detail = (f"covers {pool.ha_plan_exists_for} of the {pool.ha_host_failures_to_tolerate} host failure(s) "
                   f"to tolerate" + ("; overcommitted" if pool.ha_overcommitted else ""))
     else:
         detail = "high availability is off on the pool"
-    out.append({"kind": "Failover plan", "name": pool.name_label or pool.name,
-                "health": "good" if plan_ok else "degraded", "since": None, "detail": detail})
+    out.append(Component(kind="Failover plan", name=pool.name_label or pool.name,
+                         health=Health.GOOD if plan_ok else Health.DEGRADED, detail=detail))
     return out
 
 
-def vm_events(vm: VM, *, limit: int = 20) -> list[dict]:
+def vm_events(vm: VM, *, limit: int = 20) -> list[VMEvent]:
     """What happened to the VM's protection, newest first: failovers and protection changes."""
     events = []
     for e in FailoverEvent.objects.filter(vm_uuid=vm.uuid, pool=vm.pool).order_by("-detected_at")[:limit]:
@@ -366,16 +382,16 @@ def vm_events(vm: VM, *, limit: int = 20) -> list[dict]:
             text = f"Not restarted after {e.from_host_name} was lost"
         else:
             text = f"Down with {e.from_host_name}; waiting for HA to restart it"
-        events.append({"at": e.restarted_at or e.detected_at, "text": text,
-                       "severity": "critical" if e.state != FailoverEvent.State.RESTARTED else "warning"})
+        events.append(VMEvent(at=e.restarted_at or e.detected_at, text=text,
+                              severity="critical" if e.state != FailoverEvent.State.RESTARTED else "warning"))
     for a in AuditEntry.objects.filter(vm=vm).order_by("-at")[:limit]:
         who = a.username or "the console"
         text = f"{a.get_action_display()} ({who})"
-        # A refusal carries XAPI's reason as a sentence (protection.xapi_errors): the page shows it.
+        # A refusal carries XAPI's reason as a sentence (inventory.xapi_errors): the page shows it.
         reason = a.detail.get("message") if isinstance(a.detail, dict) else None
         if reason:
             text += f": {reason}"
         severity = "critical" if a.action == AuditAction.VM_POWER_REFUSED else "info"
-        events.append({"at": a.at, "text": text, "severity": severity})
-    events.sort(key=lambda e: e["at"], reverse=True)
+        events.append(VMEvent(at=a.at, text=text, severity=severity))
+    events.sort(key=lambda e: e.at, reverse=True)
     return events[:limit]

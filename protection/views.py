@@ -1,8 +1,8 @@
 """Protection pages: the wizard, run progress, the pool's failover plan, failover events, the audit log.
 
-Views parse the request, call a selector or a service, and render inside the console layout
-(``inventory.tree.console_context``). Administrators change things; Operators see the same pages
-without the buttons, and a POST from them is refused with a 403 page.
+Views parse the request, call a selector or a service, and render; the console's layout around
+the page comes from its context processor. Administrators change things; Operators see the same
+pages without the buttons, and a POST from them is refused with a 403 page.
 """
 from __future__ import annotations
 
@@ -13,55 +13,34 @@ from django.core.paginator import Paginator
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
-from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_http_methods, require_POST
 
+from eac.audit import audit_list
+from eac.errors import Conflict, client_ip, validation_sentence
+from eac.permissions import user_can_change_protection, viewer_required
 from inventory.models import VM, Pool
-from inventory.tree import console_context
 
-from . import selectors, services
-from .choices import AVAILABLE_LEVELS, LEVEL_COMPARISON, UNAVAILABLE_REASON, Level, RestartPriority, RunKind
+from . import preflight, selectors, services
+from .choices import (
+    AVAILABLE_LEVELS,
+    LEVEL_COMPARISON,
+    ORDER_MAX,
+    START_DELAY_MAX,
+    UNAVAILABLE_REASON,
+    Level,
+    RestartPriority,
+    RunKind,
+)
 from .filtersets import AuditEntryFilterSet, FailoverEventFilterSet
+from .forms import ProtectForm
 from .models import Protection, WorkflowRun
-from .permissions import user_can_change_protection, user_can_view
 from .workflows import steps_for
 
 MAX_WIZARD_VMS = 50
 
 
-def _client_ip(request: HttpRequest) -> str | None:
-    return request.META.get("REMOTE_ADDR") or None
-
-
 def _context(request: HttpRequest, title: str, **extra) -> dict:
-    context = console_context(request, title=title, current=extra.pop("current", ""))
-    context.update(can_change=user_can_change_protection(request.user), **extra)
-    return context
-
-
-def viewer_required(view):
-    """Signed in, and an Administrator or an Operator (others get a 403 page)."""
-
-    def wrapper(request: HttpRequest, *args, **kwargs) -> HttpResponse:
-        if not user_can_view(request.user):
-            raise PermissionDenied("Only Administrators and Operators can see protection.")
-        return view(request, *args, **kwargs)
-
-    wrapper.__name__ = view.__name__
-    wrapper.__doc__ = view.__doc__
-    return login_required(never_cache(wrapper))
-
-
-def _wizard_settings(data) -> dict:
-    keys = ("restart_priority", "order", "start_delay", "heartbeat_sr", "failures_to_tolerate")
-    return {k: data.get(k) for k in keys if data.get(k) not in (None, "")}
-
-
-def _level(data) -> int:
-    try:
-        return int(data.get("level") or Level.BASIC_RESTART)
-    except (TypeError, ValueError):
-        return Level.BASIC_RESTART
+    return {"title": title, "can_change": user_can_change_protection(request.user), **extra}
 
 
 @viewer_required
@@ -70,26 +49,29 @@ def wizard(request: HttpRequest) -> HttpResponse:
     """Protect one VM or several (?vm=<uuid>&vm=…): level, preflight, settings, confirm."""
     data = request.POST if request.method == "POST" else request.GET
     uuids = [u for u in data.getlist("vm") if u][:MAX_WIZARD_VMS]
-    vms = list(VM.objects.filter(uuid__in=uuids, is_a_template=False, is_control_domain=False)
-               .select_related("pool", "resident_on").order_by("name_label"))
+    vms = list(VM.objects.ordinary().filter(uuid__in=uuids).select_related("pool", "resident_on")
+               .order_by("name_label"))
     if not vms:
         raise Http404("Choose the VMs to protect first (from the tree, the table or a VM's page).")
-    level = _level(data)
-    settings = _wizard_settings(data)
+    form = ProtectForm(data)
+    form.is_valid()  # a field that does not parse is left out of the preflight, and refused on POST
+    level = form.level_or_default()
+    settings = form.protect_settings()
     errors: list[str] = []
-    if request.method == "POST":
+    if request.method == "POST" and not form.is_valid():
+        errors = form.error_sentences()
+    elif request.method == "POST":
         if not user_can_change_protection(request.user):
             raise PermissionDenied("Only members of the Administrators group can protect VMs.")
         started = []
         for vm in vms:
             try:
                 run = services.protection_start(vm=vm, level=level, settings=settings, requested_by=request.user,
-                                                via="ui", remote_addr=_client_ip(request))
-            except services.Conflict as exc:
-                errors.append(f"{vm.name_label}: {exc.message} {' '.join(exc.reasons)}")
+                                                via="ui", remote_addr=client_ip(request))
+            except Conflict as exc:
+                errors.append(f"{vm.name_label}: {exc.sentence()}")
             except ValidationError as exc:
-                detail = exc.message_dict if hasattr(exc, "error_dict") else {"": exc.messages}
-                errors.append(f"{vm.name_label}: " + " ".join(f"{' '.join(v)}" for v in detail.values()))
+                errors.append(f"{vm.name_label}: {validation_sentence(exc)}")
             else:
                 started.append(run.pk)
         if started:
@@ -97,10 +79,10 @@ def wizard(request: HttpRequest) -> HttpResponse:
                 messages.warning(request, " ".join(errors))
             return redirect(reverse("protection:runs") + "?ids=" + ",".join(map(str, started)))
     pools = {vm.pool_id: vm.pool for vm in vms}
-    preflights = [(vm, selectors.protection_preflight(vm=vm, level=level, settings=settings)) for vm in vms]
+    preflights = [(vm, preflight.protection_preflight(vm=vm, level=level, settings=settings)) for vm in vms]
     heartbeat = {}
     for pool in pools.values():
-        heartbeat[pool.pk] = list(selectors.heartbeat_sr_candidates(pool))
+        heartbeat[pool.pk] = list(preflight.heartbeat_sr_candidates(pool))
     levels = [
         {"value": lv.value, "label": lv.label, "available": lv in AVAILABLE_LEVELS,
          "reason": UNAVAILABLE_REASON.get(lv, "")}
@@ -110,7 +92,8 @@ def wizard(request: HttpRequest) -> HttpResponse:
         request, "Protect " + (vms[0].name_label if len(vms) == 1 else f"{len(vms)} VMs"), current="vms",
         vms=vms, level=level, levels=levels, comparison=LEVEL_COMPARISON, preflights=preflights,
         settings=settings, errors=errors, pools=list(pools.values()), heartbeat=heartbeat,
-        priorities=RestartPriority.choices, can_proceed=all(p["can_proceed"] for _, p in preflights),
+        priorities=RestartPriority.choices, order_max=ORDER_MAX, start_delay_max=START_DELAY_MAX,
+        can_proceed=all(p["can_proceed"] for _, p in preflights),
         needs_heartbeat=any(not p.ha_enabled for p in pools.values()),
         step_labels=[step.label for step in steps_for(RunKind.PROTECT)],
     )
@@ -152,10 +135,10 @@ def unprotect(request: HttpRequest, pk: int) -> HttpResponse:
     protection = get_object_or_404(Protection, pk=pk)
     try:
         run = services.protection_stop(protection=protection, requested_by=request.user, via="ui",
-                                       remote_addr=_client_ip(request))
-    except services.Conflict as exc:
+                                       remote_addr=client_ip(request))
+    except Conflict as exc:
         messages.error(request, exc.message)
-        return redirect("inventory:vm_detail", uuid=protection.vm.uuid)
+        return redirect("console:vm_detail", uuid=protection.vm.uuid)
     return redirect(reverse("protection:runs") + f"?ids={run.pk}")
 
 
@@ -181,12 +164,11 @@ def pool_plan(request: HttpRequest, pk: int) -> HttpResponse:
         try:
             run = services.pool_failures_to_tolerate_set(
                 pool=pool, failures_to_tolerate=request.POST.get("failures_to_tolerate"), requested_by=request.user,
-                via="ui", remote_addr=_client_ip(request))
-        except services.Conflict as exc:
+                via="ui", remote_addr=client_ip(request))
+        except Conflict as exc:
             error, reasons, status = exc.message, exc.reasons, 409
         except ValidationError as exc:
-            error = " ".join(sum(exc.message_dict.values(), [])) if hasattr(exc, "error_dict") else " ".join(
-                exc.messages)
+            error = validation_sentence(exc)
             status = 400
         else:
             return redirect(reverse("protection:runs") + f"?ids={run.pk}")
@@ -209,6 +191,6 @@ def failover_events(request: HttpRequest) -> HttpResponse:
 
 @viewer_required
 def audit_log(request: HttpRequest) -> HttpResponse:
-    filterset = AuditEntryFilterSet(request.GET, queryset=selectors.audit_list())
+    filterset = AuditEntryFilterSet(request.GET, queryset=audit_list())
     page = Paginator(filterset.qs, 50).get_page(request.GET.get("page"))
     return render(request, "protection/audit.html", _context(request, "Audit log", page=page, filterset=filterset))

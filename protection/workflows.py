@@ -3,7 +3,7 @@
 Each step is idempotent: it first looks at what is already true in XAPI and
 only then acts, so a step re-run after its worker died does no harm. A step
 may keep what it found in ``result`` for the steps after it (and for undo).
-The engine (``services.workflow_run_execute``) runs the steps in order,
+The engine (``engine.workflow_run_execute``) runs the steps in order,
 skipping those already done, and records progress, messages, attempts and
 times on each.
 """
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .choices import RestartPriority, RunKind
 
 if TYPE_CHECKING:
-    from .services import StepContext
+    from .engine import StepContext
 
 
 class StepFailed(Exception):

@@ -133,3 +133,13 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 __all__ = ["SimProcess", "start_xapisim", "wait_for", "subprocess_env", "urllib"]
+
+
+def protection_states(vm_ids) -> dict:
+    """{VM id: (level, health)} as the console shows them, health "candidate" for a candidate."""
+    from inventory.models import VM
+    from protection.selectors import vm_protection_states
+
+    vms = VM.objects.filter(pk__in=list(vm_ids))
+    return {pk: (s.level, "candidate" if s.status == "candidate" else s.health)
+            for pk, s in vm_protection_states(vms).items()}

@@ -5,8 +5,8 @@ A ``Method`` names its parameters with a kind (``"ref:VM"``, ``"int"``…);
 the session (SESSION_INVALID), then converts each argument (ints may arrive as
 strings, as xapi accepts) and checks references (HANDLE_INVALID), in xapi's
 order.  Class methods (get_all, get_record, get_<field>, set_<field>…) are
-generated from ``datamodel.CLASSES``; specific behaviour is registered on top
-by ``ops_*`` modules and replaces a generic method of the same name.
+generated from ``datamodel.CLASSES``; ``methods.register_all`` registers the
+specific handlers on top, each replacing a generic method of the same name.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ record by key never miss one.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,11 @@ class DateTime(str):
 
 
 EPOCH = DateTime("19700101T00:00:00Z")
+
+
+def now() -> DateTime:
+    """The current time, as xapi stamps it (UTC, to the second)."""
+    return DateTime(time.strftime("%Y%m%dT%H:%M:%SZ", time.gmtime()))
 
 
 class Record(dict):

@@ -1,8 +1,10 @@
 """The simulated pool: store, sessions, tasks, call dispatch and runtime state.
 
 ``Engine.call`` is what every XAPI request ends up in, whatever the wire
-protocol and whichever simulated host received it.  Behaviour lives in the
-``ops_*`` and ``ha``/``hosts`` modules, which register handlers here.
+protocol and whichever simulated host received it.  The engine knows no
+behaviour: the handlers live in the ``ops_*``, ``ha_calls`` and ``hosts``
+modules, and ``methods.register_all`` (the composition root, called where
+the engine is built) puts them in ``Engine.registry``.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .api import Method, Registry, convert, register_generic
-from .datamodel import MESSAGE_PRIORITIES, DateTime
+from .api import Method, Registry, convert
+from .datamodel import MESSAGE_PRIORITIES, Record, now
 from .errors import XapiError
 from .store import Store
 from .wire import xml_value
@@ -22,8 +24,10 @@ from .wire import xml_value
 log = logging.getLogger("xapisim")
 
 
-def now() -> DateTime:
-    return DateTime(time.strftime("%Y%m%dT%H:%M:%SZ", time.gmtime()))
+def _void_as_empty(value: Any) -> Any:
+    # xapi answers a void call with an empty string, on both wires and in an
+    # Async task's result (gen_server.ml marshals it as Rpc.String "").
+    return "" if value is None else value
 
 
 @dataclass
@@ -99,19 +103,15 @@ class Engine:
         # Set by the server: called with (host_ref, up) when a host's power changes.
         self.power_hook: Any = None
         self.stopped = threading.Event()
-        register_generic(self.registry)
-        from . import ha, hosts, ops_misc, ops_vm
-
-        ops_misc.register(self.registry)
-        ops_vm.register(self.registry)
-        ha.register(self.registry)
-        hosts.register(self.registry)
 
     # -- pool helpers -----------------------------------------------------
 
     @property
     def pool_ref(self) -> str:
         return next(iter(self.store.tables["pool"]))
+
+    def pool_record(self) -> Record:
+        return self.store.tables["pool"][self.pool_ref]
 
     def master(self) -> str:
         return self.store.tables["pool"][self.pool_ref]["master"]
@@ -141,12 +141,13 @@ class Engine:
         return t
 
     def later(self, delay: float, fn: Any, *args: Any) -> threading.Timer:
-        t = threading.Timer(delay, self._guarded, args=(fn, *args))
+        t = threading.Timer(delay, self.guarded, args=(fn, *args))
         t.daemon = True
         t.start()
         return t
 
-    def _guarded(self, fn: Any, *args: Any) -> None:
+    def guarded(self, fn: Any, *args: Any) -> None:
+        """Run a background job: not once the simulator stops, and never letting it raise."""
         if self.stopped.is_set():
             return
         try:
@@ -185,14 +186,15 @@ class Engine:
             self.cancel_events[ref] = threading.Event()
             return ref
 
-    def finish_task(self, task: str, result: Any = None, error: XapiError | None = None) -> None:
+    def finish_task(self, task: str, result: Any = "", error: XapiError | None = None) -> None:
+        """End an Async call's task; its ``result`` is the XML-RPC ``<value>`` of the answer, as xapi's."""
         with self.lock:
             self.cancel_events.pop(task, None)
             if not self.store.exists("task", task):
                 return
             values: dict[str, Any] = {"finished": now(), "allowed_operations": [], "current_operations": {}}
             if error is None:
-                values.update(status="success", progress=1.0, result="" if result is None else xml_value(result))
+                values.update(status="success", progress=1.0, result=xml_value(result))
             elif error.code == "TASK_CANCELLED":
                 values.update(status="cancelled", error_info=error.description)
             else:
@@ -228,13 +230,13 @@ class Engine:
         if method.op:
             task = self.new_task(method.name)
             try:
-                return method.fn(Ctx(self, session, host, task), *args)
+                return _void_as_empty(method.fn(Ctx(self, session, host, task), *args))
             finally:
                 # A synchronous call's task lives only as long as the call, as in xapi.
                 with self.lock:
                     self.cancel_events.pop(task, None)
                     self.store.destroy(task)
-        return method.fn(Ctx(self, session, host), *args)
+        return _void_as_empty(method.fn(Ctx(self, session, host), *args))
 
     def _convert(self, method: Method, params: list[Any]) -> list[Any]:
         with self.lock:
@@ -252,7 +254,7 @@ class Engine:
             log.exception("Async.%s failed", method.name)
             self.finish_task(task, error=XapiError("INTERNAL_ERROR", repr(e)))
         else:
-            self.finish_task(task, result)
+            self.finish_task(task, _void_as_empty(result))
 
     # -- lifecycle ----------------------------------------------------------
 

@@ -17,8 +17,11 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
-from . import ha, hosts
-from .engine import now
+from . import hosts
+from .datamodel import now
+from .ha_plan import ha_timeout, is_protected
+from .ha_restart import restart_vms
+from .ha_status import update_pool_status
 from .vmstate import to_halted, vm_message
 
 if TYPE_CHECKING:
@@ -133,7 +136,7 @@ def _host_action(engine: Engine, key: str, action: str, body: dict[str, Any]) ->
     if action == "crash":
         if not hosts.crash(engine, host):
             raise SimError(409, f"host {name} is already powered off")
-        return {"host": name, "powered_on": False, "declared_dead_in_s": ha.ha_timeout(engine)}
+        return {"host": name, "powered_on": False, "declared_dead_in_s": ha_timeout(engine)}
     if action == "power-on":
         if not hosts.power_on(engine, host):
             raise SimError(409, f"host {name} is already powered on")
@@ -162,12 +165,12 @@ def crash_vm(engine: Engine, vm_ref: str) -> None:
             raise SimError(409, f"VM {vm['name_label']} is on a host that is powered off")
         to_halted(engine, vm_ref)
         vm_message(engine, "VM_CRASHED", vm_ref, "crashed")
-        ha.update_pool_status(engine)
+        update_pool_status(engine)
         restart = s.tables["pool"][engine.pool_ref]["ha_enabled"] and (
-            ha.is_protected(s.tables["VM"][vm_ref]) or vm["ha_restart_priority"] == "best-effort"
+            is_protected(s.tables["VM"][vm_ref]) or vm["ha_restart_priority"] == "best-effort"
         )
     if restart:
-        engine.later(engine.config.vm_restart_delay, ha.restart_vms, engine, [vm_ref])
+        engine.later(engine.config.vm_restart_delay, restart_vms, engine, [vm_ref])
 
 
 def _set_carrier(engine: Engine, pif: str, up: bool) -> None:
@@ -188,7 +191,7 @@ def _set_pbd(engine: Engine, pbd: str, attached: bool) -> None:
         else:
             engine.pbd_failed.add(pbd)
         # A shared SR a host cannot reach makes its VMs non-agile: the plan may change.
-        ha.update_pool_status(engine)
+        update_pool_status(engine)
 
 
 def handle(engine: Engine, method: str, path: str, raw: bytes) -> tuple[int, dict[str, Any]]:

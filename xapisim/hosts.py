@@ -4,7 +4,7 @@ A crash is hardware: the host stops answering at once (its listener closes).
 XAPI only learns of it after the failure-detection timeout (HA's "timeout",
 else ``Config.ha_timeout``): then host_metrics.live becomes false, its VMs are
 reset to Halted, a new master is elected if it was the master, and with HA on
-the protected VMs restart elsewhere (``ha.restart_vms``).
+the protected VMs restart elsewhere (``ha_restart.restart_vms``).
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from . import ha
-from .engine import now
+from .datamodel import now
 from .errors import XapiError
+from .ha_plan import Change, assert_change_preserves_plan, ha_timeout
+from .ha_restart import restart_vms
+from .ha_status import update_pool_status
 from .vmstate import host_free, refresh_host_memory, to_halted
 
 if TYPE_CHECKING:
@@ -30,7 +32,7 @@ def crash(engine: Engine, host: str) -> bool:
         if host in engine.powered_off:
             return False
         engine.powered_off.add(host)
-        timeout = ha.ha_timeout(engine)
+        timeout = ha_timeout(engine)
         engine.death_timers[host] = engine.later(timeout, declare_dead, engine, host)
     log.info("host %s crashed; declared dead in %.1fs", host, timeout)
     if engine.power_hook:
@@ -61,10 +63,10 @@ def declare_dead(engine: Engine, host: str) -> None:
         best_effort = [vm for vm in reset if s.tables["VM"][vm]["ha_restart_priority"] == "best-effort"]
         if engine.master() == host:
             elect_master(engine)
-        ha.update_pool_status(engine)
+        update_pool_status(engine)
     log.info("host %s declared dead; %d VMs reset", host, len(reset))
     if ha_on:
-        engine.spawn(engine._guarded, ha.restart_vms, engine, best_effort, name="ha-restart")
+        engine.spawn(engine.guarded, restart_vms, engine, best_effort, name="ha-restart")
 
 
 def elect_master(engine: Engine) -> str | None:
@@ -123,11 +125,11 @@ def _booted(engine: Engine, host: str) -> None:
         master = engine.master()
         if not (engine.is_up(master) and engine.is_live(master)):
             elect_master(engine)
-        ha.update_pool_status(engine)
+        update_pool_status(engine)
         ha_on = s.tables["pool"][engine.pool_ref]["ha_enabled"]
     if ha_on:
         # Capacity came back: protected VMs that could not be restarted may fit now.
-        ha.restart_vms(engine, [])
+        restart_vms(engine, [])
 
 
 # -- host calls -------------------------------------------------------------------
@@ -138,14 +140,14 @@ def host_enable(ctx: Ctx, host: str) -> None:
         if not ctx.engine.is_live(host):
             raise XapiError("HOST_OFFLINE", host)
         ctx.store.update(host, {"enabled": True})
-        ha.update_pool_status(ctx.engine)
+        update_pool_status(ctx.engine)
 
 
 def host_disable(ctx: Ctx, host: str) -> None:
     with ctx.engine.lock:
-        ha.assert_change_preserves_plan(ctx.engine, ha.Change(hosts_to_disable=[host]))
+        assert_change_preserves_plan(ctx.engine, Change(hosts_to_disable=[host]))
         ctx.store.update(host, {"enabled": False})
-        ha.update_pool_status(ctx.engine)
+        update_pool_status(ctx.engine)
 
 
 def host_get_servertime(ctx: Ctx, host: str) -> str:

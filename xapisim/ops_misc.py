@@ -7,8 +7,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from .datamodel import CLASS_BY_LOWER
-from .engine import now
+from .datamodel import CLASS_BY_LOWER, now
 from .errors import XapiError, handle_invalid
 from .store import Subscription
 from .wire import Records

@@ -13,10 +13,11 @@ import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import ha
-from .datamodel import NULL_REF, Record
-from .engine import now
+from .datamodel import NULL_REF, Record, now
 from .errors import XapiError
+from .ha_plan import Change, assert_change_preserves_plan
+from .ha_status import update_pool_status
+from .storage import destroy_vdi, new_vdi
 from .vmstate import (
     assert_can_boot_here,
     begin_op,
@@ -29,19 +30,13 @@ from .vmstate import (
     to_running,
     update_vm,
     vm_message,
+    vm_overhead,
+    vm_srs,
 )
 
 if TYPE_CHECKING:
     from .api import Registry
     from .engine import Ctx, Engine
-
-MiB = 1 << 20
-
-
-def vm_overhead(static_max: int, vcpus: int) -> int:
-    """A plausible per-VM Xen overhead (shadow memory and the like), rounded up to MiB."""
-    raw = static_max // 128 + vcpus * MiB
-    return -(-raw // MiB) * MiB
 
 
 def _operate(
@@ -101,7 +96,7 @@ def start_vm(ctx: Ctx, vm_ref: str, host: str | None, paused: bool, op: str, *, 
             target = host
         if ha_check:
             protect = [vm_ref] if vm["ha_restart_priority"] == "restart" else []
-            ha.assert_change_preserves_plan(engine, ha.Change(arriving=[(target, vm_ref)], new_protected=protect))
+            assert_change_preserves_plan(engine, Change(arriving=[(target, vm_ref)], new_protected=protect))
         return target
 
     def finish(vm: Record, target: str) -> None:
@@ -109,12 +104,12 @@ def start_vm(ctx: Ctx, vm_ref: str, host: str | None, paused: bool, op: str, *, 
         to_running(engine, vm_ref, target, paused=paused)
         update_vm(engine, vm_ref, {"ha_always_run": vm["ha_restart_priority"] == "restart"})
         if resuming and ctx.store.exists("VDI", suspend_vdi):
-            _destroy_vdi(engine, suspend_vdi)
+            destroy_vdi(engine, suspend_vdi)
         verb = "resumed" if resuming else "started"
         vm_message(
             engine, "VM_RESUMED" if resuming else "VM_STARTED", vm_ref, f"{verb} on host: {_host_desc(engine, target)}"
         )
-        ha.update_pool_status(engine)
+        update_pool_status(engine)
 
     _operate(ctx, vm_ref, op, finish, prepare, reserve=True)
 
@@ -147,9 +142,9 @@ def _stop(ctx: Ctx, vm_ref: str, op: str) -> None:
         # A VM its owner shut down is no longer one HA must keep running.
         update_vm(engine, vm_ref, {"ha_always_run": False})
         if ctx.store.exists("VDI", suspend_vdi):
-            _destroy_vdi(engine, suspend_vdi)
+            destroy_vdi(engine, suspend_vdi)
         vm_message(engine, "VM_SHUTDOWN", vm_ref, "shutdown")
-        ha.update_pool_status(engine)
+        update_pool_status(engine)
 
     _operate(ctx, vm_ref, op, finish)
 
@@ -209,8 +204,6 @@ def vm_suspend(ctx: Ctx, vm_ref: str) -> None:
         if not s.exists("SR", sr):
             sr = s.tables["pool"][engine.pool_ref]["suspend_image_SR"]
         if not s.exists("SR", sr):
-            from .vmstate import vm_srs
-
             srs = vm_srs(engine, vm)
             sr = srs[0] if srs else NULL_REF
         if not s.exists("SR", sr):
@@ -218,11 +211,11 @@ def vm_suspend(ctx: Ctx, vm_ref: str) -> None:
         return sr
 
     def finish(vm: Record, sr: str) -> None:
-        vdi = _new_vdi(engine, sr, f"Suspend image for {vm['name_label']}", vm["memory_static_max"], vtype="suspend")
+        vdi = new_vdi(engine, sr, f"Suspend image for {vm['name_label']}", vm["memory_static_max"], vtype="suspend")
         to_halted(engine, vm_ref, suspended_vdi=vdi)
         update_vm(engine, vm_ref, {"ha_always_run": False})
         vm_message(engine, "VM_SUSPENDED", vm_ref, "suspended")
-        ha.update_pool_status(engine)
+        update_pool_status(engine)
 
     _operate(ctx, vm_ref, "suspend", finish, prepare, work=2.0)
 
@@ -237,7 +230,7 @@ def vm_pool_migrate(ctx: Ctx, vm_ref: str, host: str, options: dict[str, str]) -
     def prepare(vm: Record) -> str:
         assert_can_boot_here(engine, vm_ref, vm, host, migrating=True)
         source = vm["resident_on"]
-        ha.assert_change_preserves_plan(engine, ha.Change(leaving=[(source, vm_ref)], arriving=[(host, vm_ref)]))
+        assert_change_preserves_plan(engine, Change(leaving=[(source, vm_ref)], arriving=[(host, vm_ref)]))
         return host
 
     def finish(vm: Record, target: str) -> None:
@@ -254,7 +247,7 @@ def vm_pool_migrate(ctx: Ctx, vm_ref: str, host: str, options: dict[str, str]) -
         vm_message(
             engine, "VM_MIGRATED", vm_ref, f"migrated from {_host_desc(engine, source)} to {_host_desc(engine, target)}"
         )
-        ha.update_pool_status(engine)
+        update_pool_status(engine)
 
     _operate(ctx, vm_ref, "pool_migrate", finish, prepare, reserve=True, work=3.0)
 
@@ -266,49 +259,6 @@ def _mac(engine: Engine) -> str:
     rng = engine.store.rng or random
     # 02: locally administered, as xapi's generated MACs.
     return "02:" + ":".join(f"{rng.randrange(256):02x}" for _ in range(5))
-
-
-def _new_vdi(engine: Engine, sr: str, name: str, size: int, *, vtype: str = "user", **extra: Any) -> str:
-    s = engine.store
-    vdi = s.create(
-        "VDI",
-        {
-            "name_label": name,
-            "SR": sr,
-            "virtual_size": size,
-            "physical_utilisation": size,
-            "type": vtype,
-            "location": "",
-            **extra,
-        },
-    )
-    s.update(vdi, {"location": s.tables["VDI"][vdi]["uuid"]})
-    srec = s.tables["SR"][sr]
-    s.update(
-        sr,
-        {
-            "VDIs": [*srec["VDIs"], vdi],
-            "virtual_allocation": srec["virtual_allocation"] + size,
-            "physical_utilisation": srec["physical_utilisation"] + size,
-        },
-    )
-    return vdi
-
-
-def _destroy_vdi(engine: Engine, vdi: str) -> None:
-    s = engine.store
-    rec = s.tables["VDI"][vdi]
-    sr = s.tables["SR"].get(rec["SR"])
-    if sr is not None:
-        s.update(
-            rec["SR"],
-            {
-                "VDIs": [v for v in sr["VDIs"] if v != vdi],
-                "virtual_allocation": max(0, sr["virtual_allocation"] - rec["virtual_size"]),
-                "physical_utilisation": max(0, sr["physical_utilisation"] - rec["physical_utilisation"]),
-            },
-        )
-    s.destroy(vdi)
 
 
 def _copy_vm(engine: Engine, vm_ref: str, name: str, *, sr: str = NULL_REF, snapshot: bool = False) -> str:
@@ -336,20 +286,20 @@ def _copy_vm(engine: Engine, vm_ref: str, name: str, *, sr: str = NULL_REF, snap
     new = s.create("VM", values)
     for vbd in src["VBDs"]:
         b = s.tables["VBD"][vbd]
-        new_vdi = NULL_REF
+        disk = NULL_REF
         if not b["empty"] and s.exists("VDI", b["VDI"]):
             d = s.tables["VDI"][b["VDI"]]
             target_sr = sr if s.exists("SR", sr) else d["SR"]
             extra: dict[str, Any] = {"name_description": d["name_description"], "sm_config": d["sm_config"]}
             if snapshot:
                 extra.update(is_a_snapshot=True, snapshot_of=b["VDI"], snapshot_time=now())
-            new_vdi = _new_vdi(engine, target_sr, d["name_label"], d["virtual_size"], vtype=d["type"], **extra)
+            disk = new_vdi(engine, target_sr, d["name_label"], d["virtual_size"], vtype=d["type"], **extra)
             if snapshot:
-                s.set_add(b["VDI"], "snapshots", new_vdi)
+                s.set_add(b["VDI"], "snapshots", disk)
         skip_b = {"uuid", "VM", "VDI", "currently_attached", "current_operations", "allowed_operations", "metrics"}
-        new_vbd = s.create("VBD", {**{k: v for k, v in b.items() if k not in skip_b}, "VM": new, "VDI": new_vdi})
-        if new_vdi != NULL_REF:
-            s.set_add(new_vdi, "VBDs", new_vbd)
+        new_vbd = s.create("VBD", {**{k: v for k, v in b.items() if k not in skip_b}, "VM": new, "VDI": disk})
+        if disk != NULL_REF:
+            s.set_add(disk, "VBDs", new_vbd)
         s.set_add(new, "VBDs", new_vbd)
     for vif in src["VIFs"]:
         v = s.tables["VIF"][vif]
@@ -405,11 +355,11 @@ def vm_destroy(ctx: Ctx, vm_ref: str) -> None:
                 s.set_remove(vm[field], "snapshots", vm_ref)
                 s.set_remove(vm[field], "children", vm_ref)
         if s.exists("VDI", vm["suspend_VDI"]):
-            _destroy_vdi(engine, vm["suspend_VDI"])
+            destroy_vdi(engine, vm["suspend_VDI"])
         if s.exists("VM_metrics", vm["metrics"]):
             s.destroy(vm["metrics"])
         s.destroy(vm_ref)
-        ha.update_pool_status(engine)
+        update_pool_status(engine)
 
 
 # -- memory and vCPUs --------------------------------------------------------------
@@ -441,7 +391,7 @@ def vm_set_memory_limits(
                 "memory_overhead": vm_overhead(static_max, vm["VCPUs_max"]),
             },
         )
-        ha.update_pool_status(ctx.engine)
+        update_pool_status(ctx.engine)
 
 
 def vm_set_memory(ctx: Ctx, vm_ref: str, value: int) -> None:

@@ -16,10 +16,8 @@ import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .datamodel import NULL_REF, DateTime
-from .engine import now
-from .ops_vm import vm_overhead
-from .vmstate import allowed_ops, need
+from .datamodel import NULL_REF, DateTime, Record, now
+from .vmstate import allowed_ops, need, vm_overhead
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -471,8 +469,6 @@ class Builder:
         }
         if running and not control:
             self.engine.next_domid += 1
-        from .datamodel import Record
-
         values["allowed_operations"] = allowed_ops(Record({**values, "current_operations": {}, "is_a_snapshot": False}))
         s.create("VM", values, ref=vm)
         if running and host:

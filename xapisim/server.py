@@ -29,6 +29,7 @@ from typing import Any
 from . import faults, presets
 from .engine import Config, Engine
 from .errors import XapiError
+from .methods import register_all
 from .wire import (
     INTERNAL_ERROR_HTML,
     ParseError,
@@ -182,8 +183,6 @@ class _Handler(BaseHTTPRequestHandler):
         start = time.monotonic()
         try:
             value = self.server.engine.call(self.server.host, method, params)
-            if value is None:
-                value = ""  # xapi's void is an empty string on both wires
             error = None
         except XapiError as e:
             value, error = None, e
@@ -271,6 +270,7 @@ class Simulator:
             boot_delay=boot_delay,
         )
         self.engine = Engine(config, seed)
+        register_all(self.engine.registry)
         self._servers: dict[str, _HostServer] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .datamodel import NULL_REF, Record
-from .engine import now
+from .datamodel import NULL_REF, Record, now
 from .errors import XapiError
 
 if TYPE_CHECKING:
@@ -60,9 +59,18 @@ _ALLOWED_OPS: dict[str, list[str]] = {
 }
 
 
+MiB = 1 << 20
+
+
 def need(vm: Record) -> int:
     """Memory a VM reserves on its host."""
     return int(vm["memory_static_max"]) + int(vm["memory_overhead"])
+
+
+def vm_overhead(static_max: int, vcpus: int) -> int:
+    """A plausible per-VM Xen overhead (shadow memory and the like), rounded up to MiB."""
+    raw = static_max // 128 + vcpus * MiB
+    return -(-raw // MiB) * MiB
 
 
 def allowed_ops(vm: Record, current: dict[str, str] | None = None) -> list[str]:

@@ -1,35 +1,19 @@
 """REST API of alerts: list, acknowledge, recipients, test mail."""
-from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from drf_spectacular.utils import extend_schema
 from rest_framework import status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import PermissionDenied
-from rest_framework.permissions import BasePermission
 from rest_framework.response import Response
 
-from protection.api.views import client_ip
-from protection.permissions import CanAcknowledge, IsAdministratorOrReadOnly, user_can_view, user_is_administrator
+from eac.errors import client_ip
+from eac.permissions import CanAcknowledge, CanView, IsAdministratorOrReadOnly, user_is_administrator
 
 from .. import selectors, services
 from ..filtersets import AlertFilterSet
 from . import serializers
 
 
-class CanView(BasePermission):
-    message = "Only Administrators and Operators can see alerts."
-
-    def has_permission(self, request, view) -> bool:
-        return user_can_view(request.user)
-
-
-class _PermissionDeniedMixin:
-    def handle_exception(self, exc):
-        if isinstance(exc, DjangoPermissionDenied):
-            exc = PermissionDenied(str(exc) or None)
-        return super().handle_exception(exc)
-
-
-class AlertViewSet(_PermissionDeniedMixin, viewsets.ReadOnlyModelViewSet):
+class AlertViewSet(viewsets.ReadOnlyModelViewSet):
     """Alerts, open and cleared. Administrators and Operators acknowledge them."""
 
     queryset = selectors.alert_list()
@@ -59,7 +43,7 @@ class AlertViewSet(_PermissionDeniedMixin, viewsets.ReadOnlyModelViewSet):
         return Response({"alert": alert.pk, "recipients": recipients}, status=status.HTTP_202_ACCEPTED)
 
 
-class RecipientViewSet(_PermissionDeniedMixin, viewsets.ModelViewSet):
+class RecipientViewSet(viewsets.ModelViewSet):
     """Who gets alert mails, and for which conditions."""
 
     queryset = selectors.recipient_list()

@@ -9,18 +9,12 @@ from django.db.models.functions import Coalesce
 from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import viewsets
 
+from eac.permissions import CanViewInventoryOrAdministrator
 from inventory import services
 from inventory.filtersets import HostFilterSet, NetworkFilterSet, PoolFilterSet, SRFilterSet, VMFilterSet
 from inventory.models import PBD, PIF, SR, VBD, VIF, VM, Host, Network, Pool
-from protection import permissions
 
 from . import serializers
-
-
-class IsAdministratorOrReadOnly(permissions.IsAdministratorOrReadOnly):
-    """The console's roles, as in every other API: Administrators and Operators read, Administrators write."""
-
-    message = "Only members of the Administrators group can add, change or remove pools."
 
 
 def _count(model, **conditions) -> Coalesce:
@@ -76,7 +70,7 @@ class PoolViewSet(viewsets.ModelViewSet):
     ).order_by("name")
     serializer_class = serializers.PoolSerializer
     filterset_class = PoolFilterSet
-    permission_classes = [IsAdministratorOrReadOnly]
+    permission_classes = [CanViewInventoryOrAdministrator]
 
     def get_serializer_class(self):
         if self.action in ("update", "partial_update"):
@@ -106,7 +100,7 @@ class HostViewSet(_DetailViewSetMixin, viewsets.ReadOnlyModelViewSet):
     serializer_class = serializers.HostSerializer
     detail_serializer_class = serializers.HostDetailSerializer
     filterset_class = HostFilterSet
-    permission_classes = [IsAdministratorOrReadOnly]
+    permission_classes = [CanViewInventoryOrAdministrator]
 
     def with_details(self, queryset: QuerySet) -> QuerySet:
         return queryset.prefetch_related(
@@ -122,7 +116,7 @@ class VMViewSet(_DetailViewSetMixin, viewsets.ReadOnlyModelViewSet):
     serializer_class = serializers.VMSerializer
     detail_serializer_class = serializers.VMDetailSerializer
     filterset_class = VMFilterSet
-    permission_classes = [IsAdministratorOrReadOnly]
+    permission_classes = [CanViewInventoryOrAdministrator]
 
     def filter_queryset(self, queryset: QuerySet) -> QuerySet:
         # A template, dom0 or snapshot is hidden from lists, but its own URL still shows it.
@@ -144,7 +138,7 @@ class SRViewSet(_DetailViewSetMixin, viewsets.ReadOnlyModelViewSet):
     serializer_class = serializers.SRSerializer
     detail_serializer_class = serializers.SRDetailSerializer
     filterset_class = SRFilterSet
-    permission_classes = [IsAdministratorOrReadOnly]
+    permission_classes = [CanViewInventoryOrAdministrator]
 
     def with_details(self, queryset: QuerySet) -> QuerySet:
         return queryset.prefetch_related(
@@ -159,7 +153,7 @@ class NetworkViewSet(_DetailViewSetMixin, viewsets.ReadOnlyModelViewSet):
     serializer_class = serializers.NetworkSerializer
     detail_serializer_class = serializers.NetworkDetailSerializer
     filterset_class = NetworkFilterSet
-    permission_classes = [IsAdministratorOrReadOnly]
+    permission_classes = [CanViewInventoryOrAdministrator]
 
     def with_details(self, queryset: QuerySet) -> QuerySet:
         return queryset.prefetch_related(

@@ -2,10 +2,11 @@
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from eac.models import AuditEntry
 from inventory.models import VM
 
-from ..choices import Level, RestartPriority
-from ..models import AuditEntry, FailoverEvent, Protection, WorkflowRun, WorkflowStep
+from ..choices import ORDER_MAX, START_DELAY_MAX, Level, RestartPriority
+from ..models import FailoverEvent, Protection, WorkflowRun, WorkflowStep
 
 
 @extend_schema_field({"oneOf": [{"type": "integer"}, {"type": "string", "format": "uuid"}]})
@@ -33,8 +34,8 @@ class VMField(serializers.Field):
 
 class ProtectionSettingsSerializer(serializers.Serializer):
     restart_priority = serializers.ChoiceField(choices=RestartPriority.choices, default=RestartPriority.RESTART)
-    order = serializers.IntegerField(min_value=0, max_value=10_000, default=0)
-    start_delay = serializers.IntegerField(min_value=0, max_value=86_400, default=0, help_text="Seconds")
+    order = serializers.IntegerField(min_value=0, max_value=ORDER_MAX, default=0)
+    start_delay = serializers.IntegerField(min_value=0, max_value=START_DELAY_MAX, default=0, help_text="Seconds")
     heartbeat_sr = serializers.CharField(
         required=False, allow_blank=True, help_text="UUID of the shared SR for the HA heartbeat, when HA is off"
     )

@@ -1,52 +1,29 @@
 """REST API of protection: thin views over services and selectors.
 
 Errors a client can cause are 400 (bad input), 403 (not an Administrator) or
-409 (the state of the pool refuses it, with the reasons) — never a 500.
+409 (the state of the pool refuses it, with the reasons) — never a 500: the services raise
+them and ``eac.api.exception_handler`` maps them.
 """
-from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import APIException, PermissionDenied
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from eac.audit import audit_list
+from eac.errors import client_ip
+from eac.permissions import IsAdministratorOrReadOnly
 from inventory.models import Pool
 
-from .. import selectors, services
+from .. import preflight, selectors, services
 from ..filtersets import AuditEntryFilterSet, FailoverEventFilterSet, ProtectionFilterSet, WorkflowRunFilterSet
-from ..permissions import IsAdministratorOrReadOnly
 from . import serializers
-
-
-class ConflictError(APIException):
-    status_code = status.HTTP_409_CONFLICT
-    default_code = "conflict"
-
-    def __init__(self, conflict: services.Conflict) -> None:
-        super().__init__(detail={"detail": conflict.message, "reasons": conflict.reasons})
-
-
-def client_ip(request) -> str | None:
-    return request.META.get("REMOTE_ADDR") or None
-
-
-class ServiceErrorsMixin:
-    """Turn the services' Conflict and PermissionDenied into 409 and 403."""
-
-    def handle_exception(self, exc):
-        if isinstance(exc, services.Conflict):
-            exc = ConflictError(exc)
-        elif isinstance(exc, DjangoPermissionDenied):
-            exc = PermissionDenied(str(exc) or None)
-        return super().handle_exception(exc)
-
 
 CONFLICT = OpenApiResponse(serializers.ConflictSerializer, description="Refused as things stand, with reasons")
 
 
-class ProtectionViewSet(ServiceErrorsMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin,
+class ProtectionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin,
                         viewsets.GenericViewSet):
     """VMs' protections. POST protects (202, the workflow run), DELETE unprotects (202, the run)."""
 
@@ -86,7 +63,7 @@ class ProtectionViewSet(ServiceErrorsMixin, mixins.ListModelMixin, mixins.Retrie
         data = dict(query.validated_data)
         vm = data.pop("vm")
         level = data.pop("level")
-        return Response(selectors.protection_preflight(vm=vm, level=int(level), settings=data))
+        return Response(preflight.protection_preflight(vm=vm, level=int(level), settings=data))
 
 
 class WorkflowRunViewSet(viewsets.ReadOnlyModelViewSet):
@@ -110,13 +87,13 @@ class FailoverEventViewSet(viewsets.ReadOnlyModelViewSet):
 class AuditEntryViewSet(viewsets.ReadOnlyModelViewSet):
     """Who changed what protection, when and from where."""
 
-    queryset = selectors.audit_list()
+    queryset = audit_list()
     serializer_class = serializers.AuditEntrySerializer
     filterset_class = AuditEntryFilterSet
     permission_classes = [IsAdministratorOrReadOnly]
 
 
-class FailoverPlanView(ServiceErrorsMixin, APIView):
+class FailoverPlanView(APIView):
     """A pool's failover plan: configured and tolerable host failures, and which VMs would not restart."""
 
     permission_classes = [IsAdministratorOrReadOnly]

@@ -5,7 +5,7 @@ import pytest
 
 from alerts import services
 from alerts.models import Alert, Delivery, Recipient
-from protection.models import AuditEntry
+from eac.audit import AuditEntry
 from tests.inventory.factories import make_pool
 from tests.protection.fixtures import free_port
 from tests.support import wait_for

@@ -15,9 +15,9 @@ from django.core.management import call_command
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from eac.permissions import ADMINISTRATORS, OPERATORS
 from inventory.choices import ConnectionState, PowerState
 from inventory.models import VM, Host, Pool
-from protection.permissions import ADMINISTRATORS, OPERATORS
 from tests.inventory.factories import (
     GiB,
     make_disk,

@@ -17,7 +17,7 @@ from django.db import connection
 from django.test import Client
 from django.utils import timezone
 
-from eac.asgi import application
+from console.asgi import application
 from eac.realtime import pool_group
 from inventory.choices import PowerState
 from inventory.models import VM
@@ -352,7 +352,7 @@ def test_a_burst_of_changes_costs_a_fixed_number_of_queries(demo, viewer):
 def test_open_alerts_counter_is_pushed_when_an_alert_opens(demo, viewer):
     from alerts.choices import Condition
     from alerts.models import Alert
-    from alerts.services import ALERTS_GROUP
+    from eac.realtime import ALERTS_GROUP
 
     cookie = session_cookie(viewer)
     condition = Condition.values[0]

@@ -4,9 +4,9 @@ import re
 import pytest
 from django.contrib.auth.models import Permission
 
+from console.nodes import TREE_PAGE
+from console.tree import OPEN_COOKIE
 from inventory.choices import ConnectionState, PowerState
-from inventory.tree import OPEN_COOKIE
-from inventory.ui_selectors import TREE_PAGE
 from tests.inventory.factories import (
     GiB,
     make_disk,

@@ -11,11 +11,10 @@ from django.test import Client
 from django.urls import reverse
 from django.utils.html import escape
 
+from eac.audit import AuditAction, AuditEntry
 from inventory.models import VM
+from inventory.selectors import xapi_error_sentence
 from inventory.watcher import sync_once
-from protection.choices import AuditAction
-from protection.models import AuditEntry
-from protection.xapi_errors import explain
 from tests.inventory.test_consumers import ORIGIN, connect, receive_until, session_cookie
 from tests.protection.fixtures import *  # noqa: F403 - the worker, users and queue fixtures
 from tests.protection.fixtures import dump_logs, register_pool
@@ -32,7 +31,7 @@ def client_for(user) -> Client:
 
 
 def power_url(vm: VM) -> str:
-    return reverse("inventory:vm_power", args=[vm.uuid])
+    return reverse("console:vm_power", args=[vm.uuid])
 
 
 def xapi_session(sim) -> XenAPI.Session:
@@ -68,11 +67,11 @@ def test_administrator_starts_a_halted_vm_and_shuts_it_down(xapisim, admin_user,
     worker = start_proc("worker", console_env)
     client = client_for(admin_user)
 
-    page = client.get(reverse("inventory:vm_detail", args=[vm.uuid])).content.decode()
+    page = client.get(reverse("console:vm_detail", args=[vm.uuid])).content.decode()
     assert "act-start" in page and "act-shutdown" not in page
 
     response = client.post(power_url(vm), {"action": "start"}, HTTP_HX_REQUEST="true")
-    assert response.status_code == 302 and response["Location"] == reverse("inventory:vm_detail", args=[vm.uuid])
+    assert response.status_code == 302 and response["Location"] == reverse("console:vm_detail", args=[vm.uuid])
     assert AuditEntry.objects.filter(vm=vm, action=AuditAction.VM_START, username=admin_user.username).exists()
 
     def state_is(expected: str) -> bool:
@@ -83,7 +82,7 @@ def test_administrator_starts_a_halted_vm_and_shuts_it_down(xapisim, admin_user,
         wait_for(lambda: state_is("Running"), timeout=20, interval=0.3, message="the VM to run")
     except AssertionError:
         raise AssertionError(dump_logs(worker)) from None
-    page = client.get(reverse("inventory:vm_detail", args=[vm.uuid])).content.decode()
+    page = client.get(reverse("console:vm_detail", args=[vm.uuid])).content.decode()
     assert "act-shutdown" in page and "act-start" not in page
 
     client.post(power_url(vm), {"action": "shutdown"})
@@ -99,7 +98,7 @@ def test_start_that_would_break_the_failover_plan_shows_xapis_refusal_on_the_vm_
     vm = VM.objects.get(pool=pool, name_label="build-agent-4")
     worker = start_proc("worker", console_env)
     client = client_for(admin_user)
-    sentence = explain("HA_OPERATION_WOULD_BREAK_FAILOVER_PLAN", [], pool)
+    sentence = xapi_error_sentence("HA_OPERATION_WOULD_BREAK_FAILOVER_PLAN", [], pool)
     cookie = session_cookie(admin_user)
 
     async def scenario() -> str:
@@ -121,7 +120,7 @@ def test_start_that_would_break_the_failover_plan_shows_xapis_refusal_on_the_vm_
     refusal = AuditEntry.objects.get(vm=vm, action=AuditAction.VM_POWER_REFUSED)
     assert refusal.detail == {"action": "start", "code": "HA_OPERATION_WOULD_BREAK_FAILOVER_PLAN",
                               "message": sentence}
-    page = client.get(reverse("inventory:vm_detail", args=[vm.uuid])).content.decode()
+    page = client.get(reverse("console:vm_detail", args=[vm.uuid])).content.decode()
     assert escape(sentence) in page
     session = xapi_session(xapisim)
     try:
@@ -134,7 +133,7 @@ def test_operator_may_not_start_or_shut_down_vms(xapisim, operator_user, celery_
     pool = register_pool(xapisim)
     vm = VM.objects.get(pool=pool, name_label="dev-sandbox")
     client = client_for(operator_user)
-    page = client.get(reverse("inventory:vm_detail", args=[vm.uuid])).content.decode()
+    page = client.get(reverse("console:vm_detail", args=[vm.uuid])).content.decode()
     assert "act-start" not in page
 
     assert client.post(power_url(vm), {"action": "start"}).status_code == 403
@@ -148,7 +147,7 @@ def test_bad_or_stale_power_requests_get_a_clear_answer(xapisim, admin_user, cel
 
     response = client.post(power_url(halted), {"action": "reboot-everything"})
     assert response.status_code == 400 and "Unknown action" in response.content.decode()
-    assert client.post(reverse("inventory:vm_power", args=["not-a-uuid"]), {"action": "start"}).status_code == 404
+    assert client.post(reverse("console:vm_power", args=["not-a-uuid"]), {"action": "start"}).status_code == 404
     assert client.get(power_url(halted)).status_code == 405
 
     # The page showed Shut down, but the VM halted meanwhile: refused at once, nothing enqueued.

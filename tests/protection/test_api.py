@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from protection.models import AuditEntry, Protection, WorkflowRun
-from protection.selectors import protection_states_for
+from eac.audit import AuditEntry
+from protection.models import Protection, WorkflowRun
 from tests.inventory.factories import GiB, make_disk, make_host, make_pbd, make_pool, make_sr, make_vm
+from tests.support import protection_states
 
 pytestmark = pytest.mark.django_db
 
@@ -41,7 +42,7 @@ def test_administrator_protect_returns_202_with_the_run_and_its_steps(admin_api,
     protection = Protection.objects.get(vm=pool_setup["agile"])
     assert protection.status == "protecting"
     # Being set up is not a loss of redundancy: shown as a candidate for Level 1, not degraded.
-    assert protection_states_for([pool_setup["agile"].pk]) == {pool_setup["agile"].pk: (1, "candidate")}
+    assert protection_states([pool_setup["agile"].pk]) == {pool_setup["agile"].pk: (1, "candidate")}
     got = admin_api.get(f"/api/v1/workflow-runs/{run['id']}/").json()
     assert got["id"] == run["id"] and len(got["steps"]) == 5
     assert AuditEntry.objects.filter(action="protect", username="alice-admin").exists()
@@ -184,7 +185,7 @@ def test_tree_annotations_follow_the_protection_status(pool_setup):
     assert state(pinned) == (None, "unprotected", "unprotected")
     protection = Protection.objects.create(vm=agile, pool=agile.pool, status="protected")
     assert state(agile) == (1, "good", "level1")
-    assert protection_states_for([agile.pk, pinned.pk]) == {agile.pk: (1, "good"), pinned.pk: (None, "unprotected")}
+    assert protection_states([agile.pk, pinned.pk]) == {agile.pk: (1, "good"), pinned.pk: (None, "unprotected")}
     for status, health in (("failing_over", "degraded"), ("degraded", "degraded"), ("failed", "failed")):
         Protection.objects.filter(pk=protection.pk).update(status=status)
         assert state(agile) == (1, health, "degraded")
@@ -209,4 +210,4 @@ def test_a_vm_being_unprotected_still_shows_its_level_as_good_until_the_run_ends
     assert response.status_code == 202, response.content
     Protection.objects.filter(vm=pool_setup["agile"]).update(status="unprotecting")
     # XAPI keeps restarting the VM until the unprotect steps have run.
-    assert protection_states_for([pool_setup["agile"].pk]) == {pool_setup["agile"].pk: (1, "good")}
+    assert protection_states([pool_setup["agile"].pk]) == {pool_setup["agile"].pk: (1, "good")}

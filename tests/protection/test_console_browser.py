@@ -7,9 +7,8 @@ import pytest
 
 from inventory.models import VM
 from protection.models import Protection
-from protection.selectors import protection_states_for
 from tests.protection.test_wizard_browser import queued_server  # noqa: F401 - the fixture
-from tests.support import wait_for
+from tests.support import protection_states, wait_for
 from tests.ui.conftest import browser, login, page, screenshot, sim, static_root, watched_pool  # noqa: F401
 
 pytestmark = [pytest.mark.browser]
@@ -19,7 +18,7 @@ def candidates_on_two_members(pool) -> tuple[VM, VM]:
     """Two running candidates on two different non-master hosts (the first one's host will crash)."""
     vms = list(VM.objects.filter(pool=pool, power_state="Running", is_control_domain=False, is_a_template=False,
                                  resident_on__is_master=False).select_related("resident_on").order_by("name_label"))
-    states = protection_states_for(vm.pk for vm in vms)
+    states = protection_states(vm.pk for vm in vms)
     candidates = [vm for vm in vms if states[vm.pk][1] == "candidate"]
     first = candidates[0]
     second = next(vm for vm in candidates if vm.resident_on_id != first.resident_on_id)

@@ -6,7 +6,7 @@ from asgiref.sync import async_to_sync
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 
-from eac.routing import websocket_urlpatterns
+from console.routing import websocket_urlpatterns
 from protection.models import Protection, WorkflowRun
 from tests.inventory.factories import make_disk, make_host, make_pbd, make_pool, make_sr, make_vm
 

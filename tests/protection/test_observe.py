@@ -5,7 +5,7 @@ import pytest
 
 from alerts.models import Alert, Delivery, Recipient
 from protection.models import FailoverEvent, Protection
-from protection.services import protection_observe_changes
+from protection.observe import protection_observe_changes
 from tests.inventory.factories import make_host, make_pool, make_vm
 
 pytestmark = pytest.mark.django_db

@@ -5,8 +5,9 @@ import XenAPI
 from django.utils import timezone
 
 from inventory.models import Host
+from protection.engine import workflow_run_execute
 from protection.models import Protection, WorkflowRun, WorkflowStep
-from protection.services import workflow_sweep
+from protection.tasks import protection_sweep
 from tests.protection.fixtures import dump_logs, register_pool, wait_run
 from tests.protection.test_workflows import agile_running_vm, shared_sr
 from tests.support import start_xapisim, wait_for
@@ -44,10 +45,10 @@ def test_worker_killed_mid_step_resumes_on_another_worker_and_no_finished_step_r
         second = start_proc("worker", console_env)
         procs.append(second)
         # Nothing happens until the dead worker's lease lapses; then the sweeper hands the run over.
-        assert workflow_sweep()["resumed"] == 0
+        assert protection_sweep()["resumed"] == 0
         wait_for(lambda: WorkflowRun.objects.get(pk=run_id).lease_until < timezone.now(), timeout=10,
                  message="the lease to lapse")
-        assert workflow_sweep()["resumed"] == 1
+        assert protection_sweep()["resumed"] == 1
         run = wait_run(run_id)
         assert run.state == "succeeded", (run.error_message, dump_logs(*procs))
         assert run.claims == 2
@@ -64,8 +65,6 @@ def test_worker_killed_mid_step_resumes_on_another_worker_and_no_finished_step_r
         assert session.xenapi.VM.get_order(ref) == "5"
         session.xenapi.session.logout()
         # A late copy of the task (the broker redelivering the dead worker's message) finds nothing to do.
-        from protection.services import workflow_run_execute
-
         assert workflow_run_execute(run_id=run_id, worker="late-redelivery") == "not-claimed"
     finally:
         for proc in procs:
@@ -75,7 +74,7 @@ def test_worker_killed_mid_step_resumes_on_another_worker_and_no_finished_step_r
 
 def test_a_run_that_keeps_killing_its_worker_fails_after_the_attempt_cap(admin_user, transactional_db, settings):
     from inventory.models import VM
-    from protection import services
+    from protection import engine, services
     from tests.inventory.factories import make_host, make_pool
 
     pool = make_pool()
@@ -86,7 +85,7 @@ def test_a_run_that_keeps_killing_its_worker_fails_after_the_attempt_cap(admin_u
     settings.EAC_WORKFLOW_MAX_CLAIMS = 2
     # Two workers took it and died (their leases lapsed).
     WorkflowRun.objects.filter(pk=run.pk).update(state="running", claims=2, lease_until=timezone.now())
-    assert services.workflow_run_execute(run_id=run.pk, worker="third") == "failed"
+    assert engine.workflow_run_execute(run_id=run.pk, worker="third") == "failed"
     run.refresh_from_db()
     assert run.state == "failed" and run.error_code == "TOO_MANY_ATTEMPTS" and "Gave up after 2" in run.error_message
     assert Protection.objects.get(vm=vm).status == "failed"

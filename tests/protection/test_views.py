@@ -5,7 +5,8 @@ import pytest
 
 from alerts import services as alert_services
 from alerts.models import Alert, Recipient
-from protection.models import AuditEntry, Protection, WorkflowRun
+from eac.audit import AuditEntry
+from protection.models import Protection, WorkflowRun
 from tests.protection.test_api import pool_setup  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.django_db

@@ -7,8 +7,7 @@ import sys
 import pytest
 
 from inventory.models import VM
-from protection.selectors import protection_states_for
-from tests.support import ROOT, wait_for
+from tests.support import ROOT, protection_states, wait_for
 from tests.ui.conftest import Server, browser, login, page, screenshot, sim, static_root, watched_pool  # noqa: F401
 
 pytestmark = [pytest.mark.browser]
@@ -24,7 +23,7 @@ class QueuedServer(Server):
     def start(self) -> Server:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "eac.asgi:application"],
+            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "console.asgi:application"],
             cwd=ROOT, env=dict(self.env, STATIC_ROOT=str(self.static_root)), stdout=self.log.open("ab"),
             stderr=subprocess.STDOUT,
         )
@@ -45,7 +44,7 @@ def test_wizard_protects_a_vm_at_level1_and_its_icon_changes_live(
     start_proc("worker", console_env)
     vms = VM.objects.filter(pool=watched_pool, power_state="Running", is_control_domain=False,
                             is_a_template=False, resident_on__is_master=False).order_by("name_label")
-    states = protection_states_for(vms.values_list("pk", flat=True))
+    states = protection_states(vms.values_list("pk", flat=True))
     vm = next(v for v in vms if states[v.pk][1] == "candidate")
     login(page, queued_server, username="alice-admin", password="pw-alice-admin")
 

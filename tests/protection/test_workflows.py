@@ -5,11 +5,11 @@ import XenAPI
 from django.db.models import Q
 
 from alerts.models import Alert
+from eac.audit import AuditEntry
 from inventory.models import SR, VM
-from protection.models import AuditEntry, Protection, WorkflowRun
-from protection.selectors import protection_states_for
+from protection.models import Protection, WorkflowRun
 from tests.protection.fixtures import dump_logs, register_pool, wait_run
-from tests.support import start_xapisim
+from tests.support import protection_states, start_xapisim
 
 
 def xapi_session(sim):
@@ -22,7 +22,7 @@ def agile_running_vm(pool, *, exclude=()) -> VM:
     """A running VM whose disks are all on shared storage, on a host that is not the master."""
     vms = VM.objects.filter(pool=pool, power_state="Running", is_a_template=False, is_control_domain=False,
                             is_a_snapshot=False, resident_on__is_master=False).exclude(pk__in=exclude)
-    states = protection_states_for(vms.values_list("pk", flat=True))
+    states = protection_states(vms.values_list("pk", flat=True))
     return next(vm for vm in vms.order_by("name_label") if states[vm.pk][1] == "candidate")
 
 
@@ -95,7 +95,7 @@ def test_protect_level1_through_the_api_sets_ha_in_the_pool_and_unprotect_restor
 
 
 def test_a_vm_on_local_storage_fails_its_agility_step_with_the_sr_named_in_words(admin_user, transactional_db):
-    from protection import services
+    from protection import engine, services
 
     sim = start_xapisim()
     try:
@@ -105,7 +105,7 @@ def test_a_vm_on_local_storage_fails_its_agility_step_with_the_sr_named_in_words
         run = services.protection_start(vm=vm, level=1, settings={"heartbeat_sr": shared_sr(pool).uuid},
                                         requested_by=admin_user, preflight=False)
         # The engine itself, in this process: what is tested here is the step and its message.
-        assert services.workflow_run_execute(run_id=run.pk, worker="test") == "failed"
+        assert engine.workflow_run_execute(run_id=run.pk, worker="test") == "failed"
         run.refresh_from_db()
         step = run.steps.get(name="check_agile")
         assert step.state == "failed" and step.error_code == "HA_CONSTRAINT_VIOLATION_SR_NOT_SHARED"
@@ -118,14 +118,14 @@ def test_a_vm_on_local_storage_fails_its_agility_step_with_the_sr_named_in_words
         alert = Alert.objects.get(condition="workflow_failed", object_key=f"vm:{vm.uuid}")
         assert alert.state == "open" and vm.name_label in alert.message
         # A second claim of a finished run does nothing.
-        assert services.workflow_run_execute(run_id=run.pk, worker="other") == "not-claimed"
+        assert engine.workflow_run_execute(run_id=run.pk, worker="other") == "not-claimed"
         assert WorkflowRun.objects.get(pk=run.pk).claims == 1
         # Unprotecting undoes exactly what protecting did: here nothing, so the VM's own order stays.
         session = xapi_session(sim)
         ref = session.xenapi.VM.get_by_uuid(vm.uuid)
         session.xenapi.VM.set_order(ref, "4")
         stop = services.protection_stop(protection=protection, requested_by=admin_user)
-        assert services.workflow_run_execute(run_id=stop.pk, worker="test") == "succeeded"
+        assert engine.workflow_run_execute(run_id=stop.pk, worker="test") == "succeeded"
         assert session.xenapi.VM.get_order(ref) == "4"
         assert not Protection.objects.filter(vm=vm).exists()
         assert Alert.objects.get(pk=alert.pk).state == "cleared"  # the workflow_failed alert, cleared once
@@ -140,7 +140,7 @@ def test_transient_xapi_errors_are_retried_with_backoff_until_the_new_master_ans
     """The master dies just as the run starts: the first step meets an unreachable pool, waits, retries,
     and goes on once another host has become master."""
     from inventory.models import Host
-    from protection import services
+    from protection import engine, services
 
     settings.EAC_WORKFLOW_RETRY_DELAY = 0.5
     settings.EAC_WORKFLOW_STEP_RETRIES = 8
@@ -152,7 +152,7 @@ def test_transient_xapi_errors_are_retried_with_backoff_until_the_new_master_ans
                                         requested_by=admin_user)
         master = Host.objects.get(pool=pool, is_master=True)
         sim.control("POST", f"/sim/hosts/{master.name_label}/crash")
-        assert services.workflow_run_execute(run_id=run.pk, worker="test") == "succeeded"
+        assert engine.workflow_run_execute(run_id=run.pk, worker="test") == "succeeded"
         first = run.steps.get(name="check_agile")
         assert first.state == "done" and first.attempts >= 2
         assert all(s.attempts == 1 for s in run.steps.exclude(name="check_agile"))
@@ -166,7 +166,7 @@ def test_setting_the_failures_to_tolerate_goes_to_the_pool_or_is_refused_with_th
     import pytest
 
     from inventory.watcher import sync_once
-    from protection import selectors, services
+    from protection import engine, selectors, services
 
     sim = start_xapisim()
     try:
@@ -176,7 +176,7 @@ def test_setting_the_failures_to_tolerate_goes_to_the_pool_or_is_refused_with_th
         session.xenapi.pool.enable_ha([session.xenapi.SR.get_by_uuid(shared_sr(pool).uuid)], {})
         protected = []
         for vm in VM.objects.filter(pool=pool, power_state="Running", is_control_domain=False):
-            if protection_states_for([vm.pk])[vm.pk][1] == "candidate":
+            if protection_states([vm.pk])[vm.pk][1] == "candidate":
                 session.xenapi.VM.set_ha_restart_priority(session.xenapi.VM.get_by_uuid(vm.uuid), "restart")
                 protected.append(vm.name_label)
         sync_once(pool)
@@ -186,7 +186,7 @@ def test_setting_the_failures_to_tolerate_goes_to_the_pool_or_is_refused_with_th
         # From the inventory alone, the console's planner agrees with the pool's own answer.
         assert best == int(session.xenapi.pool.ha_compute_max_host_failures_to_tolerate())
         run = services.pool_failures_to_tolerate_set(pool=pool, failures_to_tolerate=best, requested_by=admin_user)
-        assert services.workflow_run_execute(run_id=run.pk, worker="test") == "succeeded"
+        assert engine.workflow_run_execute(run_id=run.pk, worker="test") == "succeeded"
         assert session.xenapi.pool.get_ha_host_failures_to_tolerate(pool_ref) == str(best)
         with pytest.raises(services.Conflict) as refused:
             services.pool_failures_to_tolerate_set(pool=pool, failures_to_tolerate=best + 1, requested_by=admin_user)

@@ -1,8 +1,9 @@
 """XAPI errors told in words, with the objects named as the inventory knows them."""
 import pytest
 
+from inventory.selectors import xapi_error_describe as describe_exception
+from inventory.selectors import xapi_error_sentence as explain
 from inventory.xapi import XapiError, XapiUnreachable
-from protection.xapi_errors import describe_exception, explain, is_transient
 from tests.inventory.factories import make_network, make_pool, make_sr
 
 pytestmark = pytest.mark.django_db
@@ -25,6 +26,6 @@ def test_a_start_refused_for_the_failover_plan_is_explained():
 
 def test_unknown_codes_still_say_what_xapi_said_and_transient_ones_are_retried():
     assert explain("SOMETHING_NEW", ["a", "b"]) == "XAPI refused the operation (SOMETHING_NEW: a, b)."
-    assert is_transient(XapiError("OTHER_OPERATION_IN_PROGRESS", ["VM", "x"]))
-    assert is_transient(XapiUnreachable("UNREACHABLE", [], message="down"))
-    assert not is_transient(XapiError("HA_CONSTRAINT_VIOLATION_SR_NOT_SHARED", ["x"]))
+    assert XapiError("OTHER_OPERATION_IN_PROGRESS", ["VM", "x"]).transient
+    assert XapiUnreachable("UNREACHABLE", [], message="down").transient
+    assert not XapiError("HA_CONSTRAINT_VIOLATION_SR_NOT_SHARED", ["x"]).transient

@@ -35,7 +35,7 @@ def free_port() -> int:
 
 
 class Server:
-    """``daphne eac.asgi:application`` in a subprocess, restartable on the same port."""
+    """``daphne console.asgi:application`` in a subprocess, restartable on the same port."""
 
     def __init__(self, static_root: Path) -> None:
         self.port = free_port()
@@ -48,7 +48,7 @@ class Server:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         env = console_env(STATIC_ROOT=str(self.static_root))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "eac.asgi:application"],
+            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "console.asgi:application"],
             cwd=ROOT, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
         )  # fmt: skip
         wait_for(self._answers, timeout=30, interval=0.1, message="daphne to answer")

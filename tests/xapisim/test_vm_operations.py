@@ -36,7 +36,7 @@ def test_async_vm_start_returns_a_task_that_ends_in_success(api):
     record = _wait_task(api, task)
     assert record["status"] == "success"
     assert record["progress"] == 1.0
-    assert record["result"] == ""
+    assert record["result"] == "<value></value>", "a void answer is an empty string, kept as its XML-RPC value"
     assert record["error_info"] == []
     assert record["finished"] >= record["created"]
     vm_record = api.VM.get_record(vm)

@@ -8,6 +8,7 @@ import xmlrpc.client
 import pytest
 import XenAPI
 
+from tests.support import wait_for
 from tests.xapisim.conftest import login
 from tests.xapisim.rpc import jsonrpc, post, xmlrpc_raw
 from xapisim.datamodel import CLASSES
@@ -87,6 +88,27 @@ def test_xml_answers_are_compact_with_bare_strings_and_ints(sim):
     value = xmlrpc.client.loads(body)[0][0]["Value"]
     host = next(iter(value.values()))
     assert isinstance(host["memory_overhead"], str), "64-bit ints reach Python clients as strings"
+
+
+def test_a_finished_async_void_call_keeps_an_empty_string_value_as_its_result(sim):
+    # xapi's task.result is the XML-RPC <value> of the answer whatever the wire (taskHelper.ml:
+    # Xmlrpc.to_string), and a void method answers Rpc.String "" (gen_server.ml).
+    session = _session(sim)
+    vm = jsonrpc(sim.url, "VM.get_by_name_label", [session, "web-01"])["result"][0]
+    for method in ("Async.VM.clean_shutdown", "Async.VM.start"):
+        params = (session, vm) if method.endswith("shutdown") else (session, vm, *["<boolean>0</boolean>"] * 2)
+        _, _, body = xmlrpc_raw(sim.url, method, *params)
+        task = xmlrpc.client.loads(body)[0][0]["Value"]
+        wait_for(lambda task=task: jsonrpc(sim.url, "task.get_status", [session, task])["result"] != "pending")
+        assert jsonrpc(sim.url, "task.get_status", [session, task])["result"] == "success", method
+        status, _, body = xmlrpc_raw(sim.url, "task.get_result", session, task)
+        assert status == 200
+        assert "<member><name>Value</name><value>&lt;value&gt;&lt;/value&gt;</value></member>" in body, method
+        assert jsonrpc(sim.url, "task.get_result", [session, task])["result"] == "<value></value>", method
+    # The void call's own answer, by contrast, is the empty string itself on both wires.
+    _, _, body = xmlrpc_raw(sim.url, "VM.hard_shutdown", session, vm)
+    assert "<member><name>Value</name><value></value></member>" in body
+    assert jsonrpc(sim.url, "VM.start", [session, vm, False, False])["result"] == ""
 
 
 def test_login_takes_two_to_four_arguments_and_rejects_a_wrong_password(sim):

@@ -1,0 +1,172 @@
+"""The console's pages: overview, Virtual Machine Status table, VM, host and pool pages, tree children.
+
+Every page needs a signed-in user who may see the inventory (``eac.permissions``). Views parse
+the request, call a selector and render: the fragments they include are the ones the live
+consumer pushes; the layout around them comes from ``context_processors.layout``.
+"""
+from __future__ import annotations
+
+from functools import wraps
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.paginator import Paginator
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBadRequest
+from django.shortcuts import redirect, render
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET, require_POST
+
+from eac.errors import Conflict, client_ip, validation_sentence
+from eac.permissions import pools_visible_to, user_can_change_protection, user_can_view_inventory
+from inventory import services
+from inventory.choices import PowerState
+from inventory.models import Host
+from protection.choices import SummaryGroup
+
+from . import details, table
+from . import nodes as sel
+from . import tree as ui
+
+
+def console_page(view):
+    """Signed-in users only (others go to the login page); users who may see no pool get a 403 page."""
+
+    @wraps(view)
+    def wrapper(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+        if not user_can_view_inventory(request.user):
+            return render(request, "console/home.html", {"title": "No access", "current": "home"}, status=403)
+        return view(request, *args, **kwargs)
+
+    return login_required(never_cache(require_GET(wrapper)))
+
+
+@login_required
+@never_cache
+@require_GET
+def home(request: HttpRequest) -> HttpResponse:
+    return render(request, "console/home.html", {"title": "Overview", "current": "home"})
+
+
+DEFAULT_PER_PAGE = 50
+FILTER_FIELDS = ("name", "power_state", "host", "status", "pool")
+
+
+@console_page
+def vm_list(request: HttpRequest) -> HttpResponse:
+    user = request.user
+    visible_hosts = Host.objects.filter(pool__in=pools_visible_to(user)).select_related("pool")
+    filterset = table.VMTableFilterSet(request.GET, queryset=table.vm_table_queryset(user=user), request=request)
+    filterset.filters["host"].queryset = visible_hosts
+    filterset.form.is_valid()  # invalid filters are left out of the query; the page says which
+    ignored = sorted(filterset.form.errors)
+    values = {
+        name: request.GET.get(name, "").strip()
+        for name in FILTER_FIELDS
+        if name not in ignored and request.GET.get(name, "").strip()
+    }
+    sort, ordering = table.vm_table_ordering(request.GET.get("sort"))
+    try:
+        per_page = int(request.GET.get("per_page", DEFAULT_PER_PAGE))
+    except ValueError:
+        per_page = DEFAULT_PER_PAGE
+    if per_page not in table.TABLE_PAGE_SIZES:
+        per_page = DEFAULT_PER_PAGE
+    page = Paginator(filterset.qs.order_by(*ordering), per_page).get_page(request.GET.get("page"))
+
+    columns = []
+    for key, label in table.TABLE_COLUMNS:
+        query = request.GET.copy()
+        query.pop("page", None)
+        state = "ascending" if sort == key else "descending" if sort == f"-{key}" else ""
+        query["sort"] = f"-{key}" if state == "ascending" else key
+        columns.append({"key": key, "label": label, "sorted": state, "href": "?" + query.urlencode()})
+
+    hosts = list(visible_hosts.order_by("pool__name", "name_label"))
+    several_pools = len({h.pool_id for h in hosts}) > 1
+    context = dict(
+        title="Virtual machines",
+        current="vms",
+        can_change=user_can_change_protection(user),  # selection boxes and the rows' actions
+        page=page,
+        rows=[sel.vm_node(vm) for vm in page.object_list],
+        columns=columns,
+        sort=sort,
+        per_page=per_page,
+        default_per_page=DEFAULT_PER_PAGE,
+        values=values,
+        filtered=bool(values),
+        ignored=ignored,
+        power_choices=PowerState.choices,
+        status_choices=SummaryGroup.choices,
+        host_choices=[
+            (str(h.pk), f"{h.pool.name} / {h.name_label}" if several_pools else h.name_label) for h in hosts
+        ],
+    )
+    return render(request, "console/vm_list.html", context)
+
+
+@console_page
+def vm_detail(request: HttpRequest, uuid: str) -> HttpResponse:
+    detail = details.vm_detail(user=request.user, uuid=uuid)
+    if detail is None:
+        raise Http404("No such VM")
+    return render(request, "console/vm_page.html", {"title": detail.node.name, "current": "vms", "d": detail})
+
+
+@login_required
+@require_POST
+def vm_power(request: HttpRequest, uuid: str) -> HttpResponse:
+    """Start or cleanly shut down a VM (Administrators): enqueued for a worker, then back to the VM's page,
+    where the watcher shows the new power state or the events list says why XAPI refused."""
+    if not user_can_change_protection(request.user):
+        raise PermissionDenied("Only members of the Administrators group can start or shut down VMs.")
+    detail = details.vm_detail(user=request.user, uuid=uuid)
+    if detail is None:
+        raise Http404("No such VM")
+    try:
+        services.vm_power_request(vm=detail.vm, action=request.POST.get("action", ""), requested_by=request.user,
+                                  via="ui", remote_addr=client_ip(request))
+    except ValidationError as exc:
+        return HttpResponseBadRequest(validation_sentence(exc), content_type="text/plain; charset=utf-8")
+    except Conflict as exc:
+        messages.error(request, exc.message)
+    return redirect("console:vm_detail", uuid=uuid)
+
+
+@console_page
+def host_detail(request: HttpRequest, uuid: str) -> HttpResponse:
+    detail = details.host_detail(user=request.user, uuid=uuid)
+    if detail is None:
+        raise Http404("No such host")
+    return render(request, "console/host_page.html", {"title": detail.label.name, "current": "host", "d": detail})
+
+
+@console_page
+def pool_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    detail = details.pool_detail(user=request.user, pk=pk)
+    if detail is None:
+        raise Http404("No such pool")
+    return render(request, "console/pool_page.html",
+                  {"title": detail.overview.pool.name, "current": "pool", "d": detail})
+
+
+@console_page
+def tree_children(request: HttpRequest, key: str) -> HttpResponse:
+    """One page of a tree node's VMs (``<li>`` items), fetched when the node is opened."""
+    if not ui.KEY_RE.match(key):
+        raise Http404("No such tree node")
+    try:
+        offset = int(request.GET.get("offset", "0"))
+    except ValueError:
+        return HttpResponseBadRequest("offset must be a whole number")
+    if offset < 0:
+        return HttpResponseBadRequest("offset must not be negative")
+    children = sel.tree_children(pools=pools_visible_to(request.user), key=key, offset=offset)
+    if children is None:
+        raise Http404("No such tree node")
+    return render(
+        request,
+        "console/fragments/tree_children.html",
+        {"children": children, "in_summary": key.startswith("pvs-")},
+    )

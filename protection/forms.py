@@ -1,0 +1,34 @@
+"""The wizard's form: the level and Level 1 settings, parsed and bounded as the API's serializer does.
+
+The service (``services.protection_start``) stays the last word (it also serves the API and the
+socket); the form turns a page's strings into values it can check, and says which field is wrong.
+"""
+from __future__ import annotations
+
+from django import forms
+
+from .choices import ORDER_MAX, START_DELAY_MAX, Level, RestartPriority
+
+SETTINGS_FIELDS = ("restart_priority", "order", "start_delay", "heartbeat_sr", "failures_to_tolerate")
+
+
+class ProtectForm(forms.Form):
+    level = forms.TypedChoiceField(choices=Level.choices, coerce=int, required=False)
+    restart_priority = forms.ChoiceField(choices=RestartPriority.choices, required=False)
+    order = forms.IntegerField(min_value=0, max_value=ORDER_MAX, required=False)
+    start_delay = forms.IntegerField(min_value=0, max_value=START_DELAY_MAX, required=False)
+    heartbeat_sr = forms.CharField(max_length=64, required=False)
+    # The upper bound depends on the pool (fewer than its hosts): the service checks it.
+    failures_to_tolerate = forms.IntegerField(min_value=0, max_value=1000, required=False)
+
+    def level_or_default(self) -> int:
+        return self.cleaned_data.get("level") or Level.BASIC_RESTART
+
+    def protect_settings(self) -> dict:
+        """The settings given and valid, for the service (a field left empty takes its default there)."""
+        data = getattr(self, "cleaned_data", {})
+        return {k: data[k] for k in SETTINGS_FIELDS if data.get(k) not in (None, "")}
+
+    def error_sentences(self) -> list[str]:
+        return [f"{self.fields[name].label or name.replace('_', ' ').capitalize()}: {' '.join(errors)}"
+                for name, errors in self.errors.items()]
