@@ -23,9 +23,11 @@ test: $(VENV)/.installed
 	scripts/test-prereqs
 	$(PY) -m pytest $(PYTEST_ARGS)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 
 ## Print the benchmark figures (each script prints its own numbers and budget).
 bench: $(VENV)/.installed

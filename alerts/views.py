@@ -15,6 +15,7 @@ from eac.permissions import user_can_acknowledge, user_is_administrator, viewer_
 from . import selectors, services
 from .choices import SUBSCRIBABLE, AlertState
 from .filtersets import AlertFilterSet
+from .forms import RecipientActionForm
 from .models import Alert, Recipient
 
 
@@ -46,36 +47,40 @@ def recipients(request: HttpRequest) -> HttpResponse:
     if request.method == "POST":
         if not user_is_administrator(request.user):
             raise PermissionDenied("Only Administrators can change who gets alerts.")
-        action = request.POST.get("action")
-        try:
-            if action == "add":
-                services.recipient_create(
-                    email=request.POST.get("email", "").strip(), name=request.POST.get("name", ""),
-                    conditions=request.POST.getlist("conditions"), user=request.user, via="ui",
-                    remote_addr=client_ip(request),
-                )
-                messages.success(request, "Recipient added.")
-            elif action == "update":
-                recipient = get_object_or_404(Recipient, pk=request.POST.get("pk"))
-                services.recipient_update(recipient=recipient, conditions=request.POST.getlist("conditions"),
-                                          enabled=request.POST.get("enabled") == "on", user=request.user,
-                                          via="ui", remote_addr=client_ip(request))
-                messages.success(request, f"{recipient.email} updated.")
-            elif action == "delete":
-                recipient = get_object_or_404(Recipient, pk=request.POST.get("pk"))
-                services.recipient_delete(recipient=recipient, user=request.user, via="ui",
-                                          remote_addr=client_ip(request))
-                messages.success(request, "Recipient removed.")
-            elif action == "test":
-                alert = services.alert_send_test(user=request.user, email=request.POST.get("email") or None,
-                                                 via="ui", remote_addr=client_ip(request))
-                sent_to = ", ".join(alert.deliveries.values_list("email", flat=True))
-                messages.success(request, f"Test alert queued for {sent_to}.")
-            return redirect("alerts:recipients")
-        except ValidationError as exc:
-            messages.error(request, validation_sentence(exc))
+        form = RecipientActionForm(request.POST)
+        if not form.is_valid():
+            messages.error(request, form.error_sentence())
             status = 400
+        else:
+            try:
+                _recipients_act(request, form.cleaned_data)
+                return redirect("alerts:recipients")
+            except ValidationError as exc:
+                messages.error(request, validation_sentence(exc))
+                status = 400
     return render(request, "alerts/recipients.html", dict(
         title="Alert recipients", recipients=selectors.recipient_list(),
         conditions=[(c.value, c.label) for c in SUBSCRIBABLE], can_admin=user_is_administrator(request.user),
     ), status=status)
+
+
+def _recipients_act(request: HttpRequest, data: dict) -> None:
+    """Carry out one action of the recipients page (the form has parsed it); a message says what was done."""
+    action, user, ip = data["action"], request.user, client_ip(request)
+    if action == "add":
+        services.recipient_create(email=data["email"], name=data["name"], conditions=data["conditions"], user=user,
+                                  via="ui", remote_addr=ip)
+        messages.success(request, "Recipient added.")
+    elif action == "update":
+        recipient = get_object_or_404(Recipient, pk=data["pk"])
+        services.recipient_update(recipient=recipient, conditions=data["conditions"], enabled=data["enabled"],
+                                  user=user, via="ui", remote_addr=ip)
+        messages.success(request, f"{recipient.email} updated.")
+    elif action == "delete":
+        recipient = get_object_or_404(Recipient, pk=data["pk"])
+        services.recipient_delete(recipient=recipient, user=user, via="ui", remote_addr=ip)
+        messages.success(request, "Recipient removed.")
+    else:
+        alert = services.alert_send_test(user=user, email=data["email"] or None, via="ui", remote_addr=ip)
+        sent_to = ", ".join(alert.deliveries.values_list("email", flat=True))
+        messages.success(request, f"Test alert queued for {sent_to}.")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import logging
 import re
 import time
@@ -32,7 +31,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from eac.permissions import pools_visible_to, user_can_change_protection, user_can_view, user_can_view_inventory
-from eac.realtime import ALERTS_GROUP, pool_group
+from eac.realtime import ALERTS_GROUP, client_message, pool_group
 from inventory.models import VM, Host, Pool
 from protection.selectors import vm_status_counts
 
@@ -219,13 +218,8 @@ class LiveConsumer(AsyncWebsocketConsumer):
     # -- what the page tells us ----------------------------------------------------------------
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        if not text_data or len(text_data) > MAX_MESSAGE:
-            return
-        try:
-            message = json.loads(text_data)
-        except ValueError:
-            return
-        if not isinstance(message, dict):
+        message = client_message(text_data, max_size=MAX_MESSAGE)
+        if message is None:
             return
         view = message.get("view")
         if isinstance(view, str) and view != self.view:

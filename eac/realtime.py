@@ -4,6 +4,7 @@ Senders call ``emit`` (or ``emit_many``) inside their transaction; the message
 leaves only once the data it describes is committed, so a consumer that reads
 the database on receipt always sees the change.
 """
+import json
 import logging
 from collections.abc import Iterable
 
@@ -83,3 +84,15 @@ def send_now(messages: list[Message]) -> None:
 async def _send_all(layer, messages: list[Message]) -> None:
     for group, event in messages:
         await layer.group_send(group, event)
+
+
+def client_message(text: str | None, *, max_size: int) -> dict | None:
+    """A page's WebSocket message as a JSON object, or None for anything else (empty, too big, not JSON,
+    not an object): consumers ignore what they cannot read rather than fail the socket."""
+    if not text or len(text) > max_size:
+        return None
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return None
+    return message if isinstance(message, dict) else None

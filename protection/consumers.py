@@ -8,7 +8,6 @@ rules (Operators are refused).
 """
 from __future__ import annotations
 
-import json
 import logging
 from urllib.parse import parse_qs
 
@@ -20,7 +19,7 @@ from django.utils.html import escape
 
 from eac.errors import Conflict, validation_sentence
 from eac.permissions import user_can_view
-from eac.realtime import run_group
+from eac.realtime import client_message, run_group
 from inventory.models import VM
 
 from . import services
@@ -63,13 +62,8 @@ class ProtectionConsumer(WebsocketConsumer):
             async_to_sync(self.channel_layer.group_discard)(group, self.channel_name)
 
     def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        if not text_data or len(text_data) > MAX_MESSAGE:
-            return
-        try:
-            message = json.loads(text_data)
-        except ValueError:
-            return
-        if not isinstance(message, dict) or message.get("action") not in ("protect", "unprotect"):
+        message = client_message(text_data, max_size=MAX_MESSAGE)
+        if message is None or message.get("action") not in ("protect", "unprotect"):
             return
         try:
             if message["action"] == "protect":

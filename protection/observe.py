@@ -164,20 +164,10 @@ def _evaluate_protection(protection: Protection, hosts: dict[int, Host], plan_ok
             event = FailoverEvent(pool=pool, vm=vm, vm_uuid=vm.uuid, vm_name=vm.name_label, from_host=before,
                                   from_host_name=before.name_label, detected_at=_lost_since(pool, before, now))
         if event is not None:
-            event.state = FailoverEvent.State.RESTARTED
-            event.to_host = here
-            event.to_host_name = here.name_label if here else ""
-            event.restarted_at = now
-            event.downtime_seconds = max(0.0, (now - event.detected_at).total_seconds())
-            event.save()
+            _event_restarted(event, here, now)
             _alert_restarted(protection, event)
         if failed_event is not None:
-            failed_event.state = FailoverEvent.State.RESTARTED
-            failed_event.to_host = here
-            failed_event.to_host_name = here.name_label if here else ""
-            failed_event.restarted_at = now
-            failed_event.downtime_seconds = max(0.0, (now - failed_event.detected_at).total_seconds())
-            failed_event.save()
+            _event_restarted(failed_event, here, now)
             alerts.alert_clear(condition=Condition.VM_RESTART_FAILED, object_key=alert_key(vm),
                                new_state="running", downtime_seconds=failed_event.downtime_seconds,
                                message=f"{vm.name_label} runs again, on {here.name_label if here else '?'}.")
@@ -213,6 +203,16 @@ def _evaluate_protection(protection: Protection, hosts: dict[int, Host], plan_ok
                                        "updated_at"])
     if protection.status != old_status:
         emit(protection_change(pool=pool.uuid, vm=vm.uuid))
+
+
+def _event_restarted(event: FailoverEvent, here: Host | None, now) -> None:
+    """The VM of ``event`` runs again, on ``here``: close the failover with its downtime."""
+    event.state = FailoverEvent.State.RESTARTED
+    event.to_host = here
+    event.to_host_name = here.name_label if here else ""
+    event.restarted_at = now
+    event.downtime_seconds = max(0.0, (now - event.detected_at).total_seconds())
+    event.save()
 
 
 def _degraded_reason(pool: Pool) -> str:
