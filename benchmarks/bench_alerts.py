@@ -29,18 +29,14 @@ worker (else the committed outbox row), at most 5 s after XAPI shows the change,
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import contextlib
-import os
 import statistics
 import sys
 import threading
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import argument_parser, bench_database, drop_bench_database, pct, wait
 
 BENCH_DB = "eac_bench_alerts"
 BUDGET_S = 5.0
@@ -50,35 +46,6 @@ STAGE_TIMEOUT_S = 30.0
 
 
 # -- environment ----------------------------------------------------------------------------------
-
-
-def setup_database() -> str:
-    """A fresh database of the benchmark's own, migrated; returns the server URL it lives on."""
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "eac.test_settings")
-    os.environ.setdefault("LOG_LEVEL", "WARNING")
-    os.environ["EAC_CHANNEL_PREFIX"] = "eacbenchalerts"  # never mixed with a test run's messages
-    base = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
-    import psycopg
-
-    with psycopg.connect(base, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{BENCH_DB}"')
-    os.environ["DATABASE_URL"] = f"{base.rpartition('/')[0]}/{BENCH_DB}"
-    import django
-    from django.core.management import call_command
-
-    django.setup()
-    call_command("migrate", verbosity=0)
-    return base
-
-
-def drop_database(base: str) -> None:
-    import psycopg
-    from django.db import connections
-
-    connections.close_all()
-    with psycopg.connect(base, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)')
 
 
 def fixture_body(fixture):
@@ -147,16 +114,6 @@ class TaskArrivals(threading.Thread):
     def stop(self) -> None:
         if self.receiver is not None:
             self.receiver.should_stop = True
-
-
-def wait(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 # -- one measured change --------------------------------------------------------------------------
@@ -231,11 +188,6 @@ STAGES = [
 ]
 
 
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
-
-
 def delta_ms(t: dict, start: str, end: str) -> float | None:
     return None if t[start] is None or t[end] is None else (t[end] - t[start]) * 1000
 
@@ -268,14 +220,14 @@ def report(samples: dict[str, list[dict]]) -> bool:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--cycles", type=int, default=5, help="host crashes and power-ons (default 5)")
     parser.add_argument("--ha-timeout", type=float, default=1.0, help="xapisim's HA timeout in seconds (default 1)")
     parser.add_argument("--max-seconds", type=float, default=120.0,
                         help="start no new cycle after this long of measuring (default 120)")
     args = parser.parse_args()
 
-    base = setup_database()
+    base = bench_database(BENCH_DB, fresh=True, channel_prefix="eacbenchalerts")
     from alerts.models import Alert, Recipient
     from inventory.models import VM, Host
     from protection.models import Protection
@@ -357,7 +309,7 @@ def main() -> int:
             print(fx.dump_logs(*procs), file=sys.stderr)
         raise
     finally:
-        drop_database(base)
+        drop_bench_database(base, BENCH_DB)
     return 0 if ok else 1
 
 

@@ -12,21 +12,14 @@ Run: .venv/bin/python benchmarks/bench_api.py [--vms 10000] [--requests 300]
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "eac.test_settings")
-os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/eac_bench")
+from common import DATABASE_SERVER, argument_parser, django_setup, print_overall, verdict
 
-import django  # noqa: E402
-
-django.setup()
+django_setup(DATABASE_URL=f"{DATABASE_SERVER}/eac_bench")
 
 from django.contrib.auth import get_user_model  # noqa: E402
 from django.contrib.auth.models import Group  # noqa: E402
@@ -193,13 +186,12 @@ def measure(client: Client, url: str, requests: int, warmup: int = 20) -> list[f
 
 
 def p95(times: list[float]) -> float:
+    """Interpolated (statistics.quantiles), not common.pct's nearest rank: comparable with earlier runs."""
     return statistics.quantiles(times, n=100, method="inclusive")[94]
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vms", type=int, default=10_000)
-    parser.add_argument("--hosts", type=int, default=100)
+    parser = argument_parser(__doc__, hosts=100, vms=10_000)
     parser.add_argument("--requests", type=int, default=300, help="timed requests per URL")
     parser.add_argument("--keep", action="store_true", help="keep the database afterwards (reused by --keepdb)")
     parser.add_argument("--keepdb", action="store_true", help="reuse a kept database instead of rebuilding it")
@@ -241,16 +233,16 @@ def main() -> int:
         ok = True
         for label, url, budgeted in scenarios:
             times = measure(client, url, args.requests)
-            verdict = ""
+            mark = ""
             if budgeted:
                 within = p95(times) <= BUDGET_MS
                 ok &= within
-                verdict = "OK" if within else "OVER BUDGET"
+                mark = verdict(within)
             print(
                 f"  {label:<38} p50 {statistics.median(times):6.1f} ms   p95 {p95(times):6.1f} ms   "
-                f"max {max(times):6.1f} ms   {verdict}"
+                f"max {max(times):6.1f} ms   {mark}"
             )
-        print("\nall within budget" if ok else "\nSOME TIMINGS OVER BUDGET")
+        print_overall(ok)
         return 0 if ok else 1
     finally:
         if args.keep:

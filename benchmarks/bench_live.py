@@ -18,9 +18,9 @@ machine). Budget: p95 <= 250 ms over all tabs and samples.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -30,10 +30,9 @@ import tempfile
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import common
+from common import ROOT, argument_parser, bench_database, free_port, pct, stop_process
 
 BUDGET_P95_MS = 250.0
 BENCH_DB = "eac_bench_live"
@@ -78,22 +77,8 @@ EXTRA_SOCKETS = """
 
 
 def setup_env() -> dict[str, str]:
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "eac.test_settings")
-    os.environ.setdefault("LOG_LEVEL", "WARNING")
-    os.environ["EAC_CHANNEL_PREFIX"] = "eacbenchlive"  # never mixed with a test run's messages
-    base = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
-    server, _, _ = base.rpartition("/")
-    import psycopg
-
-    with psycopg.connect(base, autocommit=True) as conn:
-        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [BENCH_DB]).fetchone():
-            conn.execute(f'CREATE DATABASE "{BENCH_DB}"')
-    os.environ["DATABASE_URL"] = f"{server}/{BENCH_DB}"
-    import django
-    from django.core.management import call_command
-
-    django.setup()
-    call_command("migrate", verbosity=0)
+    """The benchmark's database, emptied; returns the environment of the console's processes."""
+    bench_database(BENCH_DB, channel_prefix="eacbenchlive")
     # A clean slate: the pool of an earlier run (and its rows) goes.
     from inventory.models import Pool
 
@@ -106,14 +91,8 @@ def setup_env() -> dict[str, str]:
     return env
 
 
-def wait(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise SystemExit(f"timed out after {timeout:.0f}s waiting for {what}")
+# A setup step that never ends stops the benchmark with its message (no figure to print).
+wait = functools.partial(common.wait, interval=0.2, error=SystemExit)
 
 
 class LayerProbe(threading.Thread):
@@ -141,15 +120,8 @@ class LayerProbe(threading.Thread):
                 self.arrivals.setdefault(message["uuid"], []).append(time.time() * 1000)
 
 
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hosts", type=int, default=100)
-    parser.add_argument("--vms", type=int, default=10000)
+    parser = argument_parser(__doc__, hosts=100, vms=10000)
     parser.add_argument("--sockets", type=int, default=20, help="open WebSockets of the console")
     parser.add_argument("--tabs", type=int, default=20,
                         help="how many of them are browser tabs that render (and are measured); the others "
@@ -192,11 +164,7 @@ def main() -> None:
         static = tempfile.mkdtemp(prefix="bench-static-")
         subprocess.run([sys.executable, "manage.py", "collectstatic", "--noinput", "-v", "0"], cwd=ROOT,
                        env={**env, "STATIC_ROOT": static}, check=True)  # fmt: skip
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "console.asgi:application"],
@@ -321,11 +289,7 @@ def main() -> None:
         print(f"  logs: {logs}")
     finally:
         for proc in reversed(procs):
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_process(proc)
         if sim is not None:
             sim.stop()
         files.close()

@@ -8,14 +8,11 @@ shortfalls (for 32 hosts and 2 failures: every one of the 992 ordered failure se
 from __future__ import annotations
 
 import random
-import statistics
 import sys
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import median_and_worst, timed, verdict
 
-from protection.planner import Host, Planner, ProtectedVM, is_exact  # noqa: E402
+from protection.planner import Host, Planner, ProtectedVM, is_exact
 
 GiB = 2**30
 BUDGET = 1.0
@@ -38,23 +35,19 @@ def pool(hosts: int, vms: int, *, seed: int, fill: float, host_gib: int = 256) -
 
 
 def measure(label: str, hosts: list[Host], vms: list[ProtectedVM], configured: int, runs: int = 5) -> bool:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
+    def plan():
         planner = Planner(hosts, vms)
-        holds = planner.holds(configured)
-        best = planner.max_failures()
         # The full scan: with collect, the exact check walks every failure sequence even when it holds.
-        shortfalls = planner.explain(configured)
-        times.append(time.perf_counter() - start)
-    worst = max(times)
+        return planner.holds(configured), planner.max_failures(), planner.explain(configured)
+
+    (holds, best, shortfalls), times = timed(plan, runs)
+    median, worst = median_and_worst(times)
     mode = "exact" if is_exact(len(hosts), configured) else "approximate"
     ok = worst <= BUDGET
     print(
         f"{label}: {len(hosts)} hosts, {len(vms)} protected VMs, {configured} failure(s) configured ({mode}): "
         f"plan {'holds' if holds else 'broken'}, max tolerable {best}, {len(shortfalls)} shortfall scenario(s); "
-        f"median {statistics.median(times) * 1000:.1f} ms, worst {worst * 1000:.1f} ms "
-        f"(budget {BUDGET * 1000:.0f} ms) {'OK' if ok else 'OVER BUDGET'}"
+        f"median {median * 1000:.1f} ms, worst {worst * 1000:.1f} ms (budget {BUDGET * 1000:.0f} ms) {verdict(ok)}"
     )
     return ok
 

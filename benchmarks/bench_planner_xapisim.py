@@ -6,14 +6,11 @@ Run: .venv/bin/python benchmarks/bench_planner_xapisim.py
 from __future__ import annotations
 
 import random
-import statistics
 import sys
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import median_and_worst, print_overall, timed, verdict
 
-from xapisim.planner import (  # noqa: E402
+from xapisim.planner import (
     PlanHost,
     PlanVM,
     max_failures_tolerated,
@@ -34,22 +31,14 @@ def make_pool(host_count: int, vm_count: int, host_gib: int, seed: int) -> tuple
     return hosts, vms
 
 
-def timed(fn) -> tuple[object, float, float]:
-    """Result, median and worst wall time (seconds) over REPEATS runs."""
-    times = []
-    result = None
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return result, statistics.median(times), max(times)
-
-
 def report(label: str, fn) -> bool:
-    result, median, worst = timed(fn)
-    verdict = "OK" if worst <= BUDGET_S else "OVER BUDGET"
-    print(f"  {label:<58} -> {result!s:>5}   median {median * 1000:8.1f} ms   worst {worst * 1000:8.1f} ms   {verdict}")
-    return worst <= BUDGET_S
+    """Time ``fn`` over REPEATS runs; print its result, median and worst wall time against the budget."""
+    result, times = timed(fn, REPEATS)
+    median, worst = median_and_worst(times)
+    ok = worst <= BUDGET_S
+    print(f"  {label:<58} -> {result!s:>5}   median {median * 1000:8.1f} ms   worst {worst * 1000:8.1f} ms   "
+          f"{verdict(ok)}")
+    return ok
 
 
 def main() -> int:
@@ -73,7 +62,7 @@ def main() -> int:
     print("\n1,000 hosts, 10,000 VMs (approximation: more than 32 hosts)")
     ok &= report("max_failures_tolerated", lambda: max_failures_tolerated(hosts, vms))
 
-    print("\nall within budget" if ok else "\nSOME TIMINGS OVER BUDGET")
+    print_overall(ok)
     return 0 if ok else 1
 
 

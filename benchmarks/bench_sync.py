@@ -16,37 +16,16 @@ created and migrated if needed), and measures with the watcher's own code
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import threading
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import argument_parser, bench_database, verdict
 
 FULL_SYNC_BUDGET_S = 10.0
 EVENTS_BUDGET_PER_S = 5000.0
 BENCH_DB = "eac_bench"
-
-
-def setup_django() -> None:
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "eac.test_settings")
-    os.environ.setdefault("LOG_LEVEL", "WARNING")
-    base = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
-    server, _, _ = base.rpartition("/")
-    import psycopg
-
-    with psycopg.connect(base, autocommit=True) as conn:
-        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [BENCH_DB]).fetchone():
-            conn.execute(f'CREATE DATABASE "{BENCH_DB}"')
-    os.environ["DATABASE_URL"] = f"{server}/{BENCH_DB}"
-    import django
-    from django.core.management import call_command
-
-    django.setup()
-    call_command("migrate", verbosity=0)
 
 
 def _make_changes(url: str, refs: list[str], kind: str, count: int) -> int:
@@ -109,15 +88,13 @@ def drain(client, mirror, token: str, *, stop: threading.Event | None = None):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--hosts", type=int, default=1000)
-    parser.add_argument("--vms", type=int, default=10000)
+    parser = argument_parser(__doc__, hosts=1000, vms=10000)
     parser.add_argument("--changes", type=int, default=20000, help="VM renames in the backlog")
     parser.add_argument("--cycles", type=int, default=400, help="VM start/shutdown cycles in the backlog")
     parser.add_argument("--workers", type=int, default=4, help="processes making changes, a XAPI session each")
     args = parser.parse_args()
 
-    setup_django()
+    bench_database(BENCH_DB)
     from django.db import connection
 
     from inventory.models import VBD, VM, Pool
@@ -144,10 +121,9 @@ def main() -> int:
             token, result = full_sync(client, mirror)
             initial = time.perf_counter() - t0
             rows = sum(result.counts.values())
-            verdict = "OK" if initial <= FULL_SYNC_BUDGET_S else "OVER BUDGET"
             print(f"  initial full sync: {rows} rows ({result.counts['host']} hosts, {result.counts['vm']} VMs, "
                   f"{result.counts['vbd']} VBDs, {result.counts['vdi']} VDIs) in {initial:.2f} s "
-                  f"(budget {FULL_SYNC_BUDGET_S:.0f} s) {verdict}")
+                  f"(budget {FULL_SYNC_BUDGET_S:.0f} s) {verdict(initial <= FULL_SYNC_BUDGET_S)}")
             ok &= initial <= FULL_SYNC_BUDGET_S
             assert VM.objects.filter(pool=pool).count() == result.counts["vm"]
             assert not VBD.objects.filter(pool=pool, vm__isnull=True).exists()
@@ -173,9 +149,9 @@ def main() -> int:
                   f"({(renames + cycles) / made:,.0f} calls/s)")
             token, objects, events, written, took = drain(client, mirror, token)
             rate = objects / took if took else 0.0
-            verdict = "OK" if rate >= EVENTS_BUDGET_PER_S else "UNDER BUDGET"
             print(f"  backlog applied: {events} events, {objects} object changes ({written} rows written) in "
-                  f"{took:.2f} s = {rate:,.0f} objects/s (budget {EVENTS_BUDGET_PER_S:,.0f}/s) {verdict}")
+                  f"{took:.2f} s = {rate:,.0f} objects/s (budget {EVENTS_BUDGET_PER_S:,.0f}/s) "
+                  f"{verdict(rate >= EVENTS_BUDGET_PER_S, missed='UNDER BUDGET')}")
             ok &= rate >= EVENTS_BUDGET_PER_S
 
             # 3. Live: the event loop follows while other sessions make changes.

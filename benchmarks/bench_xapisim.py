@@ -27,63 +27,26 @@ the figures are what one machine does with all three on it.
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import multiprocessing
 import os
-import re
-import select
 import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import xmlrpc.client
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import XenAPI
+from common import argument_parser
 
-ROOT = Path(__file__).resolve().parent.parent
-READY = re.compile(r"xapisim listening on (http://([\d.]+):(\d+))")
+from tests.support import SimProcess
+
 USER, PASSWORD = "root", "demo"
 MB = 1_000_000
-
-
-# -- the simulator -------------------------------------------------------------
-
-
-def start_sim(hosts: int, vms: int, timeout: float) -> tuple[subprocess.Popen, Any, str]:
-    """The CLI in a subprocess; returns it, its log file and its URL once it printed the ready line."""
-    args = ["--hosts", str(hosts), "--vms", str(vms), "--port", "0", "--op-delay", "0", "--seed", "1"]
-    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - kept open for the life of the subprocess
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "xapisim", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True
-    )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
-        if ready:
-            match = READY.search(proc.stdout.readline())
-            if match:
-                return proc, log, match.group(1)
-    stop_sim(proc)
-    log.seek(0)
-    raise RuntimeError(f"xapisim did not start within {timeout:.0f} s:\n{log.read()[-2000:]}")
-
-
-def stop_sim(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # -- raw HTTP --------------------------------------------------------------------
@@ -352,6 +315,8 @@ class Watch:
 
 
 def percentile(values: list[float], p: float) -> float:
+    """The value at index p% of the way through (not common.pct's nearest rank): the figures stay
+    comparable with the runs recorded before."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))]
 
@@ -465,9 +430,7 @@ def bench_event_from(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--hosts", type=int, default=1000)
-    parser.add_argument("--vms", type=int, default=10000)
+    parser = argument_parser(__doc__, hosts=1000, vms=10000)
     parser.add_argument("--runs", type=int, default=3, help="timed get_all_records calls after the first (median)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of changes per event.from phase")
     parser.add_argument("--procs", type=int, default=2, help="writer processes")
@@ -482,7 +445,9 @@ def main() -> int:
         f"bench_xapisim: python -m xapisim --hosts {args.hosts} --vms {args.vms} --port 0 --op-delay 0 --seed 1"
         f"   ({os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start)"
     )
-    proc, log, url = start_sim(args.hosts, args.vms, timeout=300)
+    sim = SimProcess(args=["--hosts", str(args.hosts), "--vms", str(args.vms), "--port", "0", "--op-delay", "0",
+                           "--seed", "1"]).start(timeout=300)
+    url = sim.url
     print(f"   simulator up in {time.perf_counter() - began:.1f} s at {url}")
     rows: list[tuple[str, str]] = []
     try:
@@ -493,8 +458,7 @@ def main() -> int:
         for rate in (float(r) for r in args.rates.split(",") if r.strip()):
             rows += bench_event_from(url, guests, f"{rate:.0f}/s", args.procs, args.threads, rate, args.duration)
     finally:
-        stop_sim(proc)
-        log.close()
+        sim.stop()
 
     width = max(len(label) for label, _ in rows)
     print(f"\nsummary ({args.hosts} hosts, {args.vms} VMs; {time.perf_counter() - began:.0f} s in all)")

@@ -1,0 +1,156 @@
+"""What the benchmark scripts share: the project on sys.path, Django and a database of their own,
+subprocesses, timing, and a figure told against its budget.
+
+Each script runs as ``python benchmarks/bench_<what>.py``: Python puts ``benchmarks/`` first on
+sys.path, so ``import common`` finds this file, and importing it puts the project root there too,
+so that the console's packages (and ``tests.support``) import after it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# The machine's PostgreSQL, as for the tests (DATABASE_URL overrides it).
+DATABASE_SERVER = "postgres://postgres@127.0.0.1:5432"
+DEFAULT_DATABASE_URL = f"{DATABASE_SERVER}/test"
+
+T = TypeVar("T")
+
+
+# -- command line -----------------------------------------------------------------------------------
+
+
+def argument_parser(doc: str, *, hosts: int | None = None, vms: int | None = None) -> argparse.ArgumentParser:
+    """The script's parser, described by the first line of its docstring; with ``--hosts`` and ``--vms``
+    (the size of the pool) when their defaults are given."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if hosts is not None:
+        parser.add_argument("--hosts", type=int, default=hosts)
+    if vms is not None:
+        parser.add_argument("--vms", type=int, default=vms)
+    return parser
+
+
+# -- Django and the database ------------------------------------------------------------------------
+
+
+def django_setup(**defaults: str) -> None:
+    """Set up Django with the test settings; ``defaults`` are environment variables set unless already set."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "eac.test_settings")
+    for name, value in defaults.items():
+        os.environ.setdefault(name, value)
+    import django
+
+    django.setup()
+
+
+def bench_database(name: str, *, fresh: bool = False, channel_prefix: str | None = None) -> str:
+    """Point Django at a PostgreSQL database of the benchmark's own (``name``, on the server of
+    DATABASE_URL), created if missing (dropped first if ``fresh``) and migrated; returns the URL it
+    was derived from (for ``drop_bench_database``). ``channel_prefix`` keeps the benchmark's
+    channel-layer messages apart from a test run's."""
+    import psycopg
+
+    if channel_prefix:
+        os.environ["EAC_CHANNEL_PREFIX"] = channel_prefix
+    base = os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL)
+    with psycopg.connect(base, autocommit=True) as conn:
+        if fresh:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if fresh or not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
+            conn.execute(f'CREATE DATABASE "{name}"')
+    os.environ["DATABASE_URL"] = f"{base.rpartition('/')[0]}/{name}"
+    django_setup(LOG_LEVEL="WARNING")
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+    return base
+
+
+def drop_bench_database(base: str, name: str) -> None:
+    """Close Django's connections and drop the benchmark's database ``name`` (on the server of ``base``)."""
+    import psycopg
+    from django.db import connections
+
+    connections.close_all()
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# -- processes ----------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 nobody listens on now (for a server that cannot take port 0 and say)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it is still there after ``timeout`` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait(predicate: Callable[[], T], timeout: float, what: str, *, interval: float = 0.05,
+         error: type[BaseException] = TimeoutError) -> T:
+    """Poll ``predicate`` every ``interval`` seconds until it returns something truthy, and return that;
+    raise ``error`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise error(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+# -- timing and figures -------------------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], T], runs: int) -> tuple[T, list[float]]:
+    """Call ``fn`` ``runs`` times; the last result and the wall time of each call, in seconds."""
+    times = []
+    result = None
+    for _ in range(runs):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return result, times
+
+
+def median_and_worst(times: list[float]) -> tuple[float, float]:
+    return statistics.median(times), max(times)
+
+
+def pct(values: list[float], p: float) -> float:
+    """The ``p``-th percentile by nearest rank: a value that was measured, never an interpolation."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
+
+
+def verdict(ok: bool, missed: str = "OVER BUDGET") -> str:
+    """How a figure compares with its budget, at the end of the line that prints it."""
+    return "OK" if ok else missed
+
+
+def print_overall(ok: bool) -> None:
+    """The last line of a script whose figures each have a budget."""
+    print("\nall within budget" if ok else "\nSOME TIMINGS OVER BUDGET")
