@@ -9,14 +9,15 @@ announce what changed on the pool's channel-layer group after commit.
 The mirror keeps, per class, ``ref -> (pk, uuid, values)`` in memory: refs
 resolve to foreign keys without a query, and an event that changes nothing
 we store (XAPI sends many: memory_free, allowed_operations...) is dropped
-without touching the database or the browsers.
+without touching the database or the browsers.  How each class maps to a
+model (the specs, and the fields read from XAPI) is in ``inventory.sync_specs``.
 """
 from __future__ import annotations
 
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,19 @@ from django.utils import timezone
 
 from eac.realtime import Message, emit_many, inventory_change, inventory_resync
 
-from .models import PBD, PIF, SR, VBD, VDI, VIF, VM, Host, Network, Pool
+from .models import Pool
+from .sync_specs import (
+    EVENT_CLASSES,
+    RECORD_FIELDS,
+    SPEC_BY_CLASS,
+    SPECS,
+    XAPI_CLASSES,
+    Spec,
+    to_bool,
+    to_int,
+    to_map,
+    to_str,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,238 +48,8 @@ NULL_REF = "OpaqueRef:NULL"
 # Rows per INSERT statement (the bulk_create path, for databases other than PostgreSQL).
 BATCH_SIZE = 2000
 
-# Event class (lower case, as event.from names them) -> XAPI class name (for <Class>.get_all_records).
-XAPI_CLASSES: dict[str, str] = {
-    "pool": "pool",
-    "host": "host",
-    "host_metrics": "host_metrics",
-    "sr": "SR",
-    "pbd": "PBD",
-    "network": "network",
-    "pif": "PIF",
-    "pif_metrics": "PIF_metrics",
-    "vm": "VM",
-    "vdi": "VDI",
-    "vbd": "VBD",
-    "vif": "VIF",
-}
-EVENT_CLASSES: list[str] = list(XAPI_CLASSES)
-# The fields of each class the mirror reads: only these are decoded from XAPI's answers (a VM record has
-# over a hundred).  Keep in step with the value functions below (a test checks it).
-RECORD_FIELDS: dict[str, tuple[str, ...]] = {
-    "pool": ("uuid", "name_label", "master", "ha_enabled", "ha_host_failures_to_tolerate", "ha_plan_exists_for",
-             "ha_overcommitted", "ha_allow_overcommit", "ha_configuration"),
-    "host": ("uuid", "name_label", "name_description", "address", "hostname", "enabled", "cpu_info", "metrics"),
-    "host_metrics": ("uuid", "live", "memory_total", "memory_free"),
-    "sr": ("uuid", "name_label", "name_description", "type", "content_type", "shared", "physical_size",
-           "physical_utilisation"),
-    "pbd": ("uuid", "host", "SR", "currently_attached"),
-    "network": ("uuid", "name_label", "name_description", "bridge", "MTU"),
-    "pif": ("uuid", "host", "network", "device", "MAC", "IP", "management", "currently_attached", "metrics"),
-    "pif_metrics": ("uuid", "carrier"),
-    "vm": ("uuid", "name_label", "name_description", "power_state", "resident_on", "affinity", "memory_static_max",
-           "memory_dynamic_max", "memory_overhead", "VCPUs_max", "is_a_template", "is_control_domain", "is_a_snapshot",
-           "ha_restart_priority", "order", "start_delay", "current_operations", "metrics"),
-    "vdi": ("uuid", "name_label", "name_description", "SR", "virtual_size", "physical_utilisation", "type",
-            "sharable", "read_only"),
-    "vbd": ("uuid", "VM", "VDI", "device", "userdevice", "type", "mode", "bootable", "currently_attached"),
-    "vif": ("uuid", "VM", "network", "device", "MAC", "currently_attached"),
-}
 
-
-# -- value conversion --------------------------------------------------------------------------
-# XML-RPC carries XAPI's 64-bit ints as strings, JSON-RPC as numbers: accept both.
-
-
-def _int(value: Any) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        try:
-            return int(float(value))
-        except (TypeError, ValueError):
-            return 0
-
-
-def _bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    return str(value).lower() in ("true", "1")
-
-
-def _str(value: Any) -> str:
-    return "" if value is None else str(value)
-
-
-def _map(value: Any) -> dict:
-    return dict(value) if isinstance(value, dict) else {}
-
-
-@dataclass
-class _Spec:
-    """How one XAPI class maps to a model: ``values(mirror, ref, record)`` gives every stored column
-    but pool/uuid/ref (foreign keys already resolved to pks), always in the same order."""
-
-    cls: str
-    model: type[models.Model]
-    values: Callable[[PoolMirror, str, dict], dict[str, Any]]
-    update_fields: list[str] = field(default_factory=list)
-    truncate: dict[str, int] = field(default_factory=dict)
-    auto_now: list[str] = field(default_factory=list)  # columns Django sets to now() on save
-    defaults: dict[str, Any] = field(default_factory=dict)  # every other column, with its default
-    json_columns: set[str] = field(default_factory=set)
-
-
-def _host_values(m: PoolMirror, ref: str, r: dict) -> dict[str, Any]:
-    live, total, free = m.host_metrics.get(r.get("metrics", ""), (False, 0, 0))
-    return {
-        "name_label": _str(r.get("name_label")),
-        "name_description": _str(r.get("name_description")),
-        "address": _str(r.get("address")),
-        "hostname": _str(r.get("hostname")),
-        "enabled": _bool(r.get("enabled")),
-        "live": live,
-        "is_master": ref == m.master_ref,
-        "memory_total": total,
-        "memory_free": free,
-        "cpu_count": _int(_map(r.get("cpu_info")).get("cpu_count")),
-        "metrics_ref": _str(r.get("metrics")),
-    }
-
-
-def _sr_values(m: PoolMirror, ref: str, r: dict) -> dict[str, Any]:
-    return {
-        "name_label": _str(r.get("name_label")),
-        "name_description": _str(r.get("name_description")),
-        "type": _str(r.get("type")),
-        "content_type": _str(r.get("content_type")),
-        "shared": _bool(r.get("shared")),
-        "physical_size": _int(r.get("physical_size")),
-        "physical_utilisation": _int(r.get("physical_utilisation")),
-    }
-
-
-def _pbd_values(m: PoolMirror, ref: str, r: dict) -> dict[str, Any]:
-    return {
-        "host_id": m.resolve("host", r.get("host"), "pbd", ref, "host_id"),
-        "sr_id": m.resolve("sr", r.get("SR"), "pbd", ref, "sr_id"),
-        "currently_attached": _bool(r.get("currently_attached")),
-    }
-
-
-def _network_values(m: PoolMirror, ref: str, r: dict) -> dict[str, Any]:
-    return {
-        "name_label": _str(r.get("name_label")),
-        "name_description": _str(r.get("name_description")),
-        "bridge": _str(r.get("bridge")),
-        "mtu": _int(r.get("MTU") or 1500),
-    }
-
-
-def _pif_values(m: PoolMirror, ref: str, r: dict) -> dict[str, Any]:
-    return {
-        "host_id": m.resolve("host", r.get("host"), "pif", ref, "host_id"),
-        "network_id": m.resolve("network", r.get("network"), "pif", ref, "network_id"),
-        "device": _str(r.get("device")),
-        "mac": _str(r.get("MAC")),
-        "ip": _str(r.get("IP")),
-        "management": _bool(r.get("management")),
-        "currently_attached": _bool(r.get("currently_attached")),
-        "carrier": m.pif_metrics.get(r.get("metrics", ""), False),
-        "metrics_ref": _str(r.get("metrics")),
-    }
-
-
-def _vm_values(m: PoolMirror, ref: str, r: dict) -> dict[str, Any]:
-    return {
-        "name_label": _str(r.get("name_label")),
-        "name_description": _str(r.get("name_description")),
-        "power_state": _str(r.get("power_state")) or "Halted",
-        "resident_on_id": m.resolve("host", r.get("resident_on"), "vm", ref, "resident_on_id"),
-        "affinity_id": m.resolve("host", r.get("affinity"), "vm", ref, "affinity_id"),
-        "memory_static_max": _int(r.get("memory_static_max")),
-        "memory_dynamic_max": _int(r.get("memory_dynamic_max")),
-        "memory_overhead": _int(r.get("memory_overhead")),
-        "vcpus_max": _int(r.get("VCPUs_max")),
-        "is_a_template": _bool(r.get("is_a_template")),
-        "is_control_domain": _bool(r.get("is_control_domain")),
-        "is_a_snapshot": _bool(r.get("is_a_snapshot")),
-        "ha_restart_priority": _str(r.get("ha_restart_priority")),
-        "order": _int(r.get("order")),
-        "start_delay": _int(r.get("start_delay")),
-        "current_operations": _map(r.get("current_operations")),
-        "metrics_ref": _str(r.get("metrics")),
-    }
-
-
-def _vdi_values(m: PoolMirror, ref: str, r: dict) -> dict[str, Any]:
-    return {
-        "name_label": _str(r.get("name_label")),
-        "name_description": _str(r.get("name_description")),
-        "sr_id": m.resolve("sr", r.get("SR"), "vdi", ref, "sr_id"),
-        "virtual_size": _int(r.get("virtual_size")),
-        "physical_utilisation": _int(r.get("physical_utilisation")),
-        "type": _str(r.get("type")),
-        "sharable": _bool(r.get("sharable")),
-        "read_only": _bool(r.get("read_only")),
-    }
-
-
-def _vbd_values(m: PoolMirror, ref: str, r: dict) -> dict[str, Any]:
-    return {
-        "vm_id": m.resolve("vm", r.get("VM"), "vbd", ref, "vm_id"),
-        "vdi_id": m.resolve("vdi", r.get("VDI"), "vbd", ref, "vdi_id"),
-        "device": _str(r.get("device")),
-        "userdevice": _str(r.get("userdevice")),
-        "type": _str(r.get("type")),
-        "mode": _str(r.get("mode")),
-        "bootable": _bool(r.get("bootable")),
-        "currently_attached": _bool(r.get("currently_attached")),
-    }
-
-
-def _vif_values(m: PoolMirror, ref: str, r: dict) -> dict[str, Any]:
-    return {
-        "vm_id": m.resolve("vm", r.get("VM"), "vif", ref, "vm_id"),
-        "network_id": m.resolve("network", r.get("network"), "vif", ref, "network_id"),
-        "device": _str(r.get("device")),
-        "mac": _str(r.get("MAC")),
-        "currently_attached": _bool(r.get("currently_attached")),
-    }
-
-
-# Parents before children: a child's foreign keys resolve against rows written just before.
-SPECS: list[_Spec] = [
-    _Spec("host", Host, _host_values),
-    _Spec("sr", SR, _sr_values),
-    _Spec("network", Network, _network_values),
-    _Spec("vm", VM, _vm_values),
-    _Spec("vdi", VDI, _vdi_values),
-    _Spec("pbd", PBD, _pbd_values),
-    _Spec("pif", PIF, _pif_values),
-    _Spec("vbd", VBD, _vbd_values),
-    _Spec("vif", VIF, _vif_values),
-]
-SPEC_BY_CLASS = {spec.cls: spec for spec in SPECS}
-
-
-def _prepare_specs() -> None:
-    for spec in SPECS:
-        fields = [f for f in spec.model._meta.concrete_fields if not f.primary_key]
-        spec.update_fields = [f.name for f in fields if f.name not in ("pool", "uuid")]
-        spec.truncate = {
-            f.attname: f.max_length for f in fields if isinstance(f, models.CharField) and f.max_length
-        }
-        spec.auto_now = [f.attname for f in fields if getattr(f, "auto_now", False)]
-        spec.defaults = {f.attname: f.get_default() for f in fields
-                         if f.attname not in ("pool_id", "uuid", "ref") and f.attname not in spec.auto_now}
-        spec.json_columns = {f.attname for f in fields if isinstance(f, models.JSONField)}
-
-
-_prepare_specs()
-
-
-def _pg_upsert(spec: _Spec, pool_id: int, items: list[tuple[str, str, dict[str, Any]]],
+def _pg_upsert(spec: Spec, pool_id: int, items: list[tuple[str, str, dict[str, Any]]],
                known: dict[str, int]) -> list[int]:
     """The PostgreSQL upsert: COPY into a session-local staging table, then one INSERT ... SELECT ...
     ON CONFLICT DO UPDATE RETURNING.  Django's bulk_create spends ~150 µs of Python per row building
@@ -371,7 +154,7 @@ class PoolMirror:
             self.waiting.pop((cls, own_ref, column), None)
         return None if row is None else row[0]
 
-    def _values(self, spec: _Spec, ref: str, record: dict) -> dict[str, Any]:
+    def _values(self, spec: Spec, ref: str, record: dict) -> dict[str, Any]:
         values = spec.values(self, ref, record)
         for column, limit in spec.truncate.items():
             value = values.get(column)
@@ -397,19 +180,19 @@ class PoolMirror:
 
     @staticmethod
     def _host_metrics_of(record: dict) -> tuple[bool, int, int]:
-        return (_bool(record.get("live")), _int(record.get("memory_total")), _int(record.get("memory_free")))
+        return (to_bool(record.get("live")), to_int(record.get("memory_total")), to_int(record.get("memory_free")))
 
     def _pool_fields(self, record: dict) -> dict[str, Any]:
         return {
-            "uuid": _str(record.get("uuid")),
+            "uuid": to_str(record.get("uuid")),
             "ref": self.pool_ref,
-            "name_label": _str(record.get("name_label"))[:255],
-            "ha_enabled": _bool(record.get("ha_enabled")),
-            "ha_host_failures_to_tolerate": _int(record.get("ha_host_failures_to_tolerate")),
-            "ha_plan_exists_for": _int(record.get("ha_plan_exists_for")),
-            "ha_overcommitted": _bool(record.get("ha_overcommitted")),
-            "ha_allow_overcommit": _bool(record.get("ha_allow_overcommit")),
-            "ha_configuration": _map(record.get("ha_configuration")),
+            "name_label": to_str(record.get("name_label"))[:255],
+            "ha_enabled": to_bool(record.get("ha_enabled")),
+            "ha_host_failures_to_tolerate": to_int(record.get("ha_host_failures_to_tolerate")),
+            "ha_plan_exists_for": to_int(record.get("ha_plan_exists_for")),
+            "ha_overcommitted": to_bool(record.get("ha_overcommitted")),
+            "ha_allow_overcommit": to_bool(record.get("ha_allow_overcommit")),
+            "ha_configuration": to_map(record.get("ha_configuration")),
         }
 
     def _message(self, cls: str, uuid: str, op: str) -> Message:
@@ -417,7 +200,7 @@ class PoolMirror:
 
     # -- bulk writes ---------------------------------------------------------------------------
 
-    def _upsert(self, spec: _Spec, items: list[tuple[str, str, dict[str, Any]]],
+    def _upsert(self, spec: Spec, items: list[tuple[str, str, dict[str, Any]]],
                 known: dict[str, int] | None = None) -> list[int]:
         """INSERT ... ON CONFLICT (pool, uuid) DO UPDATE for (ref, uuid, values) items; returns their pks.
         ``known``: uuid -> pk of the rows that exist (default: from the in-memory image)."""
@@ -466,11 +249,11 @@ class PoolMirror:
         if not pool_records:
             raise ValueError("the pool answered no pool record")
         self.pool_ref, pool_record = next(iter(pool_records.items()))
-        self.master_ref = _str(pool_record.get("master"))
+        self.master_ref = to_str(pool_record.get("master"))
         for ref, rec in (records.get("host_metrics") or {}).items():
             self.host_metrics[ref] = self._host_metrics_of(rec)
         for ref, rec in (records.get("pif_metrics") or {}).items():
-            self.pif_metrics[ref] = _bool(rec.get("carrier"))
+            self.pif_metrics[ref] = to_bool(rec.get("carrier"))
 
         result = SyncResult()
         pool = self.pool
@@ -488,7 +271,8 @@ class PoolMirror:
 
             incoming: dict[str, dict[str, str]] = {}  # class -> uuid -> ref
             for spec in SPECS:
-                incoming[spec.cls] = {_str(rec.get("uuid")): ref for ref, rec in (records.get(spec.cls) or {}).items()}
+                incoming[spec.cls] = {to_str(rec.get("uuid")): ref
+                                      for ref, rec in (records.get(spec.cls) or {}).items()}
             # Children first: rows whose object disappeared, and rows whose object got a new ref
             # (a restarted pool): park their ref so that the upsert never collides on (pool, ref).
             known: dict[str, dict[str, int]] = {}  # class -> uuid -> pk of the rows there are
@@ -514,7 +298,7 @@ class PoolMirror:
                 items = []
                 for ref, rec in cls_records.items():
                     self._remember_side_record(spec.cls, ref, rec)
-                    items.append((ref, _str(rec.get("uuid")), self._values(spec, ref, rec)))
+                    items.append((ref, to_str(rec.get("uuid")), self._values(spec, ref, rec)))
                 pks = self._upsert(spec, items, known[spec.cls]) if items else []
                 rows = self.rows[spec.cls]
                 for (ref, uuid, values), pk in zip(items, pks, strict=True):
@@ -555,7 +339,7 @@ class PoolMirror:
                 if rec is None or (self.pool_ref and ref != self.pool_ref):
                     continue
                 self.pool_ref = ref
-                new_master = _str(rec.get("master"))
+                new_master = to_str(rec.get("master"))
                 if new_master != self.master_ref:
                     touched_hosts.update(r for r in (self.master_ref, new_master) if r)
                     self.master_ref = new_master
@@ -582,7 +366,7 @@ class PoolMirror:
                 if rec is None:
                     self.pif_metrics.pop(ref, None)
                 else:
-                    self.pif_metrics[ref] = _bool(rec.get("carrier"))
+                    self.pif_metrics[ref] = to_bool(rec.get("carrier"))
                 pif_ref = self.by_metrics["pif"].get(ref)
                 if pif_ref:
                     touched_pifs.add(pif_ref)
@@ -619,7 +403,7 @@ class PoolMirror:
                     if rec is None:
                         continue
                     self._remember_side_record(spec.cls, ref, rec)
-                    uuid = _str(rec.get("uuid"))
+                    uuid = to_str(rec.get("uuid"))
                     values = self._values(spec, ref, rec)
                     old = rows.get(ref)
                     if old is not None and old[1] == uuid and old[2] == tuple(values.values()):
@@ -654,3 +438,7 @@ class PoolMirror:
 def fetch_records(client: Any, classes: Iterable[str] = EVENT_CLASSES) -> dict[str, dict[str, dict]]:
     """``get_all_records`` of every class the inventory mirrors: {event class: {ref: record}}."""
     return {cls: client.get_all_records(XAPI_CLASSES[cls], RECORD_FIELDS[cls]) for cls in classes}
+
+
+# Re-exported: the watcher and the tests know these as inventory.sync's.
+__all__ = ["EVENT_CLASSES", "RECORD_FIELDS", "SPECS", "XAPI_CLASSES", "PoolMirror", "SyncResult", "fetch_records"]

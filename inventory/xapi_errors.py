@@ -2,12 +2,19 @@
 
 ``XapiError.describe()`` (no inventory at hand: objects are named by their refs) and
 ``inventory.selectors.xapi_error_describe`` (objects named as the inventory knows them) both
-read this table, so a code is worded once. Nothing here touches the database.
+read this table, so a code is worded once.  The exceptions the XAPI client raises live here too,
+with ``unreachable``, which words a network failure.  Nothing here touches the database.
 """
 from __future__ import annotations
 
+import http.client
+import socket
+import ssl
+import xmlrpc.client  # noqa: S411 - XAPI speaks XML-RPC; responses come from the pool we chose to trust
 from collections.abc import Callable, Sequence
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+from xml.parsers.expat import ExpatError
 
 # Errors that go away by themselves: a workflow step retries them with backoff.
 TRANSIENT_CODES = frozenset({
@@ -135,3 +142,105 @@ def sentence(code: str, params: Sequence[Any] = (), name: Namer = plain_name) ->
         return make(_Params(params, name))
     detail = ", ".join(str(p) for p in params or [])
     return f"XAPI refused the operation ({code}{': ' + detail if detail else ''})."
+
+
+# -- exceptions ----------------------------------------------------------------------------------
+
+
+class XapiError(Exception):
+    """A failure reported by XAPI (``code`` and ``params`` as in its ErrorDescription) or on the way to it."""
+
+    code: str
+    params: list[str]
+
+    def __init__(self, code: str, params: Sequence[Any] = (), message: str | None = None) -> None:
+        self.code = code
+        self.params = [str(p) for p in params]
+        self._message = message
+        super().__init__(code, *self.params)
+
+    def describe(self) -> str:
+        """A sentence an administrator understands (never a password)."""
+        return self._message or sentence(self.code, self.params)
+
+    @property
+    def transient(self) -> bool:
+        """Would the same call likely succeed a little later (a step retries it with backoff)?"""
+        return self.code in TRANSIENT_CODES
+
+    def __str__(self) -> str:
+        return self.describe()
+
+
+class XapiUnreachable(XapiError):
+    """The pool cannot be reached, or what answers is not a XAPI (network, timeout, TLS, HTTP)."""
+
+    transient = True
+
+
+class XapiAuthError(XapiError):
+    """The pool refused the credentials."""
+
+    transient = False
+
+
+_AUTH_CODES = {"SESSION_AUTHENTICATION_FAILED", "SESSION_AUTHORIZATION_FAILED"}
+
+
+def error_from_failure(details: Sequence[Any]) -> XapiError:
+    """The XapiError for a XAPI ErrorDescription ``[code, *params]``."""
+    code = str(details[0]) if details else "UNKNOWN_ERROR"
+    params = list(details[1:])
+    if code in _AUTH_CODES:
+        # Only the code: some servers echo the user name, none must echo more.
+        return XapiAuthError(code)
+    return XapiError(code, params)
+
+
+def safe_url(url: str) -> str:
+    """The URL without any user:password@ part, fit for messages and logs."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    netloc = parts.hostname or ""
+    if ":" in netloc:
+        netloc = f"[{netloc}]"
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def unreachable(url: str, exc: BaseException, timeout: float | None = None) -> XapiUnreachable:
+    """Turn a transport-level exception into a sentence that says what went wrong where."""
+    where = safe_url(url)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        reason = exc.verify_message or "certificate verify failed"
+        msg = (
+            f"The TLS certificate of {where} cannot be verified ({reason}). "
+            "If the pool uses a self-signed certificate, turn off TLS verification for it."
+        )
+    elif isinstance(exc, ssl.SSLError):
+        msg = f"The TLS handshake with {where} failed ({exc.reason or exc}). Is it an https:// address?"
+    elif isinstance(exc, ConnectionRefusedError):
+        msg = f"Nothing answers at {where} (connection refused)."
+    elif isinstance(exc, TimeoutError):
+        limit = f" within {timeout:g} s" if timeout else ""
+        msg = f"{where} did not answer{limit} (timed out)."
+    elif isinstance(exc, socket.gaierror):
+        msg = f"The host name of {where} cannot be resolved."
+    elif isinstance(exc, xmlrpc.client.ProtocolError):
+        msg = f"{where} answered HTTP {exc.errcode} {exc.errmsg}: is it the address of a XenServer / XCP-ng host?"
+    elif isinstance(exc, (ExpatError, http.client.HTTPException, xmlrpc.client.ResponseError, ValueError)):
+        msg = f"{where} does not answer like a XenServer / XCP-ng host."
+    elif isinstance(exc, ConnectionError):
+        msg = f"The connection to {where} was lost ({exc.strerror or type(exc).__name__})."
+    elif isinstance(exc, OSError):
+        msg = f"{where} cannot be reached ({exc.strerror or exc})."
+    else:
+        msg = f"{where} cannot be reached ({type(exc).__name__})."
+    return XapiUnreachable("UNREACHABLE", [where], message=msg)
+
+
+# Exceptions that mean "no usable XAPI at the other end" rather than a XAPI failure.
+TRANSPORT_ERRORS = (OSError, http.client.HTTPException, xmlrpc.client.ProtocolError, ExpatError,
+                     xmlrpc.client.ResponseError)
