@@ -79,6 +79,8 @@ class Host(XapiObject):
     hostname = models.CharField(max_length=255, blank=True)
     enabled = models.BooleanField(default=True)
     live = models.BooleanField(default=False)
+    # host_metrics.last_updated: for a host no longer live, when XAPI last heard from it (when it died).
+    last_heard_at = models.DateTimeField(null=True, blank=True)
     is_master = models.BooleanField(default=False)
     memory_total = models.BigIntegerField(default=0)
     memory_free = models.BigIntegerField(default=0)

@@ -37,6 +37,7 @@ from .sync_specs import (
     XAPI_CLASSES,
     Spec,
     to_bool,
+    to_datetime,
     to_int,
     to_map,
     to_str,
@@ -127,8 +128,8 @@ class PoolMirror:
         self.master_ref = ""
         self.pool_ref = ""
         self.pool_values: tuple = ()
-        # metrics ref -> (live, memory_total, memory_free) / carrier
-        self.host_metrics: dict[str, tuple[bool, int, int]] = {}
+        # metrics ref -> (live, memory_total, memory_free, last_updated) / carrier
+        self.host_metrics: dict[str, tuple[bool, int, int, Any]] = {}
         self.pif_metrics: dict[str, bool] = {}
         # Raw host and PIF records, to rebuild their rows when only their metrics change.
         self.records: dict[str, dict[str, dict]] = {"host": {}, "pif": {}}
@@ -179,8 +180,9 @@ class PoolMirror:
                 self.by_metrics[cls].pop(old.get("metrics", ""), None)
 
     @staticmethod
-    def _host_metrics_of(record: dict) -> tuple[bool, int, int]:
-        return (to_bool(record.get("live")), to_int(record.get("memory_total")), to_int(record.get("memory_free")))
+    def _host_metrics_of(record: dict) -> tuple[bool, int, int, Any]:
+        return (to_bool(record.get("live")), to_int(record.get("memory_total")), to_int(record.get("memory_free")),
+                to_datetime(record.get("last_updated")))
 
     def _pool_fields(self, record: dict) -> dict[str, Any]:
         return {

@@ -8,6 +8,7 @@ writes the rows.
 """
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -42,7 +43,7 @@ RECORD_FIELDS: dict[str, tuple[str, ...]] = {
     "pool": ("uuid", "name_label", "master", "ha_enabled", "ha_host_failures_to_tolerate", "ha_plan_exists_for",
              "ha_overcommitted", "ha_allow_overcommit", "ha_configuration"),
     "host": ("uuid", "name_label", "name_description", "address", "hostname", "enabled", "cpu_info", "metrics"),
-    "host_metrics": ("uuid", "live", "memory_total", "memory_free"),
+    "host_metrics": ("uuid", "live", "memory_total", "memory_free", "last_updated"),
     "sr": ("uuid", "name_label", "name_description", "type", "content_type", "shared", "physical_size",
            "physical_utilisation"),
     "pbd": ("uuid", "host", "SR", "currently_attached"),
@@ -79,6 +80,18 @@ def to_bool(value: Any) -> bool:
     return str(value).lower() in ("true", "1")
 
 
+def to_datetime(value: Any) -> dt.datetime | None:
+    """An XAPI dateTime (``YYYYMMDDTHH:MM:SSZ``, as XML-RPC's DateTime or JSON-RPC's string), or None."""
+    text = str(value or "").strip()
+    for fmt in ("%Y%m%dT%H:%M:%SZ", "%Y%m%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%SZ"):
+        try:
+            stamp = dt.datetime.strptime(text, fmt).replace(tzinfo=dt.UTC)
+        except ValueError:
+            continue
+        return stamp if stamp.year > 1970 else None  # xapi's "never" is the epoch
+    return None
+
+
 def to_str(value: Any) -> str:
     return "" if value is None else str(value)
 
@@ -103,7 +116,7 @@ class Spec:
 
 
 def _host_values(m: PoolMirror, ref: str, r: dict) -> dict[str, Any]:
-    live, total, free = m.host_metrics.get(r.get("metrics", ""), (False, 0, 0))
+    live, total, free, heard = m.host_metrics.get(r.get("metrics", ""), (False, 0, 0, None))
     return {
         "name_label": to_str(r.get("name_label")),
         "name_description": to_str(r.get("name_description")),
@@ -111,6 +124,7 @@ def _host_values(m: PoolMirror, ref: str, r: dict) -> dict[str, Any]:
         "hostname": to_str(r.get("hostname")),
         "enabled": to_bool(r.get("enabled")),
         "live": live,
+        "last_heard_at": heard,
         "is_master": ref == m.master_ref,
         "memory_total": total,
         "memory_free": free,

@@ -132,9 +132,12 @@ def _evaluate_plan(pool: Pool) -> bool:
 
 
 def _lost_since(pool: Pool, host: Host | None, now):
-    """When the host was found lost (the raise of its alert), to date a failover from; else now."""
+    """When the host was lost, to date a failover from: when XAPI last heard from it (its metrics'
+    last update, which stops when it dies), else when the console found it lost (its alert), else now."""
     if host is None:
         return now
+    if not host.live and host.last_heard_at is not None:
+        return min(host.last_heard_at, now)
     raised = alert_reads.open_alert_raised_at(condition=Condition.HOST_LOST, object_key=alert_key(host))
     return min(raised, now) if raised else now
 

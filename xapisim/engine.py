@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .api import Method, Registry, convert
-from .datamodel import MESSAGE_PRIORITIES, Record, now
+from .datamodel import MESSAGE_PRIORITIES, DateTime, Record, now
 from .errors import XapiError
 from .store import Store
 from .wire import xml_value
@@ -94,6 +94,8 @@ class Engine:
         self.pif_carrier_down: set[str] = set()
         self.pbd_failed: set[str] = set()
         self.death_timers: dict[str, threading.Timer] = {}
+        # When each crashed host was last heard from: what its host_metrics.last_updated keeps.
+        self.crashed_at: dict[str, DateTime] = {}
         # VM -> host it is being started/resumed/migrated on: memory reserved
         # there (what xapi shows as VM.scheduled_to_be_resident_on).
         self.reserved: dict[str, str] = {}

@@ -32,6 +32,7 @@ def crash(engine: Engine, host: str) -> bool:
         if host in engine.powered_off:
             return False
         engine.powered_off.add(host)
+        engine.crashed_at[host] = now()
         timeout = ha_timeout(engine)
         engine.death_timers[host] = engine.later(timeout, declare_dead, engine, host)
     log.info("host %s crashed; declared dead in %.1fs", host, timeout)
@@ -55,7 +56,8 @@ def declare_dead(engine: Engine, host: str) -> None:
         ha_on = pool["ha_enabled"]
         if ha_on:
             engine.message("HA_HOST_FAILED", "Host", h["uuid"], f"Server '{h['name_label']}' has failed")
-        s.update(h["metrics"], {"live": False, "last_updated": now()})
+        # As in xapi, last_updated is the last time the host was heard from (it stopped then), not now.
+        s.update(h["metrics"], {"live": False, "last_updated": engine.crashed_at.pop(host, None) or now()})
         s.update(host, {"allowed_operations": []})
         reset = [vm for vm in h["resident_VMs"] if not s.tables["VM"][vm]["is_control_domain"]]
         for vm in reset:
