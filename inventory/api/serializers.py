@@ -50,6 +50,8 @@ class PoolSerializer(serializers.ModelSerializer):
     vm_count = serializers.IntegerField(
         read_only=True, help_text="VMs of the pool, without templates, control domains and snapshots"
     )
+    # A URLField would be documented as a URI, which the empty value (no master found yet) is not.
+    master_url = serializers.CharField(read_only=True, help_text="Where the master was last found (empty until then)")
 
     class Meta:
         model = Pool
@@ -308,3 +310,14 @@ class NetworkDetailSerializer(NetworkSerializer):
     class Meta(NetworkSerializer.Meta):
         fields = [*NetworkSerializer.Meta.fields, "pifs"]
         read_only_fields = fields
+
+
+class VMPowerSerializer(serializers.Serializer):
+    action = serializers.ChoiceField(choices=sorted(services.POWER_ACTIONS),
+                                     help_text="start (from Halted) or shutdown (clean, from Running)")
+
+
+class VMPowerQueuedSerializer(serializers.Serializer):
+    vm = serializers.IntegerField()
+    action = serializers.CharField()
+    detail = serializers.CharField()

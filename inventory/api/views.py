@@ -6,9 +6,12 @@ number of queries whatever its size.
 
 from django.db.models import Count, IntegerField, OuterRef, Prefetch, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce
-from drf_spectacular.utils import extend_schema, extend_schema_view
-from rest_framework import viewsets
+from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
+from rest_framework import status, viewsets
+from rest_framework.decorators import action
+from rest_framework.response import Response
 
+from eac.errors import client_ip
 from eac.permissions import CanViewInventoryOrAdministrator
 from inventory import services
 from inventory.filtersets import HostFilterSet, NetworkFilterSet, PoolFilterSet, SRFilterSet, VMFilterSet
@@ -129,6 +132,21 @@ class VMViewSet(_DetailViewSetMixin, viewsets.ReadOnlyModelViewSet):
             Prefetch("vbds", queryset=VBD.objects.select_related("vdi__sr")),
             Prefetch("vifs", queryset=VIF.objects.select_related("network")),
         )
+
+    @extend_schema(request=serializers.VMPowerSerializer,
+                   responses={202: serializers.VMPowerQueuedSerializer, 400: None, 403: None, 404: None,
+                              409: OpenApiResponse(description="The VM is not in the power state the action needs")})
+    @action(detail=True, methods=["post"])
+    def power(self, request, pk=None):
+        """Start or cleanly shut down the VM (Administrators). Queued for a worker (202): XAPI may still
+        refuse it, and the VM's events (its page, the audit log) then say why."""
+        vm = self.get_object()
+        data = serializers.VMPowerSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        services.vm_power_request(vm=vm, action=data.validated_data["action"], requested_by=request.user,
+                                  via="api", remote_addr=client_ip(request))
+        return Response({"vm": vm.pk, "action": data.validated_data["action"], "detail": "Queued for a worker."},
+                        status=status.HTTP_202_ACCEPTED)
 
 
 class SRViewSet(_DetailViewSetMixin, viewsets.ReadOnlyModelViewSet):
