@@ -1,6 +1,8 @@
 """One FilterSet for alerts, shared by the REST API and the alerts page."""
 import django_filters
 
+from eac.filters import BooleanFilter, IdFilter
+
 from .choices import AlertState, Condition
 from .models import Alert
 
@@ -8,8 +10,9 @@ from .models import Alert
 class AlertFilterSet(django_filters.FilterSet):
     state = django_filters.ChoiceFilter(choices=AlertState.choices)
     condition = django_filters.MultipleChoiceFilter(choices=Condition.choices)
-    pool = django_filters.NumberFilter(field_name="pool_id")
-    acknowledged = django_filters.BooleanFilter(field_name="acknowledged_at", lookup_expr="isnull", exclude=True)
+    pool = IdFilter(field_name="pool_id", help_text="Pool id")
+    acknowledged = BooleanFilter(field_name="acknowledged_at", lookup_expr="isnull", exclude=True,
+                                 help_text="true: acknowledged alerts only; false: those not acknowledged")
 
     class Meta:
         model = Alert

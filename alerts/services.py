@@ -166,7 +166,19 @@ def _deliveries_create(alert: Alert, kind: str) -> None:
 def _enqueue(delivery: Delivery) -> None:
     from .tasks import delivery_send as delivery_send_task
 
-    delivery_send_task.delay_on_commit(delivery.pk)
+    pk = delivery.pk
+
+    # Not delay_on_commit: with the broker down, its error would escape the commit of the alert (already
+    # written) into the caller, and skip the hooks after it (the other mails, the pages' updates). The row
+    # stays pending instead, and delivery_sweep sends it once the broker is back.
+    def enqueue() -> None:
+        try:
+            delivery_send_task.delay(pk)
+        except Exception as exc:
+            log.warning("alert mail %s to %s: not queued (%s: %s); the delivery sweep will send it", pk,
+                        delivery.email, type(exc).__name__, exc)
+
+    transaction.on_commit(enqueue)
 
 
 # -- recipients -----------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.paginator import Paginator
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
-from django.views.decorators.http import require_http_methods, require_POST
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from eac.errors import client_ip, validation_sentence
 from eac.permissions import user_can_acknowledge, user_is_administrator, viewer_required
@@ -20,6 +20,7 @@ from .models import Alert, Recipient
 
 
 @viewer_required
+@require_GET
 def alert_list(request: HttpRequest) -> HttpResponse:
     data = request.GET.copy()
     data.setdefault("state", AlertState.OPEN)

@@ -1,7 +1,9 @@
 """Live updates of the console: one WebSocket per open page, at ``/ws/live/``.
 
 The consumer refuses anonymous users and users who may see no pool, and joins the
-channel-layer group of each pool the user may see (``pools_visible_to``). The watcher
+channel-layer group of each pool the user may see (``pools_visible_to``), and ``pools.all``, where
+``pools.change`` says that a pool was registered or removed: the socket then joins or leaves that pool's
+group and the page resyncs. The watcher
 emits ``inventory.change`` (one object added, modified or deleted) and ``inventory.resync``
 (a pool was read again from scratch) to those groups after commit, protection emits
 ``protection.change`` (a VM's protection changed) and alerts ``alerts.change``; the consumer renders
@@ -10,11 +12,13 @@ templates the views use, and sends them for htmx to swap in by id.
 
 The page tells the consumer what it shows with small JSON messages:
 ``{"view": "vms" | "vm:<uuid>" | "host:<uuid>" | "pool:<pk>" | "home", "open": [tree keys],
-"rows": [VM uuids in the table], "rendered_at": <epoch seconds of the page's render>}``.
+"rows": [VM uuids in the table], "query": the table's query string, "total": how many rows match,
+"rendered_at": <epoch seconds of the page's render>}``. After a batch that touches VMs the table shows, the
+consumer re-runs its query and, when rows entered, left or moved, sends ``refresh-table`` (``live_table``).
 
 Events that arrive while a batch renders are coalesced into the next batch; each batch
 costs a fixed handful of queries whatever its size. The reads are shared by all the
-sockets of the process (``SharedReads``): with twenty open pages one change is read and
+sockets of the process (``console.reads.SharedReads``): with twenty open pages one change is read and
 rendered once, not twenty times.
 """
 from __future__ import annotations
@@ -24,14 +28,20 @@ import datetime as dt
 import logging
 import re
 import time
-import weakref
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Iterable
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.db.models import Q
 
-from eac.permissions import pools_visible_to, user_can_change_protection, user_can_view, user_can_view_inventory
-from eac.realtime import ALERTS_GROUP, client_message, pool_group
+from eac.permissions import (
+    pools_visible_to,
+    socket_user_now,
+    user_can_change_protection,
+    user_can_view,
+    user_can_view_inventory,
+)
+from eac.realtime import ALERTS_GROUP, CLOSE_FORBIDDEN, POOLS_GROUP, client_message, pool_group, user_group
 from inventory.models import VM, Host, Pool
 from protection.selectors import vm_status_counts
 
@@ -39,11 +49,11 @@ from . import details
 from . import nodes as sel
 from . import tree as ui
 from .context_processors import open_alerts_count
+from .live_table import LiveTable
+from .reads import MISSING, SharedReads, shared_reads
 
 log = logging.getLogger(__name__)
 
-# Close code for a socket whose user may not see the inventory (the page does not retry).
-CLOSE_FORBIDDEN = 4403
 MAX_MESSAGE = 64 * 1024
 MAX_ITEMS = 1000
 VIEW_RE = re.compile(r"^(home|vms|vm:[0-9a-f-]{36}|host:[0-9a-f-]{36}|pool:\d{1,18})$")
@@ -52,91 +62,8 @@ UUID_RE = re.compile(r"^[0-9a-f-]{36}$")
 DETAIL_CLASSES = {"vm", "host", "pif", "pbd", "sr", "vbd", "vif", "vdi", "network", "pool", "protection"}
 # Classes whose uuid is a VM's: a protection change re-renders its VM (tree items, row, page).
 VM_CLASSES = ("vm", "protection")
-MISSING = object()
 # How long the first event of a batch waits for the rest of a burst (part of the 250 ms budget).
 COALESCE_SECONDS = 0.005
-
-
-class SharedReads:
-    """Database reads shared by the consumers of one event loop.
-
-    A read serves a consumer if it starts after the consumer received the event that asked
-    for it: the watcher emits after commit, so such a read sees the change. A new read is
-    scheduled ``GATHER`` seconds ahead; consumers that ask for the same kind of read before
-    it starts add their keys to it, so the sockets of a process that got the same change a
-    few milliseconds apart cause one query. A consumer that goes away cancels nothing.
-    """
-
-    GATHER = 0.008
-    TTL = 10.0
-
-    def __init__(self) -> None:
-        self._entries: dict[Hashable, tuple[float, asyncio.Future]] = {}
-        self._gathering: dict[Callable, tuple[float, set, asyncio.Future]] = {}
-        self._pruned = time.monotonic()
-
-    async def get_many(self, keys: Iterable[Hashable], since: float, fetch: Callable[[list], dict]) -> dict:
-        self._prune()
-        waits: list[tuple[Hashable, asyncio.Future]] = []
-        missing: list[Hashable] = []
-        for key in keys:
-            entry = self._entries.get(key)
-            if entry is not None and entry[0] >= since:
-                waits.append((key, entry[1]))
-            else:
-                missing.append(key)
-        if missing:
-            gathering = self._gathering.get(fetch)
-            if gathering is None or gathering[2].done():
-                start_at = max(time.monotonic(), since) + self.GATHER
-                gathering = (start_at, set(), asyncio.ensure_future(self._read_at(start_at, fetch)))
-                self._gathering[fetch] = gathering
-            start_at, gathered, future = gathering
-            gathered.update(missing)
-            for key in missing:
-                self._entries[key] = (start_at, future)
-            waits += [(key, future) for key in missing]
-        results = {}
-        for key, future in waits:
-            data = await asyncio.shield(future)
-            results[key] = data.get(key, MISSING)
-        return results
-
-    async def _read_at(self, start_at: float, fetch: Callable[[list], dict]) -> dict:
-        await asyncio.sleep(max(0.0, start_at - time.monotonic()))
-        keys = self._gathering[fetch][1]
-        del self._gathering[fetch]  # from now on a new read is needed: this one may have started
-        return await database_sync_to_async(fetch)(list(keys))
-
-    async def get(self, key: Hashable, since: float, fetch: Callable[[], object]) -> object:
-        result = await self.get_many([key], since, _single(key, fetch))
-        return result[key]
-
-    def _prune(self) -> None:
-        now = time.monotonic()
-        if now - self._pruned < 1.0:
-            return
-        self._pruned = now
-        stale = [k for k, (started, fut) in self._entries.items() if now - started > self.TTL and fut.done()]
-        for key in stale:
-            fut = self._entries.pop(key)[1]
-            if not fut.cancelled():
-                fut.exception()  # retrieved: no "exception never retrieved" warning
-
-
-def _single(key: Hashable, fetch: Callable[[], object]) -> Callable[[list], dict]:
-    return lambda keys: {key: fetch()}
-
-
-_shared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def shared_reads() -> SharedReads:
-    loop = asyncio.get_running_loop()
-    reads = _shared.get(loop)
-    if reads is None:
-        reads = _shared[loop] = SharedReads()
-    return reads
 
 
 def _visible_pools(user) -> dict[str, int] | None:
@@ -187,6 +114,9 @@ class LiveConsumer(AsyncWebsocketConsumer):
         if user is None or not user.is_authenticated:
             await self.close()  # before accept: the handshake is refused
             return
+        # pools.all before the pools are read: a pool registered meanwhile is not missed.
+        self.joined = [POOLS_GROUP]
+        await self.channel_layer.group_add(POOLS_GROUP, self.channel_name)
         pools = await database_sync_to_async(_visible_pools)(user)
         if pools is None:
             await self.close()
@@ -194,12 +124,15 @@ class LiveConsumer(AsyncWebsocketConsumer):
         self.user = user
         self.pools: dict[str, int] = pools
         self.can_view_protection, self.can_change = await database_sync_to_async(_roles)(user)
-        self.joined = [pool_group(uuid) for uuid in pools] + [ALERTS_GROUP]
-        for group in self.joined:
+        # user.<pk>: access.change when the user's rights change while the page is open.
+        groups = [pool_group(uuid) for uuid in pools] + [ALERTS_GROUP, user_group(user.pk)]
+        for group in groups:
             await self.channel_layer.group_add(group, self.channel_name)
+        self.joined += groups
         self.view = ""
         self.view_pool: int | None = None  # the pool of the object the page shows
         self.rows: set[str] = set()
+        self.table = LiveTable()  # the VM table's query, rows and count, when the page shows it
         self.open: set[str] = set()
         self.sent: dict[str, object] = {}  # DOM id -> the data of the fragment last sent
         self.status_counts: dict[int, dict[str, int]] = {}  # pool id -> the summary's counts
@@ -227,8 +160,14 @@ class LiveConsumer(AsyncWebsocketConsumer):
             self.view_pool = await database_sync_to_async(self._pool_of_view)()
         if isinstance(message.get("open"), list):
             self.open = {k for k in message["open"][:MAX_ITEMS] if isinstance(k, str) and ui.KEY_RE.match(k)}
+        rows = None
         if isinstance(message.get("rows"), list):
-            self.rows = {r for r in message["rows"][:MAX_ITEMS] if isinstance(r, str) and UUID_RE.match(r)}
+            rows = [r for r in message["rows"][:MAX_ITEMS] if isinstance(r, str) and UUID_RE.match(r)]
+            self.rows = set(rows)
+        if self.view == "vms":
+            self.table.read(message, rows)
+        else:
+            self.table = LiveTable()
         rendered_at = message.get("rendered_at")
         if isinstance(rendered_at, int | float) and not self.sent:
             if await database_sync_to_async(self._changed_since)(rendered_at):
@@ -248,12 +187,16 @@ class LiveConsumer(AsyncWebsocketConsumer):
         return None
 
     def _changed_since(self, rendered_at: float) -> bool:
-        """Did a visible pool change between the page's render and this socket's opening?"""
+        """Did a visible pool change, or get registered or synced, between the page's render and this socket's
+        opening?"""
         try:
             since = dt.datetime.fromtimestamp(rendered_at, tz=dt.UTC)
         except (OverflowError, OSError, ValueError):
             return True
-        return Pool.objects.filter(pk__in=self.pools.values(), last_event_at__gt=since).exists()
+        return Pool.objects.filter(
+            Q(last_event_at__gt=since) | Q(created_at__gt=since) | Q(last_sync_at__gt=since),
+            pk__in=self.pools.values(),
+        ).exists()
 
     # -- what the channel layer brings -----------------------------------------------------------
 
@@ -279,9 +222,46 @@ class LiveConsumer(AsyncWebsocketConsumer):
             self.status_counts.pop(self.pools[event["pool"]], None)
             await self.send(text_data=ui.control("resync"))
 
+    async def pools_change(self, event: dict) -> None:
+        """A pool was registered, got its uuid, changed or was removed: join the groups of the pools the user may
+        see now and leave the others. When they differ from the page's, the page resyncs: a new pool's header
+        chip and tree node come with it, a removed one's go."""
+        if not hasattr(self, "user"):
+            return  # a socket being refused: it joined pools.all before its user was checked
+        pools = await database_sync_to_async(_visible_pools)(self.user) or {}
+        if pools == self.pools:
+            return
+        for uuid in pools.keys() - self.pools.keys():
+            await self.channel_layer.group_add(pool_group(uuid), self.channel_name)
+            self.joined.append(pool_group(uuid))
+        for uuid in self.pools.keys() - pools.keys():
+            await self.channel_layer.group_discard(pool_group(uuid), self.channel_name)
+            self.joined.remove(pool_group(uuid))
+            self.pending.pop(uuid, None)
+            self.status_counts.pop(self.pools[uuid], None)
+        self.pools = pools
+        self.view_pool = await database_sync_to_async(self._pool_of_view)()
+        self.sent.clear()  # the page is rebuilt: the next batch sends every label
+        await self.send(text_data=ui.control("resync"))
+
     async def alerts_change(self, event: dict) -> None:
         count = await database_sync_to_async(open_alerts_count)(self.user)
         await self.send(text_data=ui.alerts_counter(count, self.can_view_protection))
+
+    async def access_change(self, event: dict) -> None:
+        """The user's groups, permissions or account changed: the rule of ``connect`` again, on the user as
+        the database has them now. No longer allowed: the socket closes (4403, the page stops retrying).
+        Allowed with other rights: the page resyncs, rendered for what the user may do now."""
+        user = await socket_user_now(self.scope)
+        if await database_sync_to_async(_visible_pools)(user) is None:
+            await self.close(code=CLOSE_FORBIDDEN)
+            return
+        roles = await database_sync_to_async(_roles)(user)
+        self.user = self.scope["user"] = user
+        if roles != (self.can_view_protection, self.can_change):
+            self.can_view_protection, self.can_change = roles
+            self.sent.clear()
+            await self.send(text_data=ui.control("resync"))
 
     # -- rendering ---------------------------------------------------------------------------------
 
@@ -291,16 +271,18 @@ class LiveConsumer(AsyncWebsocketConsumer):
             await asyncio.sleep(COALESCE_SECONDS)
             batch, since = self.pending, self.pending_at
             self.pending = {}
-            try:
-                messages = await self._render(batch, since)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("live: could not render a batch of changes; asking the page to resync")
-                messages = [ui.control("resync")]
-            for text in messages:
-                if text:
-                    await self.send(text_data=text)
+            # The batch's fragments first; then whether rows entered or left the table (a query).
+            for step in (self._render, self._table_change):
+                try:
+                    messages = await step(batch, since)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("live: could not render a batch of changes; asking the page to resync")
+                    messages = [ui.control("resync")]
+                for text in messages:
+                    if text:
+                        await self.send(text_data=text)
 
     def _labels(self, overviews: dict[int, sel.PoolOverview]) -> list[tuple[str, object, Callable[[object], str]]]:
         """(DOM id, data, renderer) of every label the page may show: pools (header, tree, home
@@ -353,7 +335,7 @@ class LiveConsumer(AsyncWebsocketConsumer):
         overviews, nodes = await asyncio.gather(
             self._read_labels(since, moved), reads.get_many(vm_keys, since, _vm_nodes) if vm_keys else _nothing()
         )
-        if any(self.pools[pool_uuid] not in overviews for pool_uuid in batch):
+        if any(self.pools.get(pool_uuid) not in overviews for pool_uuid in batch):
             return [ui.control("resync")]  # a pool was removed: the page is rebuilt without it
         host_pool = {host.key: pk for pk, ov in overviews.items() for host in ov.hosts}
         for dom_id, data, render in self._labels(overviews):
@@ -383,6 +365,16 @@ class LiveConsumer(AsyncWebsocketConsumer):
         if rows:
             parts.append(ui.table_rows("".join(rows)))
         return ["".join(parts)]
+
+    async def _table_change(self, batch: dict, since: float) -> list[str]:
+        """``refresh-table`` when the batch changed which rows the page's table shows, in which order, or how many
+        match (``console.live_table``)."""
+        if self.view != "vms" or not self.table.affected_by(batch, self.pools):
+            return []
+        if not await self.table.changed(user=self.user, pools=self.pools, since=since, reads=shared_reads()):
+            return []
+        self.rows = set(self.table.rows)
+        return [ui.control("refresh-table")]
 
     async def _detail(self, batch: dict, since: float, reads: SharedReads) -> str:
         """The panel of the object the page shows, when this batch may have changed it."""

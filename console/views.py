@@ -18,10 +18,10 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
 from eac.errors import Conflict, client_ip, validation_sentence
+from eac.filters import MAX_ID
 from eac.permissions import pools_visible_to, user_can_change_protection, user_can_view_inventory
 from inventory import services
 from inventory.choices import PowerState
-from inventory.models import Host
 from protection.choices import SummaryGroup
 
 from . import details, table
@@ -48,41 +48,30 @@ def home(request: HttpRequest) -> HttpResponse:
     return render(request, "console/home.html", {"title": "Overview", "current": "home"})
 
 
-DEFAULT_PER_PAGE = 50
-FILTER_FIELDS = ("name", "power_state", "host", "status", "pool")
-
-
 @console_page
 def vm_list(request: HttpRequest) -> HttpResponse:
     user = request.user
-    visible_hosts = Host.objects.filter(pool__in=pools_visible_to(user)).select_related("pool")
-    filterset = table.VMTableFilterSet(request.GET, queryset=table.vm_table_queryset(user=user), request=request)
-    filterset.filters["host"].queryset = visible_hosts
-    filterset.form.is_valid()  # invalid filters are left out of the query; the page says which
-    ignored = sorted(filterset.form.errors)
+    query = table.vm_table_query(user=user, params=request.GET)
+    ignored, sort, per_page = query.ignored, query.sort, query.per_page
     values = {
         name: request.GET.get(name, "").strip()
-        for name in FILTER_FIELDS
+        for name in table.FILTER_FIELDS
         if name not in ignored and request.GET.get(name, "").strip()
     }
-    sort, ordering = table.vm_table_ordering(request.GET.get("sort"))
-    try:
-        per_page = int(request.GET.get("per_page", DEFAULT_PER_PAGE))
-    except ValueError:
-        per_page = DEFAULT_PER_PAGE
-    if per_page not in table.TABLE_PAGE_SIZES:
-        per_page = DEFAULT_PER_PAGE
-    page = Paginator(filterset.qs.order_by(*ordering), per_page).get_page(request.GET.get("page"))
+    page = Paginator(query.rows, per_page).get_page(request.GET.get("page"))
+    # What the table shows, with the page the paginator settled on: the live consumer re-runs it (eac.js).
+    shown = request.GET.copy()
+    shown["page"] = str(page.number)
 
     columns = []
     for key, label in table.TABLE_COLUMNS:
-        query = request.GET.copy()
-        query.pop("page", None)
+        query_string = request.GET.copy()
+        query_string.pop("page", None)
         state = "ascending" if sort == key else "descending" if sort == f"-{key}" else ""
-        query["sort"] = f"-{key}" if state == "ascending" else key
-        columns.append({"key": key, "label": label, "sorted": state, "href": "?" + query.urlencode()})
+        query_string["sort"] = f"-{key}" if state == "ascending" else key
+        columns.append({"key": key, "label": label, "sorted": state, "href": "?" + query_string.urlencode()})
 
-    hosts = list(visible_hosts.order_by("pool__name", "name_label"))
+    hosts = list(query.hosts.order_by("pool__name", "name_label"))
     several_pools = len({h.pool_id for h in hosts}) > 1
     context = dict(
         title="Virtual machines",
@@ -93,7 +82,8 @@ def vm_list(request: HttpRequest) -> HttpResponse:
         columns=columns,
         sort=sort,
         per_page=per_page,
-        default_per_page=DEFAULT_PER_PAGE,
+        default_per_page=table.DEFAULT_PER_PAGE,
+        table_query=shown.urlencode(),
         values=values,
         filtered=bool(values),
         ignored=ignored,
@@ -162,6 +152,8 @@ def tree_children(request: HttpRequest, key: str) -> HttpResponse:
         return HttpResponseBadRequest("offset must be a whole number")
     if offset < 0:
         return HttpResponseBadRequest("offset must not be negative")
+    if offset > MAX_ID:  # the database's OFFSET is a 64-bit integer: a larger one was a 500
+        return HttpResponseBadRequest(f"offset must be at most {MAX_ID}")
     children = sel.tree_children(pools=pools_visible_to(request.user), key=key, offset=offset)
     if children is None:
         raise Http404("No such tree node")

@@ -15,8 +15,12 @@ from __future__ import annotations
 
 from functools import wraps
 
+from channels.auth import get_user
+from channels.db import database_sync_to_async
 from django.apps import apps
+from django.contrib.auth import get_user_model
 from django.contrib.auth.decorators import login_required
+from django.contrib.auth.models import AnonymousUser
 from django.core.exceptions import PermissionDenied
 from django.db.models import Q, QuerySet
 from django.views.decorators.cache import never_cache
@@ -83,6 +87,21 @@ def pools_visible_to(user) -> QuerySet:
     return pool.objects.all() if user_can_view_inventory(user) else pool.objects.none()
 
 
+async def socket_user_now(scope: dict):
+    """The user of a WebSocket as the database has them now (the scope's user was read at connect, with
+    the rights cached on it): through the session when the scope has one, so a changed password, an inactive
+    or deleted account all give AnonymousUser, as they would on the next page; else by primary key."""
+    if "session" in scope:
+        return await get_user(scope)
+    return await database_sync_to_async(_user_reloaded)(scope.get("user"))
+
+
+def _user_reloaded(user):
+    pk = getattr(user, "pk", None)
+    found = get_user_model()._default_manager.filter(pk=pk, is_active=True).first() if pk is not None else None
+    return found or AnonymousUser()
+
+
 # -- pages ------------------------------------------------------------------------------------------
 
 
@@ -106,6 +125,15 @@ viewer_required = page_requires(user_can_view, "Only Administrators and Operator
 
 
 # -- the REST API -----------------------------------------------------------------------------------
+
+
+class CanViewInventory(BasePermission):
+    """The API's default (the root, the schema and its docs): nothing for a user who may see nothing."""
+
+    message = "Only users who may see the inventory can use the API."
+
+    def has_permission(self, request, view) -> bool:
+        return user_can_view_inventory(request.user)
 
 
 class CanViewInventoryOrAdministrator(BasePermission):

@@ -19,6 +19,9 @@ Message = tuple[str, dict]
 # -- groups (names allow [a-z0-9._-]) -----------------------------------------------------------------
 
 ALERTS_GROUP = "alerts.all"  # alerts.change: an alert opened, closed or was acknowledged
+POOLS_GROUP = "pools.all"  # pools.change: a pool was registered, changed or removed (every open page)
+# The close code of a socket whose user may not (or may no longer) see what it streams: pages do not retry.
+CLOSE_FORBIDDEN = 4403
 
 
 def pool_group(pool_uuid: str) -> str:
@@ -29,6 +32,11 @@ def pool_group(pool_uuid: str) -> str:
 def run_group(run_id: int) -> str:
     """One workflow run's progress: protection.progress."""
     return f"workflow.{run_id}"
+
+
+def user_group(user_id: int) -> str:
+    """Every open socket of one user: access.change."""
+    return f"user.{user_id}"
 
 
 # -- messages: each event type is built here, handled by a consumer method of the same name ------------
@@ -49,12 +57,24 @@ def protection_change(*, pool: str, vm: str) -> Message:
     return pool_group(pool), {"type": "protection.change", "pool": pool, "vm": vm}
 
 
+def pools_change(*, pool: str, op: str = "mod") -> Message:
+    """Pool ``pool`` (uuid) was registered, got its uuid, changed or was removed (op: add, mod, del): open pages
+    join the groups of the pools their user may see now, and leave the others."""
+    return POOLS_GROUP, {"type": "pools.change", "pool": pool, "op": op}
+
+
 def protection_progress(*, run: int) -> Message:
     return run_group(run), {"type": "protection.progress", "run": run}
 
 
 def alerts_change(*, alert: int) -> Message:
     return ALERTS_GROUP, {"type": "alerts.change", "alert": alert}
+
+
+def access_change(*, user: int) -> Message:
+    """What ``user`` may see or do may have changed (groups, permissions, account): their sockets look again
+    and close, or re-render with what is left."""
+    return user_group(user), {"type": "access.change", "user": user}
 
 
 def emit(message: Message) -> None:

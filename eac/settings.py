@@ -4,9 +4,11 @@ With nothing set, eAC runs as the embedded demo: SQLite under var/, Redis on
 127.0.0.1:6379, mail printed to the console. Production sets DEBUG=0 and
 SECRET_KEY, EAC_ENCRYPTION_KEY, DATABASE_URL, ALLOWED_HOSTS, EMAIL_URL.
 """
+from datetime import timedelta
 from pathlib import Path
 
 import environ
+from csp.constants import NONE, SELF
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -76,6 +78,7 @@ INSTALLED_APPS = [
     "django_htmx",
     "channels",
     "django_celery_beat",
+    "axes",
     "eac",
     "inventory",
     "protection",
@@ -86,6 +89,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
+    "eac.middleware.ContentSecurityPolicyMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -93,6 +97,8 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    # Last, as django-axes asks: it turns a login refused during a lock-out into the lock-out page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "console.urls"
@@ -151,6 +157,21 @@ LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "login"
 
+# Login throttling (django-axes): after EAC_LOGIN_FAILURE_LIMIT failed logins for one user name from one
+# address, that pair is refused for EAC_LOGIN_LOCKOUT_MINUTES, even with the right password (each further
+# try starts the wait again). Administrators see the attempts, and can delete one to lift a lock-out, in
+# the admin (Axes). The backend goes first so that a locked-out pair never reaches the password check.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env.int("EAC_LOGIN_FAILURE_LIMIT", default=5)
+AXES_COOLOFF_TIME = timedelta(minutes=env.float("EAC_LOGIN_LOCKOUT_MINUTES", default=15))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
+AXES_CLIENT_IP_CALLABLE = "eac.errors.client_ip"  # the address the audit log records, by the same rule
+
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = env("TIME_ZONE", default="UTC")
 USE_I18N = True
@@ -179,11 +200,12 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # A view that names no permission (the API root) is for users who may see the inventory, not for any login.
+    "DEFAULT_PERMISSION_CLASSES": ["eac.permissions.CanViewInventory"],
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 100,
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "eac.api.AutoSchema",
     "EXCEPTION_HANDLER": "eac.api.exception_handler",
 }
 SPECTACULAR_SETTINGS = {
@@ -194,8 +216,9 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
-    # Anonymous users see nothing but the login page: the schema and the docs need a login too.
-    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
+    # Anonymous users see nothing but the login page, and a user with no role nothing more: the schema and
+    # the docs are for those who may use the API.
+    "SERVE_PERMISSIONS": ["eac.permissions.CanViewInventory"],
     # validatorUrl None: Swagger UI would otherwise send the schema to validator.swagger.io.
     "SWAGGER_UI_SETTINGS": {"deepLinking": True, "validatorUrl": None},
     # Tags and operation ids from the path after the version: "vms", "vms_list".
@@ -206,6 +229,10 @@ SPECTACULAR_SETTINGS = {
 # mid-task leaves it to be redelivered; workflows are idempotent and resumable.
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL)
 CELERY_RESULT_BACKEND = env("CELERY_RESULT_BACKEND", default=REDIS_URL)
+# Nothing reads a task's result (the database records every outcome), so none is kept. With results on, every
+# send also subscribes to its result's channel, and the first send of a process while Redis is down blocks ~20 s
+# in the result backend's reconnect loop (the watcher's thread, a web request) instead of failing at once.
+CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
@@ -237,7 +264,10 @@ CELERY_BEAT_SCHEDULE = {
         "task": "protection.tasks.protection_sweep",
         "schedule": env.float("EAC_SWEEP_INTERVAL", default=15.0),
     },
-    "alerts-delivery-sweep": {"task": "alerts.tasks.delivery_sweep", "schedule": 30.0},
+    "alerts-delivery-sweep": {
+        "task": "alerts.tasks.delivery_sweep",
+        "schedule": env.float("EAC_MAIL_SWEEP_INTERVAL", default=30.0),
+    },
 }
 
 # The watcher: how long one event.from call blocks, and the reconnect backoff.
@@ -246,6 +276,30 @@ EAC_RECONNECT_MAX_DELAY = env.float("EAC_RECONNECT_MAX_DELAY", default=30.0)
 EAC_XAPI_TIMEOUT = env.float("EAC_XAPI_TIMEOUT", default=60.0)
 # Above this many changed objects in one batch, pages get one "resync" instead of a message each.
 EAC_CHANGE_MESSAGES_MAX = env.int("EAC_CHANGE_MESSAGES_MAX", default=200)
+
+# Cookies: the session's is never readable by scripts; both stay on same-site requests. (The CSRF cookie
+# stays readable: Swagger UI reads it to send the token; the console's pages take it from the page.)
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+CSRF_COOKIE_SAMESITE = "Lax"
+
+# Content-Security-Policy (django-csp): scripts, styles and connections from the console's own origin only,
+# nothing inline (htmx is configured in base.html to need neither eval nor inline styles). The middleware
+# adds the WebSocket origin of the host serving the page to connect-src. img-src data: is for the SVG
+# icons of Swagger UI's and the admin's stylesheets.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF],
+        "style-src": [SELF],
+        "img-src": [SELF, "data:"],
+        "connect-src": [SELF],
+        "object-src": [NONE],
+        "base-uri": [SELF],
+        "form-action": [SELF],
+        "frame-ancestors": [NONE],
+    }
+}
 
 if HTTPS:
     SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=True)

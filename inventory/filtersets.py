@@ -5,9 +5,9 @@ Give a FilterSet ``request.GET`` (bound, even when empty): the VM defaults below
 """
 
 import django_filters
-from django import forms
-from django.core.exceptions import ValidationError
 from django.db.models import Q, QuerySet
+
+from eac.filters import BooleanFilter, IdChoiceFilter
 
 from .choices import ConnectionState, PowerState
 from .models import SR, VM, Host, Network, Pool
@@ -28,39 +28,8 @@ class CaseInsensitiveChoiceFilter(django_filters.ChoiceFilter):
     field_class = CaseInsensitiveChoiceField
 
 
-class StrictBooleanSelect(forms.NullBooleanSelect):
-    """Hands the raw value to the field: NullBooleanSelect alone turns a typo into "no filter"."""
-
-    def value_from_datadict(self, data, files, name):
-        return data.get(name)
-
-
-class StrictNullBooleanField(forms.NullBooleanField):
-    """true/false (also 1/0, yes/no, on/off); empty or the select's "unknown" means no filter; else an error."""
-
-    widget = StrictBooleanSelect
-    TRUE = frozenset({"true", "1", "yes", "on"})
-    FALSE = frozenset({"false", "0", "no", "off"})
-
-    def to_python(self, value):
-        if isinstance(value, bool) or value is None:
-            return value
-        text = str(value).strip().lower()
-        if text in ("", "unknown"):
-            return None
-        if text in self.TRUE:
-            return True
-        if text in self.FALSE:
-            return False
-        raise ValidationError("Enter true or false.", code="invalid")
-
-
-class BooleanFilter(django_filters.BooleanFilter):
-    field_class = StrictNullBooleanField
-
-
-def _pool_filter() -> django_filters.ModelChoiceFilter:
-    return django_filters.ModelChoiceFilter(queryset=Pool.objects.all(), help_text="Pool id")
+def _pool_filter() -> IdChoiceFilter:
+    return IdChoiceFilter(queryset=Pool.objects.all(), help_text="Pool id")
 
 
 def _name_filter() -> django_filters.CharFilter:
@@ -106,7 +75,7 @@ class VMFilterSet(django_filters.FilterSet):
     }
 
     pool = _pool_filter()
-    host = django_filters.ModelChoiceFilter(
+    host = IdChoiceFilter(
         field_name="resident_on", queryset=Host.objects.all(), help_text="Id of the host the VM is resident on"
     )
     power_state = CaseInsensitiveChoiceFilter(choices=PowerState.choices, help_text="Any case: running or Running")

@@ -15,7 +15,7 @@ from django.db import transaction
 from eac.audit import AuditAction, audit_record
 from eac.errors import Conflict
 from eac.permissions import user_can_change_protection
-from eac.realtime import emit, inventory_change
+from eac.realtime import emit, emit_many, inventory_change, pools_change
 
 from .choices import ConnectionState, PowerState
 from .models import VM, Pool
@@ -96,9 +96,12 @@ def _check_unique(*, name: str | None, uuid: str | None, exclude_pk: int | None)
             raise ValidationError({"url": f"This pool is already registered, as {twin.name!r}."})
 
 
-def _announce(pool: Pool, op: str) -> None:
-    if pool.uuid:
-        emit(inventory_change(pool=pool.uuid, cls="pool", uuid=pool.uuid, op=op))
+def _announce(uuid: str, op: str, *, listing: bool = True) -> None:
+    """Tell the pages showing the pool (its group); with ``listing`` (registered, changed, removed), every open
+    page too, first: a page whose user may see a pool it does not show yet joins its group and resyncs."""
+    if uuid:
+        listed = [pools_change(pool=uuid, op=op)] if listing else []
+        emit_many([*listed, inventory_change(pool=uuid, cls="pool", uuid=uuid, op=op)])
 
 
 def pool_create(*, name: str, url: str, username: str, password: str, verify_tls: bool = True,
@@ -121,7 +124,7 @@ def pool_create(*, name: str, url: str, username: str, password: str, verify_tls
             name=name, url=url, username=username, password=password, verify_tls=verify_tls,
             uuid=probe.uuid, ref=probe.ref, name_label=probe.name_label, master_url=probe.master_url,
         )
-        _announce(pool, "add")
+        _announce(pool.uuid, "add")
     log.info("pool %s added (uuid %s, master %s)", pool.name, pool.uuid, safe_url(pool.master_url))
     return pool
 
@@ -166,7 +169,7 @@ def pool_update(*, pool: Pool, name: str | None = None, url: str | None = None, 
         current.name, current.url, current.username = new_name, new_url, new_username
         current.password, current.verify_tls = new_password, new_verify
         current.save()
-        _announce(current, "mod")
+        _announce(current.uuid, "mod")
     # The caller's instance reflects what was saved.
     for f in Pool._meta.concrete_fields:
         setattr(pool, f.attname, getattr(current, f.attname))
@@ -179,8 +182,7 @@ def pool_delete(*, pool: Pool) -> None:
     uuid, name = pool.uuid, pool.name
     with transaction.atomic():
         pool.delete()
-        if uuid:
-            emit(inventory_change(pool=uuid, cls="pool", uuid=uuid, op="del"))
+        _announce(uuid, "del")
     log.info("pool %s deleted", name)
 
 
@@ -196,7 +198,7 @@ def pool_connection_state_set(*, pool: Pool, state: str, error: str = "") -> boo
         updated = Pool.objects.filter(pk=pool.pk).update(connection_state=state, last_error=error)
         pool.connection_state, pool.last_error = state, error
         if updated:
-            _announce(pool, "mod")
+            _announce(pool.uuid, "mod", listing=False)  # the pages showing it re-render its labels
     return bool(updated)
 
 

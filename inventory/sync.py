@@ -26,7 +26,7 @@ from django.db import connection, models, transaction
 from django.db.models.functions import Concat
 from django.utils import timezone
 
-from eac.realtime import Message, emit_many, inventory_change, inventory_resync
+from eac.realtime import Message, emit_many, inventory_change, inventory_resync, pools_change
 
 from .models import Pool
 from .sync_specs import (
@@ -265,6 +265,9 @@ class PoolMirror:
             if pool.uuid and pool.uuid != pool_fields["uuid"]:
                 log.warning("pool %s: the pool at %s now has uuid %s (was %s); replacing its inventory",
                             pool.name, pool.master_url or pool.url, pool_fields["uuid"], pool.uuid)
+            # A pool that gets its uuid (or another one) is one open pages may now show: they join its group.
+            new_uuid = pool_fields["uuid"]
+            listing = [pools_change(pool=new_uuid, op="add")] if new_uuid and new_uuid != pool.uuid else []
             for name, value in pool_fields.items():
                 setattr(pool, name, value)
             pool.last_sync_at = now
@@ -308,7 +311,7 @@ class PoolMirror:
                 self._fill_pending(spec.cls, rows.keys())  # no message: a resync is announced as a whole
                 result.counts[spec.cls] = len(items)
                 result.changed += len(items)
-            emit_many([inventory_resync(pool=pool.uuid)])
+            emit_many([*listing, inventory_resync(pool=pool.uuid)])
         result.messages = 1
         return result
 

@@ -4,8 +4,10 @@ A ``PoolWatcher`` connects (following the master), does a full sync, then
 loops on ``event.from`` applying each batch; on any loss it reconnects with
 backoff and resyncs.  A ``Supervisor`` rereads the Pool table every few
 seconds: it starts a watcher for a new pool, stops the one of a deleted pool,
-and restarts one whose connection settings changed.  ``manage.py watch_pools``
-runs a Supervisor.
+and restarts one whose connection settings changed.  It watches a pool only while
+it holds the pool's lock (``watch_lock``), so that a second ``watch_pools``
+process waits instead of writing the same rows.  ``manage.py watch_pools`` runs a
+Supervisor.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from .models import Pool
 from .services import pool_connection_state_set
 from .signals import batch_committed
 from .sync import EVENT_CLASSES, RECORD_FIELDS, PoolMirror, SyncResult, fetch_records
+from .watch_lock import PoolLocks
 from .xapi import XapiAuthError, XapiClient, XapiError, XapiUnreachable, pool_client, safe_url
 
 log = logging.getLogger(__name__)
@@ -325,7 +328,7 @@ def fingerprint(pool: Pool) -> tuple:
 
 
 class Supervisor:
-    """One PoolWatcher per pool, following the Pool table."""
+    """One PoolWatcher per pool, following the Pool table, for the pools whose lock it holds."""
 
     def __init__(self, *, names: Iterable[str] = (), poll_interval: float = 3.0, event_timeout: float | None = None,
                  max_delay: float | None = None) -> None:
@@ -335,12 +338,21 @@ class Supervisor:
         self.max_delay = max_delay
         self.watchers: dict[int, PoolWatcher] = {}
         self.stop_event = threading.Event()
+        self.locks = PoolLocks()
+        self.waiting: set[int] = set()  # pools another process watches: logged once, tried at every reconcile
 
     def _pools(self) -> list[Pool]:
         qs = Pool.objects.all()
         return list(qs.filter(name__in=self.names) if self.names else qs)
 
     def reconcile(self) -> None:
+        if not self.locks.still_held():
+            # The session holding the locks was cut (the database restarted): another process may own the
+            # pools now. Stop writing them; they are taken again below, once the database answers.
+            log.warning("watcher: lost the database session holding the pools' locks; stopping the watchers")
+            for watcher in self.watchers.values():
+                watcher.stop()
+            self.watchers.clear()
         try:
             close_old_connections()
             pools = {pool.pk: pool for pool in self._pools()}
@@ -361,12 +373,31 @@ class Supervisor:
                 log.info("pool %s: %s, stopping its watcher", watcher.pool_name, reason)
                 watcher.stop()
                 del self.watchers[pk]
+                if pool is None:
+                    self.locks.release(pk)
         for pk, pool in pools.items():
             if pk not in self.watchers:
+                if not self._lock(pool):
+                    continue
                 log.info("pool %s: watching %s", pool.name, safe_url(pool.master_url or pool.url))
                 watcher = PoolWatcher(pool, event_timeout=self.event_timeout, max_delay=self.max_delay)
                 self.watchers[pk] = watcher
                 watcher.start()
+
+    def _lock(self, pool: Pool) -> bool:
+        """Take the pool's lock; False while another process holds it (logged once per wait)."""
+        try:
+            taken = self.locks.acquire(pool.pk)
+        except DatabaseError as exc:
+            log.warning("pool %s: cannot take its lock (%s); retrying", pool.name, exc.__class__.__name__)
+            return False
+        if not taken and pool.pk not in self.waiting:
+            self.waiting.add(pool.pk)
+            log.info("pool %s: another watcher holds it (%s); waiting", pool.name, self.locks.holder(pool.pk))
+        elif taken and pool.pk in self.waiting:
+            self.waiting.discard(pool.pk)
+            log.info("pool %s: the other watcher let go of it; taking over", pool.name)
+        return taken
 
     def run(self) -> None:
         """Until ``stop()``: reconcile every ``poll_interval`` seconds."""
@@ -388,6 +419,7 @@ class Supervisor:
         for watcher in self.watchers.values():
             watcher.join(max(0.0, deadline - time.monotonic()))
         self.watchers.clear()
+        self.locks.close()
         connection.close()
         log.info("watcher: stopped")
 

@@ -18,8 +18,8 @@ from django.template.loader import render_to_string
 from django.utils.html import escape
 
 from eac.errors import Conflict, validation_sentence
-from eac.permissions import user_can_view
-from eac.realtime import client_message, run_group
+from eac.permissions import socket_user_now, user_can_view
+from eac.realtime import CLOSE_FORBIDDEN, client_message, run_group, user_group
 from inventory.models import VM
 
 from . import services
@@ -49,7 +49,8 @@ class ProtectionConsumer(WebsocketConsumer):
         for chunk in query.get("runs", []):
             ids.extend(int(i) for i in chunk.split(",") if i.strip().isdigit())
         self.runs = sorted(set(WorkflowRun.objects.filter(pk__in=ids[:MAX_RUNS]).values_list("pk", flat=True)))
-        self.groups_joined = [run_group(pk) for pk in self.runs]
+        # user.<pk>: access.change when the user's rights change while the socket is open.
+        self.groups_joined = [run_group(pk) for pk in self.runs] + [user_group(user.pk)]
         for group in self.groups_joined:
             async_to_sync(self.channel_layer.group_add)(group, self.channel_name)
         self.accept()
@@ -65,6 +66,8 @@ class ProtectionConsumer(WebsocketConsumer):
         message = client_message(text_data, max_size=MAX_MESSAGE)
         if message is None or message.get("action") not in ("protect", "unprotect"):
             return
+        # A write is checked against the user's rights of now, whether or not access.change got here first.
+        self.user = self.scope["user"] = async_to_sync(socket_user_now)(self.scope)
         try:
             if message["action"] == "protect":
                 vm = VM.objects.select_related("pool").filter(pk=int(message.get("vm"))).first()
@@ -107,6 +110,15 @@ class ProtectionConsumer(WebsocketConsumer):
         run = WorkflowRun.objects.select_related("pool", "vm", "created_by").filter(pk=pk).first()
         if run is not None:
             self.send(text_data=render_to_string("protection/fragments/run_card.html", {"run": run}))
+
+    def access_change(self, event: dict) -> None:
+        """The user's rights changed: closed (4403) if they may no longer see protection; else the rights of
+        now are the ones protect and unprotect are checked against."""
+        user = async_to_sync(socket_user_now)(self.scope)
+        if not user_can_view(user):
+            self.close(code=CLOSE_FORBIDDEN)
+            return
+        self.user = self.scope["user"] = user
 
     def protection_progress(self, event: dict) -> None:
         try:

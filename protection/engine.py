@@ -17,7 +17,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, transaction
 from django.db.models import F, Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -200,7 +200,9 @@ def _step_execute(engine: Engine, step: WorkflowStep) -> tuple[str, str, list] |
         ctx = StepContext(engine, step)
         try:
             result = impl.run(ctx) or {}
-        except LeaseLost:
+        except (LeaseLost, DatabaseError):
+            # A database error is not the step's failure (PostgreSQL restarting, say): the run stays running,
+            # its lease lapses, and the sweeper hands it to a worker again.
             raise
         except StepFailed as exc:
             return exc.code, exc.message, exc.params

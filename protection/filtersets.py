@@ -2,14 +2,15 @@
 import django_filters
 
 from eac.audit import AuditAction, AuditEntry
+from eac.filters import IdFilter
 
 from .choices import Level, ProtectionStatus, RunKind, RunState
 from .models import FailoverEvent, Protection, WorkflowRun
 
 
 class ProtectionFilterSet(django_filters.FilterSet):
-    pool = django_filters.NumberFilter(field_name="pool_id")
-    vm = django_filters.NumberFilter(field_name="vm_id")
+    pool = IdFilter(field_name="pool_id", help_text="Pool id")
+    vm = IdFilter(field_name="vm_id", help_text="VM id")
     level = django_filters.ChoiceFilter(choices=Level.choices)
     status = django_filters.MultipleChoiceFilter(choices=ProtectionStatus.choices)
 
@@ -19,8 +20,8 @@ class ProtectionFilterSet(django_filters.FilterSet):
 
 
 class WorkflowRunFilterSet(django_filters.FilterSet):
-    pool = django_filters.NumberFilter(field_name="pool_id")
-    vm = django_filters.NumberFilter(field_name="vm_id")
+    pool = IdFilter(field_name="pool_id", help_text="Pool id")
+    vm = IdFilter(field_name="vm_id", help_text="VM id")
     kind = django_filters.ChoiceFilter(choices=RunKind.choices)
     state = django_filters.MultipleChoiceFilter(choices=RunState.choices)
 
@@ -30,8 +31,8 @@ class WorkflowRunFilterSet(django_filters.FilterSet):
 
 
 class FailoverEventFilterSet(django_filters.FilterSet):
-    pool = django_filters.NumberFilter(field_name="pool_id")
-    vm = django_filters.NumberFilter(field_name="vm_id")
+    pool = IdFilter(field_name="pool_id", help_text="Pool id")
+    vm = IdFilter(field_name="vm_id", help_text="VM id")
     state = django_filters.ChoiceFilter(choices=FailoverEvent.State.choices)
 
     class Meta:
@@ -40,8 +41,8 @@ class FailoverEventFilterSet(django_filters.FilterSet):
 
 
 class AuditEntryFilterSet(django_filters.FilterSet):
-    pool = django_filters.NumberFilter(field_name="pool_id")
-    vm = django_filters.NumberFilter(field_name="vm_id")
+    pool = IdFilter(field_name="pool_id", help_text="Pool id")
+    vm = IdFilter(field_name="vm_id", help_text="VM id")
     action = django_filters.MultipleChoiceFilter(choices=AuditAction.choices)
     username = django_filters.CharFilter(lookup_expr="iexact")
 

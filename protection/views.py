@@ -13,7 +13,7 @@ from django.core.paginator import Paginator
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
-from django.views.decorators.http import require_http_methods, require_POST
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from eac.audit import audit_list
 from eac.errors import Conflict, client_ip, validation_sentence
@@ -47,6 +47,9 @@ def _context(request: HttpRequest, title: str, **extra) -> dict:
 @require_http_methods(["GET", "POST"])
 def wizard(request: HttpRequest) -> HttpResponse:
     """Protect one VM or several (?vm=<uuid>&vm=…): level, preflight, settings, confirm."""
+    if request.method == "POST" and not user_can_change_protection(request.user):
+        # Before anything else: an Operator's POST is refused as such, whatever it holds.
+        raise PermissionDenied("Only members of the Administrators group can protect VMs.")
     data = request.POST if request.method == "POST" else request.GET
     uuids = [u for u in data.getlist("vm") if u][:MAX_WIZARD_VMS]
     vms = list(VM.objects.ordinary().filter(uuid__in=uuids).select_related("pool", "resident_on")
@@ -61,8 +64,6 @@ def wizard(request: HttpRequest) -> HttpResponse:
     if request.method == "POST" and not form.is_valid():
         errors = form.error_sentences()
     elif request.method == "POST":
-        if not user_can_change_protection(request.user):
-            raise PermissionDenied("Only members of the Administrators group can protect VMs.")
         started = []
         for vm in vms:
             try:
@@ -105,6 +106,7 @@ def wizard(request: HttpRequest) -> HttpResponse:
 
 
 @viewer_required
+@require_GET
 def runs(request: HttpRequest) -> HttpResponse:
     """Runs in progress or done, with their steps; ?ids=1,2 follows those runs live."""
     ids = [int(i) for i in request.GET.get("ids", "").split(",") if i.strip().isdigit()][:MAX_WIZARD_VMS]
@@ -123,6 +125,7 @@ def runs(request: HttpRequest) -> HttpResponse:
 
 
 @viewer_required
+@require_GET
 def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
     return redirect(reverse("protection:runs") + f"?ids={get_object_or_404(WorkflowRun, pk=pk).pk}")
 
@@ -143,6 +146,7 @@ def unprotect(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 @viewer_required
+@require_GET
 def protections(request: HttpRequest) -> HttpResponse:
     qs = selectors.protection_list().order_by("vm__name_label")
     return render(request, "protection/protections.html", _context(
@@ -181,6 +185,7 @@ def pool_plan(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 @viewer_required
+@require_GET
 def failover_events(request: HttpRequest) -> HttpResponse:
     filterset = FailoverEventFilterSet(request.GET, queryset=selectors.failover_event_list())
     page = Paginator(filterset.qs, 50).get_page(request.GET.get("page"))
@@ -190,6 +195,7 @@ def failover_events(request: HttpRequest) -> HttpResponse:
 
 
 @viewer_required
+@require_GET
 def audit_log(request: HttpRequest) -> HttpResponse:
     filterset = AuditEntryFilterSet(request.GET, queryset=audit_list())
     page = Paginator(filterset.qs, 50).get_page(request.GET.get("page"))

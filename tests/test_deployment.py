@@ -1,10 +1,9 @@
 """docker-compose.yml stays in step with the settings and the README."""
 import re
-from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import ROOT
 
 
 def _compose() -> dict:

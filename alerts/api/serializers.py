@@ -7,7 +7,7 @@ from ..models import Alert, Recipient
 
 class AlertSerializer(serializers.ModelSerializer):
     condition_label = serializers.CharField(source="get_condition_display", read_only=True)
-    acknowledged_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    acknowledged_by = serializers.SlugRelatedField(slug_field="username", read_only=True, allow_null=True)
 
     class Meta:
         model = Alert

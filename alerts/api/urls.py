@@ -1,8 +1,8 @@
-from rest_framework.routers import SimpleRouter
+from eac.api import Router
 
 from . import views
 
-router = SimpleRouter()
+router = Router()
 router.register("alerts", views.AlertViewSet, basename="alert")
 router.register("alert-recipients", views.RecipientViewSet, basename="recipient")
 

@@ -1,8 +1,8 @@
-from rest_framework.routers import DefaultRouter
+from eac.api import RootRouter
 
 from . import views
 
-router = DefaultRouter()
+router = RootRouter()
 router.register("pools", views.PoolViewSet)
 router.register("hosts", views.HostViewSet)
 router.register("vms", views.VMViewSet)

@@ -2,6 +2,7 @@
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from eac.filters import id_schema
 from eac.models import AuditEntry
 from inventory.models import VM
 
@@ -9,7 +10,7 @@ from ..choices import ORDER_MAX, START_DELAY_MAX, Level, RestartPriority
 from ..models import FailoverEvent, Protection, WorkflowRun, WorkflowStep
 
 
-@extend_schema_field({"oneOf": [{"type": "integer"}, {"type": "string", "format": "uuid"}]})
+@extend_schema_field({"oneOf": [id_schema(), {"type": "string", "format": "uuid"}]})
 class VMField(serializers.Field):
     """A VM by id or by uuid."""
 
@@ -60,7 +61,7 @@ class WorkflowStepSerializer(serializers.ModelSerializer):
 
 class WorkflowRunSerializer(serializers.ModelSerializer):
     steps = WorkflowStepSerializer(many=True, read_only=True)
-    created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    created_by = serializers.SlugRelatedField(slug_field="username", read_only=True, allow_null=True)
 
     class Meta:
         model = WorkflowRun

@@ -1,9 +1,10 @@
 from django.urls import path
-from rest_framework.routers import SimpleRouter
+
+from eac.api import Router
 
 from . import views
 
-router = SimpleRouter()
+router = Router()
 router.register("protections", views.ProtectionViewSet, basename="protection")
 router.register("workflow-runs", views.WorkflowRunViewSet, basename="workflowrun")
 router.register("failover-events", views.FailoverEventViewSet, basename="failoverevent")

@@ -2,7 +2,8 @@
  * updates. Pages are rendered by the server; the WebSocket (htmx ws extension) brings
  * fragments with stable ids that htmx swaps in out of band. This file only does what htmx
  * cannot: put a moved VM under its new parent in name order, drop fragments for things the
- * page does not show, tell the server what the page shows, and resync after a reconnect.
+ * page does not show, tell the server what the page shows (the table's query among it), fetch the
+ * table again when its rows change, and resync after a reconnect.
  */
 (function () {
   'use strict'
@@ -14,7 +15,11 @@
   var failures = 0
   var resyncing = false
   var resyncAgain = false
+  var refreshing = false // the VM table is being fetched again
+  var refreshAgain = false
   var queued = new Map() // group id -> tree items that arrived while the group was loading
+  var regionXhrs = new Set() // requests in flight that will replace #main or the VM table
+  var held = [] // live messages that arrived meanwhile, applied after the swap
 
   function byId (id) { return document.getElementById(id) }
   function tree () { return document.querySelector('[role=tree]') }
@@ -295,7 +300,42 @@
     }
   }
 
+  // A live message that arrives while a request that replaces a region of the page (#main, the VM table) is in
+  // flight is held and applied after the swap, in order: applied before, the region's older render would
+  // overwrite it (a VM page's Start button, whose response follows the VM's "Running" by a few milliseconds).
+  function regionBusy () {
+    regionXhrs.forEach(function (xhr) { if (xhr.readyState === 4) regionXhrs.delete(xhr) })
+    return regionXhrs.size > 0
+  }
+
+  function replayHeld () {
+    var texts = held
+    held = []
+    texts.forEach(function (text) {
+      var tpl = document.createElement('template')
+      tpl.innerHTML = filterMessage(text)
+      if (!tpl.content.children.length) return
+      Array.prototype.forEach.call(tpl.content.children, function (node) {
+        if (!node.hasAttribute('hx-swap-oob')) node.setAttribute('hx-swap-oob', 'true')
+      })
+      htmx.swap(document.body, tpl.innerHTML, { swapStyle: 'none', swapDelay: 0, settleDelay: 0 })
+    })
+  }
+
+  // Should the end of the request go unreported, held messages still go out once it is done.
+  function replaySoon () {
+    if (!held.length) return
+    if (regionBusy()) setTimeout(replaySoon, 100)
+    else replayHeld()
+  }
+
   function filterMessage (text) {
+    if (regionBusy()) {
+      if (!held.length) setTimeout(replaySoon, 100)
+      held.push(text)
+      return ''
+    }
+    if (held.length) replayHeld()
     var tpl = document.createElement('template')
     tpl.innerHTML = text
     var out = []
@@ -311,6 +351,34 @@
 
   function control (action) {
     if (action === 'resync') resync()
+    else if (action === 'refresh-table') refreshTable()
+  }
+
+  // Rows started or stopped matching the table's filters (or moved in its sort): fetch the table region
+  // again, as the server last rendered it (its data-query), keeping the ticks and the filter form as they are.
+  function refreshTable () {
+    var region = byId('vm-table')
+    if (!region) return
+    if (resyncing) { resyncAgain = true; return }
+    if (refreshing) { refreshAgain = true; return }
+    refreshing = true
+    var ticked = Array.prototype.filter.call(document.querySelectorAll('input.vm-select'), function (b) {
+      return b.checked
+    }).map(function (b) { return b.closest('tr').id })
+    htmx.ajax('GET', location.pathname + '?' + region.dataset.query, {
+      target: '#vm-table', select: '#vm-table', swap: 'outerHTML', selectOOB: '#vm-count'
+    }).then(function () {
+      ticked.forEach(function (id) {
+        var box = byId(id) && byId(id).querySelector('input.vm-select')
+        if (box) box.checked = true
+      })
+      updateSelection()
+    }).finally(function () {
+      refreshing = false
+      document.body.dispatchEvent(new CustomEvent('eac:table-refreshed'))
+      sendState()
+      if (refreshAgain) { refreshAgain = false; refreshTable() }
+    })
   }
 
   function resync () {
@@ -339,6 +407,12 @@
       message.rows = Array.prototype.map.call(document.querySelectorAll('tr.vm-row'), function (row) {
         return row.id.slice('row-vm-'.length)
       })
+      // The table's filters, sort and page, and how many rows match: the server tells us when they change.
+      var region = byId('vm-table')
+      if (region) {
+        message.query = region.dataset.query || ''
+        message.total = parseInt(region.dataset.total, 10)
+      }
     }
     if (extra) Object.keys(extra).forEach(function (k) { message[k] = extra[k] })
     socket.send(JSON.stringify(message))
@@ -406,6 +480,14 @@
     if ([1006, 1011, 1012, 1013].indexOf(code) < 0 && wrapper && byId('live')) {
       setTimeout(function () { wrapper.reconnect() }, 500 + Math.random() * 1500)
     }
+  })
+  document.addEventListener('htmx:beforeSend', function (event) {
+    var target = event.detail.target
+    if (target && (target.id === 'main' || target.id === 'vm-table')) regionXhrs.add(event.detail.xhr)
+  })
+  document.addEventListener('htmx:afterRequest', function (event) {
+    if (!regionXhrs.delete(event.detail.xhr)) return
+    if (held.length && !regionBusy()) replayHeld()
   })
   document.addEventListener('htmx:afterSettle', function (event) {
     if (event.detail.target && event.detail.target.id === 'main') {

@@ -7,8 +7,7 @@ from alerts import services
 from alerts.models import Alert, Delivery, Recipient
 from eac.audit import AuditEntry
 from tests.inventory.factories import make_pool
-from tests.protection.fixtures import free_port
-from tests.support import wait_for
+from tests.support import Mailbox, free_port, wait_for
 
 
 @pytest.mark.django_db
@@ -90,8 +89,6 @@ def test_mail_is_retried_until_the_smtp_server_answers_and_sent_once(admin_api, 
     the mail goes out once the server is up."""
     from aiosmtpd.controller import Controller
 
-    from tests.protection.fixtures import Mailbox, _Handler
-
     port = free_port()
     env = dict(console_env, EMAIL_URL=f"smtp://127.0.0.1:{port}")
     start_proc("worker", env)
@@ -102,7 +99,7 @@ def test_mail_is_retried_until_the_smtp_server_answers_and_sent_once(admin_api, 
                         timeout=20, message="a failed attempt")
     assert "Connection refused" in delivery.last_error or "Errno" in delivery.last_error
     box = Mailbox(port=port)
-    controller = Controller(_Handler(box), hostname="127.0.0.1", port=port)
+    controller = Controller(box, hostname="127.0.0.1", port=port)
     controller.start()
     try:
         (mail,) = box.wait(condition="host_lost", kind="raised", timeout=30)

@@ -5,7 +5,6 @@ through the real connection test against a running xapisim.
 """
 
 import re
-import socket
 from io import StringIO
 
 import pytest
@@ -30,6 +29,7 @@ from tests.inventory.factories import (
     make_sr,
     make_vm,
 )
+from tests.support import free_port
 
 pytestmark = pytest.mark.django_db
 
@@ -66,8 +66,9 @@ def operator_api(django_user_model):
 
 
 @pytest.fixture
-def demo():
-    """A small pool: 2 hosts (the second dead), shared + local SR, 2 networks, VMs of every kind."""
+def lab():
+    """The pool "Lab": 2 hosts (the second dead), shared + local SR, 2 networks, VMs of every kind; and a
+    second pool, unreachable (not the console's ``demo``: the API's filters need the dead and the hidden)."""
     pool = make_pool(
         name="Lab",
         last_error="",
@@ -146,13 +147,13 @@ def test_anonymous_cannot_create_a_pool(client):
     assert not Pool.objects.exists()
 
 
-def test_token_in_authorization_header_authenticates(api, demo):
+def test_token_in_authorization_header_authenticates(api, lab):
     response = api.get("/api/v1/vms/")
     assert response.status_code == 200
     assert response.json()["count"] == 4
 
 
-def test_unknown_token_is_401(demo):
+def test_unknown_token_is_401(lab):
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION="Token 0123456789abcdef0123456789abcdef01234567")
     response = client.get("/api/v1/vms/")
@@ -160,7 +161,7 @@ def test_unknown_token_is_401(demo):
     assert response["WWW-Authenticate"] == "Token"
 
 
-def test_token_made_by_drf_create_token_command_works(user, demo):
+def test_token_made_by_drf_create_token_command_works(user, lab):
     out = StringIO()
     call_command("drf_create_token", user.username, stdout=out)
     key = re.search(r"Generated token (\w+) for user", out.getvalue()).group(1)
@@ -169,16 +170,16 @@ def test_token_made_by_drf_create_token_command_works(user, demo):
     assert client.get("/api/v1/pools/").status_code == 200
 
 
-def test_session_login_authenticates_reads(client, user, demo):
+def test_session_login_authenticates_reads(client, user, lab):
     response = client.post("/login/", {"username": "admin", "password": "correct horse battery"})
     assert response.status_code == 302
     assert names(client.get("/api/v1/hosts/")) == {"xcp-host-1", "xcp-host-2"}
 
 
-def test_operator_reads_but_cannot_add_change_or_remove_pools(operator_api, demo):
+def test_operator_reads_but_cannot_add_change_or_remove_pools(operator_api, lab):
     assert names(operator_api.get("/api/v1/pools/")) == {"Lab", "Other"}
-    assert operator_api.get(f"/api/v1/vms/{demo['web'].pk}/").status_code == 200
-    pool_url = f"/api/v1/pools/{demo['pool'].pk}/"
+    assert operator_api.get(f"/api/v1/vms/{lab['web'].pk}/").status_code == 200
+    pool_url = f"/api/v1/pools/{lab['pool'].pk}/"
     payload = {"name": "New", "url": "http://127.0.0.1:9", "username": "root", "password": "x"}
     for response in (
         operator_api.post("/api/v1/pools/", payload, format="json"),
@@ -191,27 +192,27 @@ def test_operator_reads_but_cannot_add_change_or_remove_pools(operator_api, demo
     assert sorted(Pool.objects.values_list("name", flat=True)) == ["Lab", "Other"]
 
 
-def test_user_without_a_role_is_refused(django_user_model, demo):
+def test_user_without_a_role_is_refused(django_user_model, lab):
     nobody = token_client(django_user_model.objects.create_user("nobody"))
     for url in LIST_URLS:
         assert nobody.get(url).status_code == 403
 
 
-def test_session_write_without_csrf_token_is_refused(user, demo):
+def test_session_write_without_csrf_token_is_refused(user, lab):
     from django.test import Client
 
     client = Client(enforce_csrf_checks=True)
     client.force_login(user)
-    response = client.patch(f"/api/v1/pools/{demo['pool'].pk}/", {"name": "renamed"}, content_type="application/json")
+    response = client.patch(f"/api/v1/pools/{lab['pool'].pk}/", {"name": "renamed"}, content_type="application/json")
     assert response.status_code == 403
     assert "CSRF" in response.json()["detail"]
-    assert Pool.objects.get(pk=demo["pool"].pk).name == "Lab"
+    assert Pool.objects.get(pk=lab["pool"].pk).name == "Lab"
 
 
 # --- VMs -----------------------------------------------------------------------------------------
 
 
-def test_vm_list_leaves_out_templates_control_domains_and_snapshots(api, demo):
+def test_vm_list_leaves_out_templates_control_domains_and_snapshots(api, lab):
     assert names(api.get("/api/v1/vms/")) == {"web-01", "db-01", "WEB-legacy", "web-elsewhere"}
 
 
@@ -225,12 +226,12 @@ def test_vm_list_leaves_out_templates_control_domains_and_snapshots(api, demo):
         ("templates=false", set()),
     ],
 )
-def test_vm_list_includes_hidden_kinds_only_when_asked(api, demo, query, extra):
+def test_vm_list_includes_hidden_kinds_only_when_asked(api, lab, query, extra):
     assert names(api.get(f"/api/v1/vms/?{query}")) == {"web-01", "db-01", "WEB-legacy", "web-elsewhere"} | extra
 
 
-def test_vm_filters_by_pool_host_power_state_name_and_uuid(api, demo):
-    pool, master = demo["pool"], demo["master"]
+def test_vm_filters_by_pool_host_power_state_name_and_uuid(api, lab):
+    pool, master = lab["pool"], lab["master"]
     assert names(api.get(f"/api/v1/vms/?pool={pool.pk}")) == {"web-01", "db-01", "WEB-legacy"}
     assert names(api.get(f"/api/v1/vms/?host={master.pk}")) == {"web-01", "WEB-legacy"}
     assert names(api.get(f"/api/v1/vms/?host={master.pk}&control_domains=true")) == {
@@ -243,21 +244,21 @@ def test_vm_filters_by_pool_host_power_state_name_and_uuid(api, demo):
     assert names(api.get("/api/v1/vms/?power_state=halted")) == {"db-01", "web-elsewhere"}
     assert names(api.get("/api/v1/vms/?name=web")) == {"web-01", "WEB-legacy", "web-elsewhere"}
     assert names(api.get(f"/api/v1/vms/?name=web&pool={pool.pk}&power_state=paused")) == {"WEB-legacy"}
-    assert names(api.get(f"/api/v1/vms/?uuid={demo['db'].uuid}")) == {"db-01"}
-    assert names(api.get(f"/api/v1/vms/?uuid={demo['template'].uuid}&templates=true")) == {"Debian 12 template"}
+    assert names(api.get(f"/api/v1/vms/?uuid={lab['db'].uuid}")) == {"db-01"}
+    assert names(api.get(f"/api/v1/vms/?uuid={lab['template'].uuid}&templates=true")) == {"Debian 12 template"}
 
 
-def test_vm_list_row_names_its_host(api, demo):
+def test_vm_list_row_names_its_host(api, lab):
     rows = {row["name"]: row for row in api.get("/api/v1/vms/").json()["results"]}
-    master = demo["master"]
+    master = lab["master"]
     assert rows["web-01"]["host"] == {"id": master.pk, "uuid": master.uuid, "name": "xcp-host-1"}
     assert rows["web-01"]["power_state"] == "Running"
-    assert rows["web-01"]["pool"] == demo["pool"].pk
+    assert rows["web-01"]["pool"] == lab["pool"].pk
     assert rows["db-01"]["host"] is None
 
 
-def test_vm_detail_shows_host_disks_with_sr_and_nics_with_network(api, demo):
-    web, master = demo["web"], demo["master"]
+def test_vm_detail_shows_host_disks_with_sr_and_nics_with_network(api, lab):
+    web, master = lab["web"], lab["master"]
     response = api.get(f"/api/v1/vms/{web.pk}/")
     assert response.status_code == 200
     body = response.json()
@@ -268,8 +269,8 @@ def test_vm_detail_shows_host_disks_with_sr_and_nics_with_network(api, demo):
     assert disks["0"]["vdi"]["name"] == "web-01 root"
     assert disks["0"]["vdi"]["virtual_size"] == 20 * GiB
     assert disks["0"]["vdi"]["sr"] == {
-        "id": demo["shared"].pk,
-        "uuid": demo["shared"].uuid,
+        "id": lab["shared"].pk,
+        "uuid": lab["shared"].uuid,
         "name": "iSCSI shared storage",
         "shared": True,
     }
@@ -284,15 +285,15 @@ def test_vm_detail_shows_host_disks_with_sr_and_nics_with_network(api, demo):
     assert nics["1"]["network"]["name"] == "Storage network"
 
 
-def test_vm_detail_of_a_template_is_reachable_by_id(api, demo):
+def test_vm_detail_of_a_template_is_reachable_by_id(api, lab):
     # The default filter hides templates from lists; a direct link still works.
-    response = api.get(f"/api/v1/vms/{demo['template'].pk}/")
+    response = api.get(f"/api/v1/vms/{lab['template'].pk}/")
     assert response.status_code == 200
     assert response.json()["is_a_template"] is True
 
 
-def test_vm_list_page_of_100_costs_a_constant_number_of_queries(api, demo, django_assert_max_num_queries):
-    pool, master = demo["pool"], demo["master"]
+def test_vm_list_page_of_100_costs_a_constant_number_of_queries(api, lab, django_assert_max_num_queries):
+    pool, master = lab["pool"], lab["master"]
     VM.objects.bulk_create(
         VM(pool=pool, uuid=f"bulk-{i}", ref=f"OpaqueRef:bulk-{i}", name_label=f"bulk-{i:03}", resident_on=master)
         for i in range(120)
@@ -305,8 +306,8 @@ def test_vm_list_page_of_100_costs_a_constant_number_of_queries(api, demo, djang
     assert sum(row["host"] is not None and row["host"]["name"] == "xcp-host-1" for row in rows) >= 99
 
 
-def test_vm_detail_costs_a_constant_number_of_queries(api, demo, django_assert_max_num_queries):
-    web, lan, shared = demo["web"], demo["lan"], demo["shared"]
+def test_vm_detail_costs_a_constant_number_of_queries(api, lab, django_assert_max_num_queries):
+    web, lan, shared = lab["web"], lab["lan"], lab["shared"]
     for n in range(4, 12):
         make_disk(web, shared, userdevice=str(n))
         make_nic(web, lan, device=str(n))
@@ -320,17 +321,17 @@ def test_vm_detail_costs_a_constant_number_of_queries(api, demo, django_assert_m
 # --- hosts, SRs, networks ------------------------------------------------------------------------
 
 
-def test_host_filters_by_pool_and_live(api, demo):
-    extra = make_host(demo["other_pool"], name_label="far-host")
+def test_host_filters_by_pool_and_live(api, lab):
+    extra = make_host(lab["other_pool"], name_label="far-host")
     assert names(api.get("/api/v1/hosts/")) == {"xcp-host-1", "xcp-host-2", "far-host"}
-    assert names(api.get(f"/api/v1/hosts/?pool={demo['pool'].pk}")) == {"xcp-host-1", "xcp-host-2"}
+    assert names(api.get(f"/api/v1/hosts/?pool={lab['pool'].pk}")) == {"xcp-host-1", "xcp-host-2"}
     assert names(api.get("/api/v1/hosts/?live=true")) == {"xcp-host-1", "far-host"}
-    assert names(api.get(f"/api/v1/hosts/?live=false&pool={demo['pool'].pk}")) == {"xcp-host-2"}
+    assert names(api.get(f"/api/v1/hosts/?live=false&pool={lab['pool'].pk}")) == {"xcp-host-2"}
     assert names(api.get(f"/api/v1/hosts/?uuid={extra.uuid}")) == {"far-host"}
 
 
-def test_host_detail_shows_pifs_with_carrier_and_pbds(api, demo):
-    master = demo["master"]
+def test_host_detail_shows_pifs_with_carrier_and_pbds(api, lab):
+    master = lab["master"]
     body = api.get(f"/api/v1/hosts/{master.pk}/").json()
     assert body["is_master"] is True
     assert body["live"] is True
@@ -345,21 +346,21 @@ def test_host_detail_shows_pifs_with_carrier_and_pbds(api, demo):
     assert pbds["iSCSI shared storage"]["sr"]["shared"] is True
 
 
-def test_sr_list_filters_and_detail_shows_attachments(api, demo):
+def test_sr_list_filters_and_detail_shows_attachments(api, lab):
     assert names(api.get("/api/v1/srs/?shared=true")) == {"iSCSI shared storage"}
     assert names(api.get("/api/v1/srs/?shared=false")) == {"Local storage xcp-host-1"}
-    body = api.get(f"/api/v1/srs/{demo['shared'].pk}/").json()
+    body = api.get(f"/api/v1/srs/{lab['shared'].pk}/").json()
     attached = {pbd["host"]["name"]: pbd["currently_attached"] for pbd in body["pbds"]}
     assert attached == {"xcp-host-1": True, "xcp-host-2": False}
 
 
-def test_network_list_and_detail_shows_pifs(api, demo):
-    assert names(api.get(f"/api/v1/networks/?pool={demo['pool'].pk}")) == {
+def test_network_list_and_detail_shows_pifs(api, lab):
+    assert names(api.get(f"/api/v1/networks/?pool={lab['pool'].pk}")) == {
         "Pool-wide network associated with eth0",
         "Storage network",
     }
     assert names(api.get("/api/v1/networks/?name=storage")) == {"Storage network"}
-    body = api.get(f"/api/v1/networks/{demo['lan'].pk}/").json()
+    body = api.get(f"/api/v1/networks/{lab['lan'].pk}/").json()
     assert {(pif["host"]["name"], pif["carrier"]) for pif in body["pifs"]} == {
         ("xcp-host-1", True),
         ("xcp-host-2", False),
@@ -369,7 +370,7 @@ def test_network_list_and_detail_shows_pifs(api, demo):
 # --- pools (read, update, delete) ----------------------------------------------------------------
 
 
-def test_pool_list_shows_connection_ha_and_counts_never_the_password(api, demo):
+def test_pool_list_shows_connection_ha_and_counts_never_the_password(api, lab):
     response = api.get("/api/v1/pools/")
     assert b"secret" not in response.content
     rows = {row["name"]: row for row in response.json()["results"]}
@@ -389,19 +390,19 @@ def test_pool_list_shows_connection_ha_and_counts_never_the_password(api, demo):
     assert "last_event_at" in other
 
 
-def test_pool_detail_never_returns_the_password(api, demo):
-    response = api.get(f"/api/v1/pools/{demo['pool'].pk}/")
+def test_pool_detail_never_returns_the_password(api, lab):
+    response = api.get(f"/api/v1/pools/{lab['pool'].pk}/")
     assert response.status_code == 200
     assert "password" not in response.json()
     assert b"secret" not in response.content
 
 
-def test_pool_filters_by_connection_state(api, demo):
+def test_pool_filters_by_connection_state(api, lab):
     assert names(api.get("/api/v1/pools/?connection_state=unreachable")) == {"Other"}
 
 
-def test_pool_rename_keeps_the_stored_password(api, demo):
-    pool = demo["pool"]
+def test_pool_rename_keeps_the_stored_password(api, lab):
+    pool = lab["pool"]
     response = api.patch(f"/api/v1/pools/{pool.pk}/", {"name": "Lab A"}, format="json")
     assert response.status_code == 200, response.content
     assert response.json()["name"] == "Lab A"
@@ -411,8 +412,8 @@ def test_pool_rename_keeps_the_stored_password(api, demo):
     assert (pool.name, pool.password) == ("Lab A", "secret")
 
 
-def test_pool_put_without_password_keeps_the_stored_one(api, demo):
-    pool = demo["pool"]
+def test_pool_put_without_password_keeps_the_stored_one(api, lab):
+    pool = lab["pool"]
     payload = {"name": "Lab B", "url": pool.url, "username": pool.username, "verify_tls": pool.verify_tls}
     response = api.put(f"/api/v1/pools/{pool.pk}/", payload, format="json")
     assert response.status_code == 200, response.content
@@ -420,14 +421,14 @@ def test_pool_put_without_password_keeps_the_stored_one(api, demo):
     assert (pool.name, pool.password) == ("Lab B", "secret")
 
 
-def test_pool_update_to_a_name_in_use_is_400(api, demo):
-    response = api.patch(f"/api/v1/pools/{demo['pool'].pk}/", {"name": "Other"}, format="json")
+def test_pool_update_to_a_name_in_use_is_400(api, lab):
+    response = api.patch(f"/api/v1/pools/{lab['pool'].pk}/", {"name": "Other"}, format="json")
     assert response.status_code == 400
     assert "name" in response.json()
 
 
-def test_pool_delete_removes_it_and_its_inventory(api, demo):
-    pool = demo["pool"]
+def test_pool_delete_removes_it_and_its_inventory(api, lab):
+    pool = lab["pool"]
     response = api.delete(f"/api/v1/pools/{pool.pk}/")
     assert response.status_code == 204
     assert not Pool.objects.filter(pk=pool.pk).exists()
@@ -488,9 +489,7 @@ def test_pool_password_change_is_tested_and_refused_when_wrong(api, xapisim):
 
 
 def test_pool_create_with_unreachable_url_is_400(api):
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     payload = {"name": "Nowhere", "url": f"http://127.0.0.1:{port}", "username": "root", "password": "x"}
     response = api.post("/api/v1/pools/", payload, format="json")
     assert response.status_code == 400
@@ -500,7 +499,7 @@ def test_pool_create_with_unreachable_url_is_400(api):
     assert not Pool.objects.exists()
 
 
-def test_pool_create_with_invalid_fields_is_400_with_field_errors(api, demo):
+def test_pool_create_with_invalid_fields_is_400_with_field_errors(api, lab):
     response = api.post("/api/v1/pools/", {"name": "Lab", "url": "not a url", "verify_tls": "perhaps"}, format="json")
     assert response.status_code == 400
     errors = response.json()
@@ -533,7 +532,7 @@ def test_pool_create_with_a_non_json_body_is_400(api):
         ("/api/v1/pools/?connection_state=dancing", "connection_state"),
     ],
 )
-def test_bad_filter_value_is_400_naming_the_filter(api, demo, url, field):
+def test_bad_filter_value_is_400_naming_the_filter(api, lab, url, field):
     response = api.get(url)
     assert response.status_code == 400
     assert field in response.json()
@@ -552,16 +551,16 @@ def test_bad_filter_value_is_400_naming_the_filter(api, demo, url, field):
         "/api/v1/pools/999999/",
     ],
 )
-def test_unknown_object_or_page_is_404(api, demo, url):
+def test_unknown_object_or_page_is_404(api, lab, url):
     response = api.get(url)
     assert response.status_code == 404
     assert "detail" in response.json()
 
 
-def test_inventory_mirrors_are_read_only(api, demo):
+def test_inventory_mirrors_are_read_only(api, lab):
     assert api.post("/api/v1/vms/", {"name": "x"}, format="json").status_code == 405
-    assert api.delete(f"/api/v1/hosts/{demo['master'].pk}/").status_code == 405
-    assert Host.objects.filter(pk=demo["master"].pk).exists()
+    assert api.delete(f"/api/v1/hosts/{lab['master'].pk}/").status_code == 405
+    assert Host.objects.filter(pk=lab["master"].pk).exists()
 
 
 # --- schema and docs -----------------------------------------------------------------------------
@@ -596,12 +595,17 @@ def test_docs_page_uses_only_local_static_files(client, user):
     assert "http://" not in html and "https://" not in html and "//cdn" not in html
     assets = re.findall(r'(?:src|href)="([^"]+)"', html)
     assert len(assets) >= 3  # stylesheet, bundle, standalone preset
+    # Swagger UI's start-up script comes from the docs' own URL (no inline script under the CSP).
+    assert "/api/docs/?script=" in assets
+    assert client.get("/api/docs/?script=")["Content-Type"].startswith("application/javascript")
     for url in assets:
+        if url == "/api/docs/?script=":
+            continue
         assert url.startswith("/static/"), url
         assert finders.find(url.removeprefix("/static/")), f"{url} is not a file the app serves"
 
 
-def test_browsable_api_renders_the_filter_form_for_a_logged_in_user(client, user, demo):
+def test_browsable_api_renders_the_filter_form_for_a_logged_in_user(client, user, lab):
     # The same FilterSets drive this HTML form (and the UI's): it must render, with the values given.
     client.force_login(user)
     response = client.get("/api/v1/vms/?power_state=running&templates=true&name=web", HTTP_ACCEPT="text/html")

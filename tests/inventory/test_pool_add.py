@@ -1,5 +1,4 @@
 """Registering a pool: the services, ``manage.py pool_add`` and the admin form, against a live xapisim."""
-import socket
 import subprocess
 import sys
 
@@ -11,15 +10,9 @@ from django.urls import reverse
 
 from inventory.models import Pool
 from inventory.services import pool_create, pool_update
-from tests.support import ROOT, start_xapisim, subprocess_env
+from tests.support import ROOT, free_port, start_sim, subprocess_env
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stored_password(pool: Pool) -> str:
@@ -177,41 +170,49 @@ SECRET = "Pw-7f3k-secret"
 @pytest.fixture
 def secret_sim():
     """A simulator whose password appears nowhere else, so that finding it in a page means a leak."""
-    sim = start_xapisim(password=SECRET)
+    sim = start_sim(password=SECRET)
     yield sim
     sim.stop()
 
 
-def test_admin_adds_a_pool_after_testing_it_and_never_shows_the_password(secret_sim, admin_client):
+@pytest.fixture
+def superuser_client(client, django_user_model):
+    """Logged in to the Django admin: pytest-django's ``admin_client``, whose ``admin_user`` tests/conftest.py
+    replaces with a member of the console's Administrators group."""
+    client.force_login(django_user_model.objects.create_superuser("admin", "admin@example.com", "password"))
+    return client
+
+
+def test_admin_adds_a_pool_after_testing_it_and_never_shows_the_password(secret_sim, superuser_client):
     xapisim = secret_sim
     add_url = reverse("admin:inventory_pool_add")
     form = {"name": "lab", "url": xapisim.url, "username": "root", "password": "bad-secret", "verify_tls": "on"}
-    response = admin_client.post(add_url, form)
+    response = superuser_client.post(add_url, form)
     assert response.status_code == 200  # the form again, with the error
     page = response.content.decode()
     assert "refused the user name or password" in page
     assert "bad-secret" not in page
     assert not Pool.objects.exists()
 
-    response = admin_client.post(add_url, {**form, "password": SECRET})
+    response = superuser_client.post(add_url, {**form, "password": SECRET})
     assert response.status_code == 302
     pool = Pool.objects.get(name="lab")
     assert pool.master_url == xapisim.url
 
     change_url = reverse("admin:inventory_pool_change", args=[pool.pk])
-    page = admin_client.get(change_url).content.decode()
+    page = superuser_client.get(change_url).content.decode()
     assert 'name="password"' in page and SECRET not in page
     assert pool.uuid in page
-    assert SECRET not in admin_client.get(reverse("admin:inventory_pool_changelist")).content.decode()
+    assert SECRET not in superuser_client.get(reverse("admin:inventory_pool_changelist")).content.decode()
 
     # Left empty, the password field keeps the stored password.
-    response = admin_client.post(change_url, {**form, "name": "lab2", "password": ""})
+    response = superuser_client.post(change_url, {**form, "name": "lab2", "password": ""})
     assert response.status_code == 302
     pool.refresh_from_db()
     assert (pool.name, pool.password) == ("lab2", SECRET)
 
     # A wrong new password is refused on edit too, and the stored one stays.
-    response = admin_client.post(change_url, {**form, "password": "another-bad"})
+    response = superuser_client.post(change_url, {**form, "password": "another-bad"})
     assert response.status_code == 200 and "refused the user name or password" in response.content.decode()
     pool.refresh_from_db()
     assert pool.password == SECRET

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import XenAPI
 from asgiref.sync import async_to_sync, sync_to_async
 from django.test import Client
 from django.urls import reverse
@@ -15,10 +14,8 @@ from eac.audit import AuditAction, AuditEntry
 from inventory.models import VM
 from inventory.selectors import xapi_error_sentence
 from inventory.watcher import sync_once
-from tests.inventory.test_consumers import ORIGIN, connect, receive_until, session_cookie
-from tests.protection.fixtures import *  # noqa: F403 - the worker, users and queue fixtures
-from tests.protection.fixtures import dump_logs, register_pool
-from tests.support import wait_for
+from tests.channels_support import ORIGIN, connect, receive_until, session_cookie
+from tests.support import dump_logs, register_pool, wait_for, xapi_login
 
 pytestmark = pytest.mark.django_db(transaction=True)
 GiB = 1 << 30
@@ -34,16 +31,10 @@ def power_url(vm: VM) -> str:
     return reverse("console:vm_power", args=[vm.uuid])
 
 
-def xapi_session(sim) -> XenAPI.Session:
-    session = XenAPI.Session(sim.url)
-    session.xenapi.login_with_password(sim.user, sim.password)
-    return session
-
-
 def break_plan_on_start(sim, vm_name: str) -> None:
     """HA on, four VMs protected, host failures to tolerate at the pool's maximum (2), and ``vm_name`` grown
     to 30 GiB: starting it would leave too little room to restart the protected VMs after two failures."""
-    session = xapi_session(sim)
+    session = xapi_login(sim.url)
     api = session.xenapi
     try:
         for name in ("db-primary", "db-replica", "gitlab", "fileserver"):
@@ -122,7 +113,7 @@ def test_start_that_would_break_the_failover_plan_shows_xapis_refusal_on_the_vm_
                               "message": sentence}
     page = client.get(reverse("console:vm_detail", args=[vm.uuid])).content.decode()
     assert escape(sentence) in page
-    session = xapi_session(xapisim)
+    session = xapi_login(xapisim.url)
     try:
         assert session.xenapi.VM.get_power_state(vm.ref) == "Halted"
     finally:

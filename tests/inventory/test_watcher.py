@@ -14,19 +14,20 @@ import pytest
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 
-from eac.realtime import pool_group
+from eac.realtime import inventory_change, inventory_resync, pool_group
 from inventory.choices import ConnectionState
 from inventory.models import PBD, PIF, SR, VBD, VDI, VIF, VM, Host, Network, Pool
 from inventory.services import pool_create, pool_delete
 from inventory.sync import RECORD_FIELDS, SPECS, XAPI_CLASSES, PoolMirror
 from inventory.watcher import PoolWatcher, Supervisor, full_sync, sync_once
 from inventory.xapi import connect
-from tests.support import ROOT, start_xapisim, subprocess_env, wait_for
+from tests.support import ROOT, Proc, subprocess_env, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-# A change must reach the database within a second; the slack covers polling.
-WITHIN = 1.2
+# How long a test waits for a change to reach the database: generous, for a loaded machine. How fast it
+# gets there is benchmarks/bench_sync.py's and bench_live.py's business.
+PATIENCE = 30
 MODELS = {"host": Host, "sr": SR, "pbd": PBD, "network": Network, "pif": PIF, "vm": VM, "vdi": VDI, "vbd": VBD,
           "vif": VIF}
 
@@ -142,7 +143,7 @@ def test_initial_load_matches_the_simulator(xapisim, pool, xapi):
     assert list(VM.objects.filter(pool=pool).order_by("uuid").values_list("pk", "uuid", "power_state")) == before
 
 
-def test_vm_start_stop_clone_destroy_reach_the_database_within_a_second(pool, xapi, watch):
+def test_vm_start_stop_clone_destroy_reach_the_database(pool, xapi, watch):
     watch(pool)
     wait_for(lambda: connected(pool), timeout=10, message="connected")
     halted = VM.objects.get(pool=pool, name_label="dev-sandbox")
@@ -151,24 +152,24 @@ def test_vm_start_stop_clone_destroy_reach_the_database_within_a_second(pool, xa
 
     xapi.call("VM.start", ref, False, False)
     row = wait_for(lambda: VM.objects.filter(pk=halted.pk, power_state="Running").select_related("resident_on")
-                   .first(), timeout=WITHIN, message="VM running")
+                   .first(), timeout=PATIENCE, message="VM running")
     assert row.resident_on is not None
 
     xapi.call("VM.clean_shutdown", ref)
     wait_for(lambda: VM.objects.filter(pk=halted.pk, power_state="Halted", resident_on=None).exists(),
-             timeout=WITHIN, message="VM halted")
+             timeout=PATIENCE, message="VM halted")
 
     clone = xapi.call("VM.clone", ref, "dev-sandbox-clone")
     clone_uuid = xapi.call("VM.get_uuid", clone)
-    row = wait_for(lambda: VM.objects.filter(pool=pool, uuid=clone_uuid).first(), timeout=WITHIN,
+    row = wait_for(lambda: VM.objects.filter(pool=pool, uuid=clone_uuid).first(), timeout=PATIENCE,
                    message="clone row")
     assert row.name_label == "dev-sandbox-clone"
     # Its disks came along, and point at the clone.
-    wait_for(lambda: VBD.objects.filter(vm=row).count() == len(xapi.call("VM.get_VBDs", clone)), timeout=WITHIN,
+    wait_for(lambda: VBD.objects.filter(vm=row).count() == len(xapi.call("VM.get_VBDs", clone)), timeout=PATIENCE,
              message="clone's VBDs")
 
     xapi.call("VM.destroy", clone)
-    wait_for(lambda: not VM.objects.filter(pool=pool, uuid=clone_uuid).exists(), timeout=WITHIN,
+    wait_for(lambda: not VM.objects.filter(pool=pool, uuid=clone_uuid).exists(), timeout=PATIENCE,
              message="clone row deleted")
     pool.refresh_from_db()
     assert pool.last_event_at is not None
@@ -176,12 +177,15 @@ def test_vm_start_stop_clone_destroy_reach_the_database_within_a_second(pool, xa
 
 @pytest.fixture
 def messages(pool):
-    """``receive(predicate)``: the next message on the pool's channel-layer group matching ``predicate``."""
+    """``receive(expected)``: wait for the (group, event) pair ``expected``, made by eac.realtime's builders,
+    on the pool's channel-layer group, skipping other messages."""
     layer = get_channel_layer()
     channel = async_to_sync(layer.new_channel)()
     async_to_sync(layer.group_add)(pool_group(pool.uuid), channel)
 
-    def receive(predicate, timeout=3.0):
+    def receive(expected, timeout=PATIENCE):
+        group, event = expected
+        assert group == pool_group(pool.uuid), expected
         deadline = time.monotonic() + timeout
         seen = []
         while time.monotonic() < deadline:
@@ -190,9 +194,9 @@ def messages(pool):
             except TimeoutError:
                 break
             seen.append(message)
-            if predicate(message):
+            if message == event:
                 return message
-        raise AssertionError(f"no matching message; got {seen}")
+        raise AssertionError(f"no {event}; got {seen}")
 
     yield receive
     async_to_sync(layer.group_discard)(pool_group(pool.uuid), channel)
@@ -201,30 +205,29 @@ def messages(pool):
 def test_changes_are_announced_on_the_pool_group(pool, xapi, watch, messages):
     watch(pool)
     # The full sync is announced once, not object by object; then the state change.
-    messages(lambda m: m == {"type": "inventory.resync", "pool": pool.uuid})
-    messages(lambda m: m == {"type": "inventory.change", "pool": pool.uuid, "cls": "pool", "uuid": pool.uuid,
-                             "op": "mod"})
+    messages(inventory_resync(pool=pool.uuid))
+    messages(inventory_change(pool=pool.uuid, cls="pool", uuid=pool.uuid, op="mod"))
     vm = VM.objects.get(pool=pool, name_label="wiki")
     xapi.call("VM.set_name_label", vm_ref(xapi, "wiki"), "wiki-renamed")
-    messages(lambda m: m == {"type": "inventory.change", "pool": pool.uuid, "cls": "vm", "uuid": vm.uuid,
-                             "op": "mod"})
+    messages(inventory_change(pool=pool.uuid, cls="vm", uuid=vm.uuid, op="mod"))
     assert VM.objects.get(pk=vm.pk).name_label == "wiki-renamed"
 
     clone = xapi.call("VM.clone", vm_ref(xapi, "dev-sandbox"), "announced-clone")
     clone_uuid = xapi.call("VM.get_uuid", clone)
-    messages(lambda m: m.get("cls") == "vm" and m.get("uuid") == clone_uuid and m.get("op") == "add")
+    messages(inventory_change(pool=pool.uuid, cls="vm", uuid=clone_uuid, op="add"))
     xapi.call("VM.destroy", clone)
-    messages(lambda m: m.get("cls") == "vm" and m.get("uuid") == clone_uuid and m.get("op") == "del")
+    messages(inventory_change(pool=pool.uuid, cls="vm", uuid=clone_uuid, op="del"))
 
 
 def test_a_burst_of_changes_is_announced_as_one_resync(pool, xapi, watch, messages, settings):
     settings.EAC_CHANGE_MESSAGES_MAX = 1
     watch(pool)
-    messages(lambda m: m["type"] == "inventory.change" and m["cls"] == "pool")  # connected, after the full sync
+    # Connected, after the full sync.
+    messages(inventory_change(pool=pool.uuid, cls="pool", uuid=pool.uuid, op="mod"))
     # A clone adds a VM, its disks and its network interfaces: more than one object in a batch.
     xapi.call("VM.clone", vm_ref(xapi, "backup-proxy"), "burst")
-    messages(lambda m: m == {"type": "inventory.resync", "pool": pool.uuid})
-    wait_for(lambda: VM.objects.filter(pool=pool, name_label="burst").exists(), timeout=WITHIN, message="clone")
+    messages(inventory_resync(pool=pool.uuid))
+    wait_for(lambda: VM.objects.filter(pool=pool, name_label="burst").exists(), timeout=PATIENCE, message="clone")
 
 
 async def _receive(layer, channel, timeout):
@@ -240,9 +243,9 @@ def test_host_and_pif_metrics_update_live_and_carrier(xapisim, pool, watch):
     assert pif.carrier
     pif_uuid = pif.uuid
     xapisim.control("POST", f"/sim/pifs/{pif_uuid}/carrier", {"up": False})
-    wait_for(lambda: not PIF.objects.get(pk=pif.pk).carrier, timeout=WITHIN, message="carrier down")
+    wait_for(lambda: not PIF.objects.get(pk=pif.pk).carrier, timeout=PATIENCE, message="carrier down")
     xapisim.control("POST", f"/sim/pifs/{pif_uuid}/carrier", {"up": True})
-    wait_for(lambda: PIF.objects.get(pk=pif.pk).carrier, timeout=WITHIN, message="carrier up")
+    wait_for(lambda: PIF.objects.get(pk=pif.pk).carrier, timeout=PATIENCE, message="carrier up")
 
 
 def test_simulator_restart_reconnects_and_resyncs(xapisim, pool, xapi, watch):
@@ -251,7 +254,7 @@ def test_simulator_restart_reconnects_and_resyncs(xapisim, pool, xapi, watch):
     # A VM that exists only until the restart (the simulator starts again from its preset).
     clone = xapi.call("VM.clone", vm_ref(xapi, "dev-sandbox"), "short-lived")
     clone_uuid = xapi.call("VM.get_uuid", clone)
-    wait_for(lambda: VM.objects.filter(pool=pool, uuid=clone_uuid).exists(), timeout=WITHIN, message="clone")
+    wait_for(lambda: VM.objects.filter(pool=pool, uuid=clone_uuid).exists(), timeout=PATIENCE, message="clone")
 
     states = [state(pool)]
     stop = threading.Event()
@@ -286,39 +289,29 @@ def test_simulator_restart_reconnects_and_resyncs(xapisim, pool, xapi, watch):
         assert_rows_match(fresh, pool)
         # And events flow again.
         fresh.call("VM.set_name_label", vm_ref(fresh, "mail"), "mail-after-restart")
-        wait_for(lambda: VM.objects.filter(pool=pool, name_label="mail-after-restart").exists(), timeout=WITHIN,
+        wait_for(lambda: VM.objects.filter(pool=pool, name_label="mail-after-restart").exists(), timeout=PATIENCE,
                  message="event after restart")
 
 
-def test_watcher_follows_the_master_to_another_host():
-    sim = start_xapisim("--ha-timeout", "1")
-    try:
-        pool = pool_create(name="demo", url=sim.url, username="root", password="demo")
-        watcher = PoolWatcher(pool, event_timeout=5.0, max_delay=0.5)
-        watcher.start()
-        try:
-            wait_for(lambda: connected(pool), timeout=10, message="connected")
-            old_master = Host.objects.get(pool=pool, is_master=True)
-            assert old_master.name_label == "xcp-host-1"
+def test_watcher_follows_the_master_to_another_host(xapisim, pool, watch):
+    watch(pool, max_delay=0.5)
+    wait_for(lambda: connected(pool), timeout=10, message="connected")
+    old_master = Host.objects.get(pool=pool, is_master=True)
+    assert old_master.name_label == "xcp-host-1"
 
-            sim.control("POST", "/sim/hosts/xcp-host-1/crash", base=sim.host_url("127.0.0.2"))
+    xapisim.control("POST", "/sim/hosts/xcp-host-1/crash", base=xapisim.host_url("127.0.0.2"))
 
-            new_url = sim.host_url("127.0.0.2")
-            wait_for(lambda: Pool.objects.filter(pk=pool.pk, master_url=new_url, connection_state="connected")
-                     .exists(), timeout=15, message="watcher on the new master")
-            wait_for(lambda: Host.objects.filter(pool=pool, is_master=True).values_list("name_label", flat=True)
-                     .first() == "xcp-host-2", timeout=WITHIN, message="is_master moved")
-            assert not Host.objects.get(pk=old_master.pk).live
-            # Events flow from the new master.
-            with connect(new_url, "root", "demo") as xapi:
-                xapi.call("VM.set_name_label", vm_ref(xapi, "gitlab"), "gitlab-on-new-master")
-            wait_for(lambda: VM.objects.filter(pool=pool, name_label="gitlab-on-new-master").exists(),
-                     timeout=WITHIN, message="event from the new master")
-        finally:
-            watcher.stop()
-            watcher.join(10)
-    finally:
-        sim.stop()
+    new_url = xapisim.host_url("127.0.0.2")
+    wait_for(lambda: Pool.objects.filter(pk=pool.pk, master_url=new_url, connection_state="connected")
+             .exists(), timeout=PATIENCE, message="watcher on the new master")
+    wait_for(lambda: Host.objects.filter(pool=pool, is_master=True).values_list("name_label", flat=True)
+             .first() == "xcp-host-2", timeout=PATIENCE, message="is_master moved")
+    assert not Host.objects.get(pk=old_master.pk).live
+    # Events flow from the new master.
+    with connect(new_url, "root", "demo") as xapi:
+        xapi.call("VM.set_name_label", vm_ref(xapi, "gitlab"), "gitlab-on-new-master")
+    wait_for(lambda: VM.objects.filter(pool=pool, name_label="gitlab-on-new-master").exists(),
+             timeout=PATIENCE, message="event from the new master")
 
 
 def test_expired_session_logs_in_again_and_resyncs(xapisim, pool, watch, caplog):
@@ -385,22 +378,18 @@ def test_watch_pools_command_once_syncs_and_exits(xapisim, pool):
     assert VM.objects.filter(pool=pool).count() == len(xapisim.state()["vms"])
 
 
-def test_watch_pools_command_follows_changes_until_terminated(xapisim, pool, xapi):
-    proc = subprocess.Popen(
-        [sys.executable, "manage.py", "watch_pools", "--poll", "0.5"],
-        cwd=ROOT, env=subprocess_env(LOG_LEVEL="INFO", EAC_EVENT_TIMEOUT="5"), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-    )
+def test_watch_pools_command_follows_changes_until_terminated(xapisim, pool, xapi, tmp_path):
+    proc = Proc("watch_pools", [sys.executable, "manage.py", "watch_pools", "--poll", "0.5"],
+                env=subprocess_env(LOG_LEVEL="INFO", EAC_EVENT_TIMEOUT="5"), log=tmp_path / "watch_pools.log").start()
     try:
         wait_for(lambda: connected(pool), timeout=30, message="watcher process connected")
         xapi.call("VM.set_name_label", vm_ref(xapi, "jenkins"), "jenkins-2")
-        wait_for(lambda: VM.objects.filter(pool=pool, name_label="jenkins-2").exists(), timeout=WITHIN,
+        wait_for(lambda: VM.objects.filter(pool=pool, name_label="jenkins-2").exists(), timeout=PATIENCE,
                  message="change seen by the watcher process")
     finally:
-        proc.terminate()
-        _, stderr = proc.communicate(timeout=20)
-    assert proc.returncode == 0, stderr
-    assert "watcher: stopped" in stderr
+        returncode = proc.stop()
+    assert returncode == 0, proc.output()
+    assert "watcher: stopped" in proc.output()
 
 
 def test_the_mirror_reads_only_fields_it_asks_xapi_for():

@@ -1,5 +1,4 @@
 """The XAPI client wrapper, with the real XenAPI package against a live xapisim over HTTP."""
-import socket
 import threading
 import time
 import xmlrpc.client
@@ -7,12 +6,7 @@ import xmlrpc.client
 import pytest
 
 from inventory.xapi import XapiAuthError, XapiError, XapiUnreachable, connect, pool_client, url_with_host
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support import free_port
 
 
 def test_client_calls_with_the_session_and_returns_xapi_values(xapisim):
@@ -64,10 +58,8 @@ def test_unreachable_says_what_went_wrong():
 
 def test_a_slow_master_times_out_as_unreachable(xapisim):
     xapisim.control("POST", "/sim/hosts/xcp-host-1/slow", {"delay_ms": 3000})
-    started = time.monotonic()
-    with pytest.raises(XapiUnreachable) as err:
+    with pytest.raises(XapiUnreachable) as err:  # not the answer 3 s later
         connect(xapisim.url, "root", "demo", timeout=0.5)
-    assert time.monotonic() - started < 2.5
     assert "did not answer within 0.5 s" in err.value.describe()
 
 
@@ -124,13 +116,12 @@ def test_event_from_returns_changes_and_abort_breaks_a_blocked_call(xapisim):
             except XapiError as exc:
                 errors.append(exc)
 
-        thread = threading.Thread(target=blocked)
-        started = time.monotonic()
+        thread = threading.Thread(target=blocked, daemon=True)
         thread.start()
         time.sleep(0.3)
         client.abort()
-        thread.join(5)
-        assert not thread.is_alive() and time.monotonic() - started < 3
+        thread.join(15)  # the call itself would block for 30 s
+        assert not thread.is_alive()
         assert isinstance(errors[0], XapiUnreachable)
 
 

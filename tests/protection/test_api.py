@@ -5,27 +5,10 @@ import pytest
 
 from eac.audit import AuditEntry
 from protection.models import Protection, WorkflowRun
-from tests.inventory.factories import GiB, make_disk, make_host, make_pbd, make_pool, make_sr, make_vm
+from tests.inventory.factories import GiB, make_disk, make_vm
 from tests.support import protection_states
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def pool_setup():
-    """Three hosts, a shared SR on all of them, a local SR on the first; HA off."""
-    pool = make_pool()
-    hosts = [make_host(pool, memory_free=16 * GiB) for _ in range(3)]
-    shared = make_sr(pool, shared=True, name_label="iSCSI shared")
-    local = make_sr(pool, shared=False, name_label="Local storage of host 1")
-    for host in hosts:
-        make_pbd(host, shared)
-    make_pbd(hosts[0], local)
-    agile = make_vm(pool, host=hosts[1], name_label="web-1", memory_static_max=4 * GiB)
-    make_disk(agile, shared)
-    pinned = make_vm(pool, host=hosts[0], name_label="db-local")
-    make_disk(pinned, local)
-    return {"pool": pool, "hosts": hosts, "shared": shared, "local": local, "agile": agile, "pinned": pinned}
 
 
 def protect(client, vm, **settings):

@@ -7,37 +7,22 @@ import re
 
 import pytest
 from channels.db import database_sync_to_async
-from django.contrib.auth.models import Permission
 from django.test import Client
 
+from eac.realtime import inventory_change, protection_change
 from protection import services
 from protection.models import Protection
+from tests.channels_support import ORIGIN, connect, deliver, element, receive_until, run, session_cookie
 from tests.inventory.factories import make_disk, make_vm
-from tests.inventory.test_consumers import ORIGIN, change, connect, element, receive_until, run, session_cookie
-from tests.protection.test_api import pool_setup  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def admin_client(client, admin_user):
-    client.force_login(admin_user)
-    return client
-
-
-@pytest.fixture
-def operator_client(client, operator_user):
-    client.force_login(operator_user)
-    return client
-
-
-@pytest.fixture
-def viewer_client(django_user_model):
+def viewer_client(viewer):
     """A user who may see the inventory but is in neither protection role (a client of their own)."""
-    user = django_user_model.objects.create_user("viewer", password="pw-viewer-1")
-    user.user_permissions.add(Permission.objects.get(codename="view_pool", content_type__app_label="inventory"))
     client = Client()
-    client.force_login(user)
+    client.force_login(viewer)
     return client
 
 
@@ -68,7 +53,7 @@ def section(html: str, dom_id: str) -> str:
 # -- pages -------------------------------------------------------------------------------------------
 
 
-def test_a_protected_vm_shows_level1_in_the_table_the_summary_and_its_page(admin_client, pool_setup):  # noqa: F811
+def test_a_protected_vm_shows_level1_in_the_table_the_summary_and_its_page(admin_client, pool_setup):
     agile, pinned = pool_setup["agile"], pool_setup["pinned"]
     before = admin_client.get("/").content.decode()
     assert (group_count(before, "pvs-level1"), group_count(before, "pvs-candidate")) == ("0", "1")
@@ -94,7 +79,7 @@ def test_a_protected_vm_shows_level1_in_the_table_the_summary_and_its_page(admin
     assert f'href="/protection/pools/{agile.pool.pk}/plan/"' in page
 
 
-def test_a_degraded_or_failed_protection_marks_its_host_and_pool_nodes(admin_client, pool_setup):  # noqa: F811
+def test_a_degraded_or_failed_protection_marks_its_host_and_pool_nodes(admin_client, pool_setup):
     agile, pool = pool_setup["agile"], pool_setup["pool"]
     host = agile.resident_on
     protection = protect(agile)
@@ -124,7 +109,7 @@ def test_a_degraded_or_failed_protection_marks_its_host_and_pool_nodes(admin_cli
     assert "A failed component below" in tree_row(html, f"tree-pool-{pool.uuid}")
 
 
-def test_administrators_get_protect_and_unprotect_actions_and_a_selection(admin_client, pool_setup):  # noqa: F811
+def test_administrators_get_protect_and_unprotect_actions_and_a_selection(admin_client, pool_setup):
     agile, pinned = pool_setup["agile"], pool_setup["pinned"]
     protection = protect(agile)
     html = admin_client.get("/vms/").content.decode()
@@ -142,7 +127,7 @@ def test_administrators_get_protect_and_unprotect_actions_and_a_selection(admin_
 
 
 def test_boosted_protect_links_open_the_whole_wizard_and_its_own_form_refreshes_the_preflight(
-    admin_client, pool_setup  # noqa: F811
+    admin_client, pool_setup
 ):
     url = f"/protection/protect/?vm={pool_setup['agile'].uuid}"
     boosted = admin_client.get(url, HTTP_HX_REQUEST="true", HTTP_HX_BOOSTED="true").content.decode()
@@ -151,7 +136,7 @@ def test_boosted_protect_links_open_the_whole_wizard_and_its_own_form_refreshes_
     assert 'id="main"' not in refresh and f'id="preflight-{pool_setup["agile"].uuid}"' in refresh
 
 
-def test_operators_see_protection_but_no_protect_or_unprotect_buttons(operator_client, pool_setup):  # noqa: F811
+def test_operators_see_protection_but_no_protect_or_unprotect_buttons(operator_client, pool_setup):
     agile, pinned = pool_setup["agile"], pool_setup["pinned"]
     protect(agile)
     html = operator_client.get("/vms/").content.decode()
@@ -165,7 +150,7 @@ def test_operators_see_protection_but_no_protect_or_unprotect_buttons(operator_c
 
 
 def test_header_links_to_protection_alerts_recipients_and_audit_for_the_two_roles_only(
-    admin_client, viewer_client, pool_setup  # noqa: F811
+    admin_client, viewer_client, pool_setup
 ):
     links = ('href="/protection/"', 'href="/alerts/"', 'href="/alerts/recipients/"', 'href="/protection/audit/"')
     html = admin_client.get("/").content.decode()
@@ -181,7 +166,7 @@ def test_header_links_to_protection_alerts_recipients_and_audit_for_the_two_role
     assert '<span id="alerts-counter"' in html
 
 
-def test_pool_page_shows_ha_state_and_links_to_its_failover_plan(admin_client, viewer_client, pool_setup):  # noqa: F811
+def test_pool_page_shows_ha_state_and_links_to_its_failover_plan(admin_client, viewer_client, pool_setup):
     pool = pool_setup["pool"]
     html = admin_client.get(f"/pools/{pool.pk}/").content.decode()
     assert "HA off" in html and f'href="/protection/pools/{pool.pk}/plan/"' in html
@@ -193,7 +178,7 @@ def test_pool_page_shows_ha_state_and_links_to_its_failover_plan(admin_client, v
     assert "/plan/" not in viewer_client.get(f"/pools/{pool.pk}/").content.decode()
 
 
-def test_unprotect_button_posts_with_the_pages_csrf_token_and_is_refused_without(admin_user, pool_setup):  # noqa: F811
+def test_unprotect_button_posts_with_the_pages_csrf_token_and_is_refused_without(admin_user, pool_setup):
     agile = pool_setup["agile"]
     protection = protect(agile)
     client = Client(enforce_csrf_checks=True)
@@ -211,8 +196,7 @@ def test_unprotect_button_posts_with_the_pages_csrf_token_and_is_refused_without
 
 async def protection_changed(pool, vm):
     """What the protection app sends after committing a change of the VM's protection."""
-    await change(pool, "vm", vm.uuid)
-    await change(pool, "protection", vm.uuid)
+    await deliver(protection_change(pool=pool.uuid, vm=vm.uuid))
 
 
 @database_sync_to_async
@@ -222,7 +206,7 @@ def set_status(vm, status: str, level: int = 1) -> None:
 
 @pytest.mark.django_db(transaction=True)
 def test_a_protection_change_moves_the_vm_between_summary_groups_and_rerenders_its_row(
-    admin_user, pool_setup  # noqa: F811
+    admin_user, pool_setup
 ):
     cookie = session_cookie(admin_user)
     pool, agile = pool_setup["pool"], pool_setup["agile"]
@@ -258,7 +242,7 @@ def test_a_protection_change_moves_the_vm_between_summary_groups_and_rerenders_i
 
 @pytest.mark.django_db(transaction=True)
 def test_the_vm_page_gets_its_protection_panel_when_the_protection_service_changes_it(
-    admin_user, celery_queue, pool_setup  # noqa: F811
+    admin_user, celery_queue, pool_setup
 ):
     cookie = session_cookie(admin_user)
     agile, shared = pool_setup["agile"], pool_setup["shared"]
@@ -284,7 +268,7 @@ def test_the_vm_page_gets_its_protection_panel_when_the_protection_service_chang
 
 
 @pytest.mark.django_db(transaction=True)
-def test_an_operators_socket_gets_rows_and_panels_without_actions(operator_user, pool_setup):  # noqa: F811
+def test_an_operators_socket_gets_rows_and_panels_without_actions(operator_user, pool_setup):
     cookie = session_cookie(operator_user)
     pool, agile = pool_setup["pool"], pool_setup["agile"]
     second = make_vm(pool, host=pool_setup["hosts"][2], name_label="web-2")
@@ -295,7 +279,7 @@ def test_an_operators_socket_gets_rows_and_panels_without_actions(operator_user,
         await communicator.send_to(text_data=json.dumps({"view": "vms", "rows": [agile.uuid, second.uuid]}))
         await set_status(agile, "protected")
         await protection_changed(pool, agile)
-        await change(pool, "vm", second.uuid)
+        await deliver(inventory_change(pool=pool.uuid, cls="vm", uuid=second.uuid))
         html = await receive_until(communicator, lambda t: f'id="row-vm-{second.uuid}"' in t)
         html += await receive_until(communicator, lambda t: f'id="row-vm-{agile.uuid}"' in t) \
             if f'id="row-vm-{agile.uuid}"' not in html else ""

@@ -7,9 +7,9 @@ import pytest
 
 from inventory.models import VM
 from protection.models import Protection
-from tests.protection.test_wizard_browser import queued_server  # noqa: F401 - the fixture
+from tests.browser_support import login, screenshot
+from tests.browser_waits import wait_until
 from tests.support import protection_states, wait_for
-from tests.ui.conftest import browser, login, page, screenshot, sim, static_root, watched_pool  # noqa: F401
 
 pytestmark = [pytest.mark.browser]
 
@@ -26,7 +26,7 @@ def candidates_on_two_members(pool) -> tuple[VM, VM]:
 
 
 def test_protect_from_the_table_follow_live_see_the_plan_and_alerts_and_unprotect_from_the_vm_page(
-    page, queued_server, watched_pool, sim, console_env, start_proc, admin_user  # noqa: F811
+    page, queued_server, watched_pool, xapisim, console_env, start_proc, admin_user
 ):
     start_proc("worker", console_env)
     pool = watched_pool
@@ -56,14 +56,14 @@ def test_protect_from_the_table_follow_live_see_the_plan_and_alerts_and_unprotec
     screenshot(page, "protect-wizard-confirm")
     page.click("#protect-confirm")
     page.wait_for_url("**/protection/runs/?ids=*")
-    page.wait_for_function("document.querySelectorAll('section.run[data-state=succeeded]').length === 2",
-                           timeout=60_000)
+    wait_until(page, "document.querySelectorAll('section.run[data-state=succeeded]').length === 2",
+               timeout=60_000)
 
     for vm in (first, second):
         watch.wait_for_selector(f"#row-vm-{vm.uuid} .status-pill.st-level1", timeout=15_000)
         watch.wait_for_selector(f"#tree-vm-{vm.uuid} .lv-badge.st-good")
-    watch.wait_for_function(f"document.querySelector('#tree-pvs-level1 .count').innerText.trim() === "
-                            f"'{level1_before + 2}'")
+    wait_until(watch, f"document.querySelector('#tree-pvs-level1 .count').innerText.trim() === "
+                      f"'{level1_before + 2}'")
     assert "Protected VM" in watch.locator(f"#row-vm-{first.uuid} td.c-type").inner_text()
     assert watch.evaluate("window.__notReloaded") is True
     screenshot(watch, "vm-table-level1")
@@ -83,11 +83,11 @@ def test_protect_from_the_table_follow_live_see_the_plan_and_alerts_and_unprotec
 
     # A host with a protected VM is lost: the counter and the marks change live, the alerts page says so.
     host = first.resident_on
-    sim.control("POST", f"/sim/hosts/{host.name_label}/crash")
+    xapisim.control("POST", f"/sim/hosts/{host.name_label}/crash")
     watch.wait_for_selector(f"#tree-host-{host.uuid} svg.host-dead", timeout=20_000)
-    watch.wait_for_function("document.querySelector('#alerts-counter .alerts-count').innerText.trim() !== '0'",
-                            timeout=20_000)
-    watch.wait_for_function(
+    wait_until(watch, "document.querySelector('#alerts-counter .alerts-count').innerText.trim() !== '0'",
+               timeout=20_000)
+    wait_until(watch,
         f"(r => r && !/{host.name_label}/.test(r.querySelector('.c-hosts').innerText) && "
         f"/Running/.test(r.querySelector('.c-power').innerText))(document.getElementById('row-vm-{first.uuid}'))",
         timeout=40_000,

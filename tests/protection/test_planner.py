@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protection.planner import Host, Planner, ProtectedVM, exhaustive_holds, is_exact, shortfall_text
-from tests.support import start_xapisim
+from tests.support import start_sim, xapi_login
 
 GiB = 2**30
 
@@ -134,7 +134,7 @@ def test_a_large_pool_uses_the_approximation_and_explains_the_busiest_hosts():
 
 @pytest.fixture(scope="module")
 def generated_sim():
-    sim = start_xapisim("--hosts", "5", "--vms", "100", "--seed", "7")
+    sim = start_sim(hosts=5, vms=100, seed=7)
     yield sim
     sim.stop()
 
@@ -159,8 +159,7 @@ def _planner_from_xapi(hosts: dict, metrics: dict, vms: dict, configuration: dic
 def test_planner_maximum_agrees_with_xapisim_for_random_protected_sets(generated_sim):
     import XenAPI
 
-    session = XenAPI.Session(generated_sim.url)
-    session.xenapi.login_with_password("root", generated_sim.password, "2.0", "eac-tests")
+    session = xapi_login(generated_sim.url)
     try:
         records = session.xenapi.VM.get_all_records()
         hosts = session.xenapi.host.get_all_records()

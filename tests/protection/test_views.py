@@ -7,28 +7,15 @@ from alerts import services as alert_services
 from alerts.models import Alert, Recipient
 from eac.audit import AuditEntry
 from protection.models import Protection, WorkflowRun
-from tests.protection.test_api import pool_setup  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def admin_client(client, admin_user):
-    client.force_login(admin_user)
-    return client
-
-
-@pytest.fixture
-def operator_client(client, operator_user):
-    client.force_login(operator_user)
-    return client
 
 
 def wizard_url(*vms) -> str:
     return "/protection/protect/?" + "&".join(f"vm={vm.uuid}" for vm in vms)
 
 
-def test_wizard_shows_levels_with_reasons_preflight_and_settings(admin_client, pool_setup):  # noqa: F811
+def test_wizard_shows_levels_with_reasons_preflight_and_settings(admin_client, pool_setup):
     page = admin_client.get(wizard_url(pool_setup["agile"], pool_setup["pinned"])).content.decode()
     assert "Level 1 — basic restart" in page and "Level 2 — component fault tolerance" in page
     assert "Not yet</span> Needs the Availability Manager agents" in page
@@ -41,7 +28,7 @@ def test_wizard_shows_levels_with_reasons_preflight_and_settings(admin_client, p
     assert "Check the failover plan holds with the VM" in page
 
 
-def test_wizard_protects_several_vms_and_shows_their_runs(admin_client, pool_setup):  # noqa: F811
+def test_wizard_protects_several_vms_and_shows_their_runs(admin_client, pool_setup):
     from tests.inventory.factories import make_disk, make_vm
 
     second = make_vm(pool_setup["pool"], host=pool_setup["hosts"][2], name_label="web-2")
@@ -59,7 +46,7 @@ def test_wizard_protects_several_vms_and_shows_their_runs(admin_client, pool_set
     assert AuditEntry.objects.filter(action="protect", via="ui").count() == 2
 
 
-def test_wizard_refusal_says_why_and_starts_nothing(admin_client, pool_setup):  # noqa: F811
+def test_wizard_refusal_says_why_and_starts_nothing(admin_client, pool_setup):
     response = admin_client.post("/protection/protect/", {
         "vm": pool_setup["pinned"].uuid, "level": "1", "heartbeat_sr": pool_setup["shared"].uuid,
     })
@@ -68,7 +55,7 @@ def test_wizard_refusal_says_why_and_starts_nothing(admin_client, pool_setup):  
     assert not WorkflowRun.objects.exists()
 
 
-def test_operator_sees_the_wizard_but_cannot_protect_through_the_ui(operator_client, pool_setup):  # noqa: F811
+def test_operator_sees_the_wizard_but_cannot_protect_through_the_ui(operator_client, pool_setup):
     page = operator_client.get(wizard_url(pool_setup["agile"]))
     assert page.status_code == 200
     assert "only Administrators can protect VMs" in page.content.decode()
@@ -80,7 +67,7 @@ def test_operator_sees_the_wizard_but_cannot_protect_through_the_ui(operator_cli
 
 
 def test_pool_plan_page_shows_the_plan_and_refuses_an_unmeetable_target_with_the_reason(
-    admin_client, pool_setup  # noqa: F811
+    admin_client, pool_setup
 ):
     from tests.inventory.factories import GiB, make_disk, make_vm
 
@@ -128,7 +115,7 @@ def test_recipients_page_lets_administrators_choose_conditions_and_refuses_opera
     assert client.get("/alerts/recipients/").status_code == 200
 
 
-def test_users_outside_both_groups_and_anonymous_see_no_protection_page(client, django_user_model, pool_setup):  # noqa: F811
+def test_users_outside_both_groups_and_anonymous_see_no_protection_page(client, django_user_model, pool_setup):
     assert client.get("/protection/").status_code == 302  # to the login page
     nobody = django_user_model.objects.create_user("nobody", password="x")
     client.force_login(nobody)

@@ -1,45 +1,17 @@
 """The wizard in Chromium: protect a VM at Level 1, watch the steps live, see its icon change live."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from inventory.models import VM
-from tests.support import ROOT, protection_states, wait_for
-from tests.ui.conftest import Server, browser, login, page, screenshot, sim, static_root, watched_pool  # noqa: F401
+from tests.browser_support import login, screenshot
+from tests.support import protection_states
 
 pytestmark = [pytest.mark.browser]
 
 
-class QueuedServer(Server):
-    """daphne as in the UI tests, but sending its tasks to this test's own Celery queue."""
-
-    def __init__(self, root, env):
-        super().__init__(root)
-        self.env = env
-
-    def start(self) -> Server:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "console.asgi:application"],
-            cwd=ROOT, env=dict(self.env, STATIC_ROOT=str(self.static_root)), stdout=self.log.open("ab"),
-            stderr=subprocess.STDOUT,
-        )
-        wait_for(self._answers, timeout=30, interval=0.1, message="daphne to answer")
-        return self
-
-
-@pytest.fixture
-def queued_server(static_root, console_env):  # noqa: F811
-    srv = QueuedServer(static_root, console_env).start()
-    yield srv
-    srv.stop()
-
-
 def test_wizard_protects_a_vm_at_level1_and_its_icon_changes_live(
-    page, queued_server, watched_pool, sim, console_env, start_proc, admin_user  # noqa: F811
+    page, queued_server, watched_pool, xapisim, console_env, start_proc, admin_user
 ):
     start_proc("worker", console_env)
     vms = VM.objects.filter(pool=watched_pool, power_state="Running", is_control_domain=False,
@@ -64,7 +36,7 @@ def test_wizard_protects_a_vm_at_level1_and_its_icon_changes_live(
     screenshot(page, "protect-wizard")
     # Each XAPI answer takes a while, so the steps are seen moving rather than already done.
     master = watched_pool.hosts.get(is_master=True)
-    sim.control("POST", f"/sim/hosts/{master.name_label}/slow", {"delay_ms": 250})
+    xapisim.control("POST", f"/sim/hosts/{master.name_label}/slow", {"delay_ms": 250})
     page.click("#protect-confirm")
 
     page.wait_for_url("**/protection/runs/?ids=*")

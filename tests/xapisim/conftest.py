@@ -7,39 +7,37 @@ import contextlib
 import pytest
 import XenAPI
 
-from xapisim.server import Simulator
+from tests.support import start_sim, xapi_login
 
-
-def make_sim(**kwargs: object) -> Simulator:
-    options: dict[str, object] = {
-        "port": 0,
-        "op_delay": 0.0,
-        "ha_timeout": 0.5,
-        "vm_restart_delay": 0.1,
-        "boot_delay": 0.1,
-    }
-    options.update(kwargs)
-    return Simulator(**options).start()  # type: ignore[arg-type]
+INSTANT = {"op_delay": 0.0, "ha_timeout": 0.5, "vm_restart_delay": 0.1, "boot_delay": 0.1}
 
 
 @pytest.fixture
-def sim():
+def make_sim():
+    """``make_sim(**options)``: a simulator with instant timings unless ``options`` (``Simulator``'s) say
+    otherwise; each is stopped after the test."""
+    started = []
+
+    def make(**options):
+        sim = start_sim(**{**INSTANT, **options})
+        started.append(sim)
+        return sim
+
+    yield make
+    for sim in started:
+        sim.stop()
+
+
+@pytest.fixture
+def sim(make_sim):
     """The demo pool, in this process, with instant operations."""
-    s = make_sim()
-    yield s
-    s.stop()
-
-
-def login(url: str) -> XenAPI.Session:
-    session = XenAPI.Session(url)
-    session.xenapi.login_with_password("root", "demo", "2.21", "xapisim-tests")
-    return session
+    return make_sim()
 
 
 @pytest.fixture
 def api(sim):
     """A logged-in ``session.xenapi`` of the unmodified XenAPI package."""
-    session = login(sim.url)
+    session = xapi_login(sim.url)
     yield session.xenapi
     # The test may have crashed the master: then there is nothing to log out of.
     with contextlib.suppress(OSError, XenAPI.Failure):

@@ -1,20 +1,20 @@
-"""The command line, the address scheme, reproducible pools and the large-pool budget."""
+"""The command line, the address scheme, reproducible pools and a pool of a thousand hosts."""
 
 from __future__ import annotations
 
 import http.client
 import json
-import time
+import socket
 
 import XenAPI
 
-from tests.support import start_xapisim
+from tests.support import XapisimCommand, xapi_login
 from xapisim.presets import host_address
 from xapisim.server import Simulator
 
 
-def test_cli_serves_the_demo_pool_and_exits_cleanly_on_sigterm():
-    sim = start_xapisim("--seed", "3")
+def test_cli_serves_the_demo_pool_and_exits_cleanly_on_sigterm(tmp_path):
+    sim = XapisimCommand("--port", "0", "--seed", "3", "--password", "demo", log=tmp_path / "xapisim.log").start()
     try:
         assert sim.url == f"http://127.0.0.1:{sim.port}"
         session = XenAPI.Session(sim.url)
@@ -29,10 +29,7 @@ def test_cli_serves_the_demo_pool_and_exits_cleanly_on_sigterm():
         except XenAPI.Failure as e:
             assert e.details == ["HOST_IS_SLAVE", "127.0.0.1"]
     finally:
-        proc = sim.proc
-        proc.terminate()
-        assert proc.wait(10) == 0
-        sim.proc = None
+        assert sim.stop() == 0
 
 
 def test_addresses_skip_the_network_and_broadcast_octets():
@@ -73,13 +70,11 @@ def test_a_generated_pool_has_the_requested_size():
     assert {v["power_state"] for v in guests} == {"Running", "Halted", "Suspended", "Paused"}
 
 
-def test_a_thousand_hosts_and_ten_thousand_vms_build_fast_and_list_in_under_two_seconds():
-    start = time.monotonic()
+def test_a_thousand_hosts_and_ten_thousand_vms_are_listed_in_one_answer():
+    """The build and list times are benchmarks/bench_xapisim.py's figures."""
     sim = Simulator(hosts=1000, vms=10_000, port=0, listen_hosts=1, op_delay=0.0)
     sim.start()
-    built = time.monotonic() - start
     try:
-        assert built < 15, f"building took {built:.1f}s"
         conn = http.client.HTTPConnection("127.0.0.1", sim.port, timeout=60)
         login = {"jsonrpc": "2.0", "method": "session.login_with_password", "params": ["root", "demo"], "id": 1}
         conn.request("POST", "/jsonrpc", json.dumps(login), {"Content-Type": "application/json"})
@@ -88,24 +83,17 @@ def test_a_thousand_hosts_and_ten_thousand_vms_build_fast_and_list_in_under_two_
             '<?xml version="1.0"?><methodCall><methodName>VM.get_all_records</methodName>'
             f"<params><param><value>{session}</value></param></params></methodCall>"
         )
-        start = time.monotonic()
         conn.request("POST", "/", call, {"Content-Type": "text/xml"})
         body = conn.getresponse().read()
-        elapsed = time.monotonic() - start
         assert body.count(b"<name>is_control_domain</name>") == 10_000 + 1000 + 1
-        assert elapsed < 2.0, f"VM.get_all_records took {elapsed:.2f}s"
     finally:
         sim.stop()
 
 
-def test_advertise_serves_host_zero_alone_on_every_interface_under_the_given_name():
-    import socket
-
-    from tests.xapisim.conftest import login, make_sim
-
+def test_advertise_serves_host_zero_alone_on_every_interface_under_the_given_name(make_sim):
     sim = make_sim(advertise="xapisim.example")
     try:
-        session = login(f"http://127.0.0.1:{sim.port}")
+        session = xapi_login(f"http://127.0.0.1:{sim.port}")
         hosts = session.xenapi.host.get_all_records().values()
         master = session.xenapi.pool.get_master(session.xenapi.pool.get_all()[0])
         assert session.xenapi.host.get_address(master) == "xapisim.example"

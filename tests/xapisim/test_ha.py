@@ -7,8 +7,7 @@ import time
 import pytest
 import XenAPI
 
-from tests.support import wait_for
-from tests.xapisim.conftest import login, make_sim
+from tests.support import wait_for, xapi_login
 from tests.xapisim.rpc import control
 
 GiB = 1 << 30
@@ -34,7 +33,7 @@ def _new_vm(api, name: str, gib: int, priority: str = "") -> str:
     return vm
 
 
-def test_operations_that_would_break_the_failover_plan_are_refused():
+def test_operations_that_would_break_the_failover_plan_are_refused(make_sim):
     """Three 256 GiB hosts A, B, C; protected P1 on A, P2 and P3 on B (100 GiB each).
 
     One failure is survivable (A's VM goes to C, B's two go to A and C); starting
@@ -42,7 +41,7 @@ def test_operations_that_would_break_the_failover_plan_are_refused():
     """
     sim = make_sim(hosts=3, vms=0)
     try:
-        api = login(sim.url).xenapi
+        api = xapi_login(sim.url).xenapi
         pool = api.pool.get_all()[0]
         a, b, c = sorted(api.host.get_all(), key=api.host.get_name_label)
         p1, p2, p3 = (_new_vm(api, f"p{i}", 100, "restart") for i in (1, 2, 3))

@@ -8,8 +8,7 @@ import time
 import pytest
 import XenAPI
 
-from tests.support import wait_for
-from tests.xapisim.conftest import login, make_sim
+from tests.support import wait_for, xapi_login
 
 GiB = 1 << 30
 
@@ -192,10 +191,10 @@ def test_memory_limits_follow_xapis_rules(api):
     assert _failure(api.VM.set_ha_restart_priority, halted, "always")[0] == "INVALID_VALUE"
 
 
-def test_an_operation_in_progress_blocks_another_and_shows_in_events():
+def test_an_operation_in_progress_blocks_another_and_shows_in_events(make_sim):
     sim = make_sim(op_delay=0.6)
     try:
-        api = login(sim.url).xenapi
+        api = xapi_login(sim.url).xenapi
         vm = _vm(api, "backup-proxy")
         token = api.event_from(["vm"], "", 0.0)["token"]
         task = api.Async.VM.start(vm, False, False)
@@ -217,10 +216,10 @@ def test_an_operation_in_progress_blocks_another_and_shows_in_events():
         sim.stop()
 
 
-def test_cancelling_a_task_stops_the_operation():
+def test_cancelling_a_task_stops_the_operation(make_sim):
     sim = make_sim(op_delay=1.0)
     try:
-        api = login(sim.url).xenapi
+        api = xapi_login(sim.url).xenapi
         vm = _vm(api, "jenkins")
         task = api.Async.VM.clean_shutdown(vm)
         wait_for(lambda: api.VM.get_current_operations(vm), timeout=10, message="operation start")
@@ -235,10 +234,10 @@ def test_cancelling_a_task_stops_the_operation():
         sim.stop()
 
 
-def test_concurrent_starts_never_overcommit_a_host():
+def test_concurrent_starts_never_overcommit_a_host(make_sim):
     sim = make_sim(op_delay=0.2)
     try:
-        api = login(sim.url).xenapi
+        api = xapi_login(sim.url).xenapi
         host = api.host.get_all()[0]
         vms = [_vm(api, n) for n in ("backup-proxy", "dev-sandbox")]
         free = int(api.host.compute_free_memory(host))
@@ -249,7 +248,7 @@ def test_concurrent_starts_never_overcommit_a_host():
 
         def start(vm: str) -> None:
             try:
-                login(sim.url).xenapi.VM.start_on(vm, host, False, False)
+                xapi_login(sim.url).xenapi.VM.start_on(vm, host, False, False)
             except XenAPI.Failure as e:
                 errors.append(e.details)
 
@@ -265,10 +264,10 @@ def test_concurrent_starts_never_overcommit_a_host():
         sim.stop()
 
 
-def test_operations_take_the_configured_time():
+def test_operations_take_the_configured_time(make_sim):
     sim = make_sim(op_delay=0.3)
     try:
-        api = login(sim.url).xenapi
+        api = xapi_login(sim.url).xenapi
         start = time.monotonic()
         api.VM.start(_vm(api, "backup-proxy"), False, False)
         assert time.monotonic() - start >= 0.3

@@ -8,8 +8,7 @@ import xmlrpc.client
 import pytest
 import XenAPI
 
-from tests.support import wait_for
-from tests.xapisim.conftest import login
+from tests.support import wait_for, xapi_login
 from tests.xapisim.rpc import jsonrpc, post, xmlrpc_raw
 from xapisim.datamodel import CLASSES
 
@@ -33,7 +32,7 @@ ALL_CLASSES = [
 
 
 def _session(sim) -> str:
-    return login(sim.url)._session
+    return xapi_login(sim.url)._session
 
 
 def test_get_all_records_for_every_class_through_the_xenapi_package(api):

@@ -1,0 +1,105 @@
+"""Database reads shared by the live consumers of one process (``SharedReads``).
+
+With twenty open pages, one change is read and rendered once, not twenty times: the consumers of an
+event loop that ask for the same key share one read, as long as it starts after the event that asked.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import weakref
+from collections.abc import Callable, Hashable, Iterable
+
+from channels.db import database_sync_to_async
+
+# What ``get_many`` gives for a key the read did not find (a VM that no longer exists).
+MISSING = object()
+
+
+class SharedReads:
+    """Database reads shared by the consumers of one event loop.
+
+    A read serves a consumer if it starts after the consumer received the event that asked
+    for it: the watcher emits after commit, so such a read sees the change. A new read is
+    scheduled ``GATHER`` seconds ahead; consumers that ask for the same kind of read before
+    it starts add their keys to it, so the sockets of a process that got the same change a
+    few milliseconds apart cause one query. A consumer that goes away cancels nothing.
+
+    Reads run on the one thread Django's sync code shares, in turn; ``thread_sensitive=False`` runs a
+    read that may be slow (the VM table's query) on a thread and connection of its own instead, so that
+    it never holds up the others.
+    """
+
+    GATHER = 0.008
+    TTL = 10.0
+
+    def __init__(self) -> None:
+        self._entries: dict[Hashable, tuple[float, asyncio.Future]] = {}
+        self._gathering: dict[Callable, tuple[float, set, asyncio.Future]] = {}
+        self._pruned = time.monotonic()
+
+    async def get_many(self, keys: Iterable[Hashable], since: float, fetch: Callable[[list], dict],
+                       thread_sensitive: bool = True) -> dict:
+        self._prune()
+        waits: list[tuple[Hashable, asyncio.Future]] = []
+        missing: list[Hashable] = []
+        for key in keys:
+            entry = self._entries.get(key)
+            if entry is not None and entry[0] >= since:
+                waits.append((key, entry[1]))
+            else:
+                missing.append(key)
+        if missing:
+            gathering = self._gathering.get(fetch)
+            if gathering is None or gathering[2].done():
+                start_at = max(time.monotonic(), since) + self.GATHER
+                read = self._read_at(start_at, fetch, thread_sensitive)
+                gathering = (start_at, set(), asyncio.ensure_future(read))
+                self._gathering[fetch] = gathering
+            start_at, gathered, future = gathering
+            gathered.update(missing)
+            for key in missing:
+                self._entries[key] = (start_at, future)
+            waits += [(key, future) for key in missing]
+        results = {}
+        for key, future in waits:
+            data = await asyncio.shield(future)
+            results[key] = data.get(key, MISSING)
+        return results
+
+    async def _read_at(self, start_at: float, fetch: Callable[[list], dict], thread_sensitive: bool) -> dict:
+        await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+        keys = self._gathering[fetch][1]
+        del self._gathering[fetch]  # from now on a new read is needed: this one may have started
+        return await database_sync_to_async(fetch, thread_sensitive=thread_sensitive)(list(keys))
+
+    async def get(self, key: Hashable, since: float, fetch: Callable[[], object],
+                  thread_sensitive: bool = True) -> object:
+        result = await self.get_many([key], since, _single(key, fetch), thread_sensitive)
+        return result[key]
+
+    def _prune(self) -> None:
+        now = time.monotonic()
+        if now - self._pruned < 1.0:
+            return
+        self._pruned = now
+        stale = [k for k, (started, fut) in self._entries.items() if now - started > self.TTL and fut.done()]
+        for key in stale:
+            fut = self._entries.pop(key)[1]
+            if not fut.cancelled():
+                fut.exception()  # retrieved: no "exception never retrieved" warning
+
+
+def _single(key: Hashable, fetch: Callable[[], object]) -> Callable[[list], dict]:
+    return lambda keys: {key: fetch()}
+
+
+_shared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def shared_reads() -> SharedReads:
+    loop = asyncio.get_running_loop()
+    reads = _shared.get(loop)
+    if reads is None:
+        reads = _shared[loop] = SharedReads()
+    return reads

@@ -1,1 +1,0 @@
-from tests.protection.fixtures import *  # noqa: F403

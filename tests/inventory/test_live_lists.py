@@ -1,0 +1,220 @@
+"""What an open page lists changes live: a pool registered (or removed) while the page is open, a VM that starts or
+stops matching the VM table's filters. Through the real ASGI stack on the Redis channel layer; the pools are
+registered and removed by the services (their messages leave on commit, as in production), the VM changes are
+written and announced the way the watcher does it."""
+import html as htmllib
+import json
+import re
+
+import pytest
+from channels.db import database_sync_to_async
+from django.db import connection
+from django.test import Client
+
+from eac.realtime import inventory_change, pools_change
+from inventory.choices import PowerState
+from inventory.models import VM, Pool
+from inventory.services import pool_create, pool_delete
+from inventory.watcher import sync_once
+from tests.channels_support import ORIGIN, connect, deliver, receive_until, run, session_cookie
+from tests.inventory.factories import make_pool, make_vm
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+RESYNC = '<div id="live-control" data-action="resync"></div>'
+REFRESH_TABLE = '<div id="live-control" data-action="refresh-table"></div>'
+
+
+def table_hello(user, query: str) -> dict:
+    """What eac.js sends for the VM table rendered for ``user`` at ``/vms/?query``: its rows in order, its
+    data-query and data-total, read from the page the view renders."""
+    client = Client()
+    client.force_login(user)
+    page = client.get(f"/vms/?{query}").content.decode()
+    region = re.search(r'<div id="vm-table" data-query="([^"]*)" data-total="(\d+)">', page)
+    assert region, "the table region carries its query and count"
+    rows = re.findall(r'<tr id="row-vm-([0-9a-f-]{36})"', page)
+    return {"view": "vms", "rows": rows, "query": htmllib.unescape(region.group(1)), "total": int(region.group(2))}
+
+
+async def next_message(communicator, timeout: float = 0.3) -> str | None:
+    """The next message, or None if none comes (a timed-out ``receive_from`` would stop the consumer)."""
+    if await communicator.receive_nothing(timeout=timeout):
+        return None
+    return await communicator.receive_from()
+
+
+@database_sync_to_async
+def set_power(vm: VM, state: str, host=None) -> None:
+    VM.objects.filter(pk=vm.pk).update(power_state=state, resident_on=host)
+
+
+# -- pools ---------------------------------------------------------------------------------------------------
+
+
+def test_a_pool_registered_while_the_page_is_open_is_joined_and_the_page_resyncs(demo, viewer, xapisim):
+    cookie = session_cookie(viewer)
+
+    async def scenario():
+        communicator, connected = await connect([ORIGIN, cookie])
+        assert connected
+        await communicator.send_to(text_data=json.dumps({"view": "home", "open": []}))
+        pool = await database_sync_to_async(pool_create)(
+            name="Second pool", url=xapisim.url, username=xapisim.user, password=xapisim.password, verify_tls=False
+        )
+        assert await communicator.receive_from(timeout=5) == RESYNC
+        # The socket is in the new pool's group now: its changes arrive, with its header chip.
+        await deliver(inventory_change(pool=pool.uuid, cls="pool", uuid=pool.uuid))
+        text = await receive_until(communicator, lambda t: f'id="hdr-pool-{pool.uuid}"' in t)
+        assert f'id="tree-pool-{pool.uuid}"' in text
+
+        # Removed: the page resyncs and the socket leaves the pool's group (nothing more about it arrives).
+        await database_sync_to_async(pool_delete)(pool=pool)
+        assert await communicator.receive_from(timeout=5) == RESYNC
+        await deliver(inventory_change(pool=pool.uuid, cls="pool", uuid=pool.uuid))
+        assert await communicator.receive_nothing(timeout=0.5)
+        await communicator.disconnect()
+
+    run(scenario)
+
+
+def test_a_pool_that_gets_its_uuid_at_its_first_sync_is_joined(demo, viewer, xapisim):
+    """A pool registered without a uuid (none of the pages may show it yet) gets one from the watcher's first
+    sync: that sync announces it to every open page."""
+    cookie = session_cookie(viewer)
+    pool = make_pool(name="Unsynced pool", url=xapisim.url, username=xapisim.user, password=xapisim.password,
+                     verify_tls=False, uuid="", ref="")  # fmt: skip
+
+    async def scenario():
+        communicator, _ = await connect([ORIGIN, cookie])
+        await communicator.send_to(text_data=json.dumps({"view": "home", "open": []}))
+        await database_sync_to_async(sync_once)(pool)
+        await receive_until(communicator, lambda t: t == RESYNC)
+        uuid = await database_sync_to_async(lambda: Pool.objects.get(pk=pool.pk).uuid)()
+        assert uuid
+        await deliver(inventory_change(pool=uuid, cls="pool", uuid=uuid))
+        assert f'id="hdr-pool-{uuid}"' in await receive_until(communicator, lambda t: f'id="hdr-pool-{uuid}"' in t)
+        await communicator.disconnect()
+
+    run(scenario)
+
+
+def test_a_pool_change_that_changes_nothing_the_user_sees_sends_nothing(demo, viewer):
+    cookie = session_cookie(viewer)
+    pool = demo["pool"]
+
+    async def scenario():
+        communicator, _ = await connect([ORIGIN, cookie])
+        await deliver(pools_change(pool=pool.uuid, op="mod"))  # a rename: the pool's own group re-renders it
+        assert await communicator.receive_nothing(timeout=0.5)
+        await communicator.disconnect()
+
+    run(scenario)
+
+
+# -- the VM table's rows -------------------------------------------------------------------------------------
+
+
+def test_a_vm_that_stops_or_starts_matching_the_tables_filter_makes_the_page_refresh_its_table(demo, viewer):
+    cookie = session_cookie(viewer)
+    pool, web, db, h1 = demo["pool"], demo["web"], demo["db"], demo["h1"]
+    hello = table_hello(viewer, "power_state=Running")
+    assert hello["rows"] == [db.uuid, web.uuid] and hello["total"] == 2
+    assert "power_state=Running" in hello["query"] and "page=1" in hello["query"]
+
+    async def scenario():
+        communicator, _ = await connect([ORIGIN, cookie])
+        await communicator.send_to(text_data=json.dumps(hello))
+
+        # Negative control: a change that leaves the table's rows as they are re-renders the row, nothing more.
+        await deliver(inventory_change(pool=pool.uuid, cls="vm", uuid=web.uuid))
+        text = await receive_until(communicator, lambda t: f'id="row-vm-{web.uuid}"' in t)
+        assert REFRESH_TABLE not in text
+        assert await communicator.receive_nothing(timeout=0.3)
+
+        # web-01 shuts down: it no longer matches power_state=Running.
+        await set_power(web, PowerState.HALTED)
+        await deliver(inventory_change(pool=pool.uuid, cls="vm", uuid=web.uuid))
+        text = await receive_until(communicator, lambda t: t == REFRESH_TABLE)
+        assert text.endswith(REFRESH_TABLE)  # after the batch's own fragments
+
+        # It starts again: it comes back (the consumer kept what the table shows since).
+        await set_power(web, PowerState.RUNNING, h1)
+        await deliver(inventory_change(pool=pool.uuid, cls="vm", uuid=web.uuid))
+        await receive_until(communicator, lambda t: t == REFRESH_TABLE)
+        await communicator.disconnect()
+
+    run(scenario)
+
+
+def test_a_vm_entering_the_filter_on_another_page_refreshes_the_count(demo, viewer):
+    """Only the match count changes (the VM sorts after the page shown): the table is fetched again for it."""
+    cookie = session_cookie(viewer)
+    pool, h1 = demo["pool"], demo["h1"]
+    for i in range(25):
+        make_vm(pool, host=h1, name_label=f"app-{i:02d}")
+    late = make_vm(pool, name_label="zz-last")  # halted; sorts after every page-1 row
+    hello = table_hello(viewer, "power_state=Running&per_page=25")
+    assert len(hello["rows"]) == 25 and hello["total"] == 27
+
+    async def scenario():
+        communicator, _ = await connect([ORIGIN, cookie])
+        await communicator.send_to(text_data=json.dumps(hello))
+        await set_power(late, PowerState.RUNNING, h1)
+        await deliver(inventory_change(pool=pool.uuid, cls="vm", uuid=late.uuid))
+        await receive_until(communicator, lambda t: t == REFRESH_TABLE)
+        await communicator.disconnect()
+
+    run(scenario)
+
+
+def test_the_tables_query_runs_only_for_batches_that_touch_its_vms(demo, viewer):
+    cookie = session_cookie(viewer)
+    pool, web, h1 = demo["pool"], demo["web"], demo["h1"]
+    hello = table_hello(viewer, "power_state=Running")
+    queries: list[str] = []
+
+    async def scenario():
+        communicator, _ = await connect([ORIGIN, cookie])
+        await communicator.send_to(text_data=json.dumps(hello))
+        queries.clear()
+        await deliver(inventory_change(pool=pool.uuid, cls="host", uuid=h1.uuid))
+        await receive_until(communicator, lambda t: f'id="tree-host-{h1.uuid}"' in t)
+        assert await communicator.receive_nothing(timeout=0.3)
+        host_batch = list(queries)
+        queries.clear()
+        await deliver(inventory_change(pool=pool.uuid, cls="vm", uuid=web.uuid))
+        await receive_until(communicator, lambda t: f'id="row-vm-{web.uuid}"' in t)
+        assert await communicator.receive_nothing(timeout=0.3)
+        vm_batch = list(queries)
+        await communicator.disconnect()
+        return host_batch, vm_batch
+
+    def count(execute, sql, params, many, context):
+        queries.append(sql)
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(count):
+        host_batch, vm_batch = run(scenario)
+    windowed = [sql for sql in vm_batch if "OVER ()" in sql]
+    assert len(windowed) == 1, vm_batch  # the table's one query, for the VM's batch
+    assert not any("OVER ()" in sql for sql in host_batch), host_batch
+
+
+def test_a_table_query_the_page_could_not_have_sent_is_ignored(demo, viewer):
+    cookie = session_cookie(viewer)
+    pool, web = demo["pool"], demo["web"]
+
+    async def scenario():
+        communicator, _ = await connect([ORIGIN, cookie])
+        for query in ["x" * 5000, "&".join(["a=1"] * 400), "pool=%C2%B2", "page=-3&per_page=7&sort=nonsense",
+                      "power_state=Running&page=99999999999999999999"]:  # fmt: skip
+            await communicator.send_to(text_data=json.dumps({"view": "vms", "rows": [web.uuid], "query": query,
+                                                             "total": True}))  # fmt: skip
+            await deliver(inventory_change(pool=pool.uuid, cls="vm", uuid=web.uuid))
+            text = await receive_until(communicator, lambda t: f'id="row-vm-{web.uuid}"' in t)
+            assert "web-01" in text
+            assert await next_message(communicator) in (None, REFRESH_TABLE)  # never a resync after an error
+        await communicator.disconnect()
+
+    run(scenario)
