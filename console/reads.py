@@ -24,10 +24,6 @@ class SharedReads:
     scheduled ``GATHER`` seconds ahead; consumers that ask for the same kind of read before
     it starts add their keys to it, so the sockets of a process that got the same change a
     few milliseconds apart cause one query. A consumer that goes away cancels nothing.
-
-    Reads run on the one thread Django's sync code shares, in turn; ``thread_sensitive=False`` runs a
-    read that may be slow (the VM table's query) on a thread and connection of its own instead, so that
-    it never holds up the others.
     """
 
     GATHER = 0.008
@@ -38,8 +34,7 @@ class SharedReads:
         self._gathering: dict[Callable, tuple[float, set, asyncio.Future]] = {}
         self._pruned = time.monotonic()
 
-    async def get_many(self, keys: Iterable[Hashable], since: float, fetch: Callable[[list], dict],
-                       thread_sensitive: bool = True) -> dict:
+    async def get_many(self, keys: Iterable[Hashable], since: float, fetch: Callable[[list], dict]) -> dict:
         self._prune()
         waits: list[tuple[Hashable, asyncio.Future]] = []
         missing: list[Hashable] = []
@@ -53,8 +48,7 @@ class SharedReads:
             gathering = self._gathering.get(fetch)
             if gathering is None or gathering[2].done():
                 start_at = max(time.monotonic(), since) + self.GATHER
-                read = self._read_at(start_at, fetch, thread_sensitive)
-                gathering = (start_at, set(), asyncio.ensure_future(read))
+                gathering = (start_at, set(), asyncio.ensure_future(self._read_at(start_at, fetch)))
                 self._gathering[fetch] = gathering
             start_at, gathered, future = gathering
             gathered.update(missing)
@@ -67,15 +61,14 @@ class SharedReads:
             results[key] = data.get(key, MISSING)
         return results
 
-    async def _read_at(self, start_at: float, fetch: Callable[[list], dict], thread_sensitive: bool) -> dict:
+    async def _read_at(self, start_at: float, fetch: Callable[[list], dict]) -> dict:
         await asyncio.sleep(max(0.0, start_at - time.monotonic()))
         keys = self._gathering[fetch][1]
         del self._gathering[fetch]  # from now on a new read is needed: this one may have started
-        return await database_sync_to_async(fetch, thread_sensitive=thread_sensitive)(list(keys))
+        return await database_sync_to_async(fetch)(list(keys))
 
-    async def get(self, key: Hashable, since: float, fetch: Callable[[], object],
-                  thread_sensitive: bool = True) -> object:
-        result = await self.get_many([key], since, _single(key, fetch), thread_sensitive)
+    async def get(self, key: Hashable, since: float, fetch: Callable[[], object]) -> object:
+        result = await self.get_many([key], since, _single(key, fetch))
         return result[key]
 
     def _prune(self) -> None:

@@ -124,7 +124,7 @@ def vm_table_page_rows(
     the live consumer compares with what an open table shows, in the two queries the page itself runs (a window
     count over the sorted rows costs more). ``params`` names the page the table shows (``page`` as the
     paginator settled it), so a page past the end here has no rows. None when PostgreSQL took longer than
-    ``timeout_ms`` (the status sort and filter evaluate every VM's protection state)."""
+    ``timeout_ms`` (the status sort and filter evaluate every VM's protection state: 0.5 s at 10,000 VMs)."""
     query = vm_table_query(user=user, params=params)
     try:
         number = min(MAX_PAGE, max(1, int(params.get("page") or 1)))
@@ -134,8 +134,11 @@ def vm_table_page_rows(
     try:
         with transaction.atomic():
             if timeout_ms and connection.vendor == "postgresql":
+                # Without JIT: compiling the protection status's CASE (sort=status, 10,000 VMs) took 6 to 10 s of
+                # the 11 s such a query took, and a statement timeout cannot stop the compiler; 0.5 s without.
                 with connection.cursor() as cursor:
-                    cursor.execute("SELECT set_config('statement_timeout', %s, true)", [f"{timeout_ms}ms"])
+                    cursor.execute("SELECT set_config('statement_timeout', %s, true), set_config('jit', 'off', true)",
+                                   [f"{timeout_ms}ms"])
             total = query.rows.count()
             rows = tuple(query.rows.values_list("uuid", flat=True)[start:start + query.per_page])
     except OperationalError as exc:

@@ -4,7 +4,7 @@ from celery import shared_task
 from . import services
 
 
-@shared_task
+@shared_task(acks_late=False)  # the global default is acks_late: a start redelivered could run twice
 def vm_power(vm_id: int, action: str, requested_by_id: int | None = None) -> str:
     """Start or shut down a VM on XAPI; a refusal is recorded for the VM's page.
 
