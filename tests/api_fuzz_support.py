@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +28,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import schemathesis
 
-from tests.support import ROOT, Proc, free_port
+from tests.browser_support import Server
+from tests.support import ROOT, free_port
 
 USERNAME = "fuzz-admin"
 ARTIFACTS = ROOT / "artifacts" / "fuzz"
@@ -287,28 +287,11 @@ def _seed_here() -> dict:
     }}
 
 
-class FuzzServer:
+class FuzzServer(Server):
     """``daphne console.asgi:application`` on a free port, on the database of ``env``."""
 
     def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = Proc(
-            "daphne",
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "console.asgi:application"],
-            env=env, ready=self._answers, log=log,
-        )  # fmt: skip
-
-    def start(self) -> FuzzServer:
-        self.proc.start(timeout=30)
-        return self
-
-    def _answers(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.url + "/login/", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
+        super().__init__(None, env, log=log)
 
     def stop(self) -> None:
         self.proc.kill()  # a throwaway server: no need to wait for daphne's graceful shutdown

@@ -19,13 +19,15 @@ PASSWORD = "pw-operator-1"
 class Server:
     """``daphne console.asgi:application`` in a subprocess, restartable on the same port."""
 
-    def __init__(self, static_root: Path, env: dict[str, str]) -> None:
+    def __init__(self, static_root: Path | None, env: dict[str, str], log: Path = ARTIFACTS / "daphne.log") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        if static_root is not None:
+            env = dict(env, STATIC_ROOT=str(static_root))
         self.proc = Proc(
             "daphne",
             [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "console.asgi:application"],
-            env=dict(env, STATIC_ROOT=str(static_root)), ready=self._answers, log=ARTIFACTS / "daphne.log",
+            env=env, ready=self._answers, log=log,
         )  # fmt: skip
 
     def start(self) -> Server:
