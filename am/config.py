@@ -1,0 +1,148 @@
+"""The agent's TOML configuration, checked as a whole at start: a bad file stops the agent with one sentence."""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import msgspec
+
+
+class ConfigError(Exception):
+    pass
+
+
+class Address(msgspec.Struct):
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, what: str) -> Address:
+        host, sep, port = text.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{what} must be HOST:PORT, not {text!r}")
+        return cls(host.strip("[]"), int(port))
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class Management(msgspec.Struct, forbid_unknown_fields=True):
+    listen: str
+    token: str = ""
+    token_file: str = ""
+
+
+class NBD(msgspec.Struct, forbid_unknown_fields=True):
+    listen: str
+
+
+class Links(msgspec.Struct, forbid_unknown_fields=True):
+    a: str
+    b: str
+
+
+class Peer(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    a: str
+    b: str
+
+
+class Witness(msgspec.Struct, forbid_unknown_fields=True):
+    url: str
+    token: str = ""
+    token_file: str = ""
+
+
+class Timers(msgspec.Struct, forbid_unknown_fields=True):
+    heartbeat_ms: int = 100
+    link_timeout_ms: int = 500
+    witness_timeout_ms: int = 300
+    verify_interval_s: int = 0  # 0: active validation only on demand (the console schedules it)
+
+
+class Disk(msgspec.Struct, forbid_unknown_fields=True):
+    bitmap_region_kib: int = 64
+    resync_rate_mib: int = 200  # MiB/s
+    resync_window: int = 16  # regions in flight during a resync
+
+
+class Testbed(msgspec.Struct, forbid_unknown_fields=True):
+    fault_injection: bool = False  # lets the management API fail a local disk (tests and demos only)
+
+
+class File(msgspec.Struct, forbid_unknown_fields=True):
+    node: str
+    data_dir: str
+    management: Management
+    nbd: NBD
+    links: Links
+    peer: Peer
+    witness: Witness
+    timers: Timers = msgspec.field(default_factory=Timers)
+    disk: Disk = msgspec.field(default_factory=Disk)
+    testbed: Testbed = msgspec.field(default_factory=Testbed)
+
+
+class Config(msgspec.Struct):
+    node: str
+    data_dir: Path
+    management: Address
+    token: str
+    nbd: Address
+    link_addresses: dict[str, Address]
+    peer: str
+    peer_addresses: dict[str, Address]
+    witness_url: str
+    witness_token: str
+    timers: Timers
+    disk: Disk
+    fault_injection: bool
+
+
+def _secret(value: str, path: str, what: str, base: Path) -> str:
+    if value and path:
+        raise ConfigError(f"give {what} either inline or as a file, not both")
+    if path:
+        try:
+            value = (base / path).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {what} file {path}: {exc.strerror}") from None
+    if len(value) < 16:
+        raise ConfigError(f"{what} must be at least 16 characters")
+    return value
+
+
+def load(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    try:
+        f = msgspec.convert(raw, File)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    if f.node == f.peer.name:
+        raise ConfigError("the peer must be another host than this node")
+    if not 20 <= f.timers.heartbeat_ms * 2 <= f.timers.link_timeout_ms:
+        raise ConfigError("timers.link_timeout_ms must be at least twice timers.heartbeat_ms (and heartbeats ≥ 10 ms)")
+    if f.disk.bitmap_region_kib < 4 or f.disk.bitmap_region_kib & (f.disk.bitmap_region_kib - 1):
+        raise ConfigError("disk.bitmap_region_kib must be a power of two of at least 4")
+    base = path.parent
+    return Config(
+        node=f.node,
+        data_dir=(base / f.data_dir).resolve(),
+        management=Address.parse(f.management.listen, "management.listen"),
+        token=_secret(f.management.token, f.management.token_file, "management token", base),
+        nbd=Address.parse(f.nbd.listen, "nbd.listen"),
+        link_addresses={"a": Address.parse(f.links.a, "links.a"), "b": Address.parse(f.links.b, "links.b")},
+        peer=f.peer.name,
+        peer_addresses={"a": Address.parse(f.peer.a, "peer.a"), "b": Address.parse(f.peer.b, "peer.b")},
+        witness_url=f.witness.url.rstrip("/"),
+        witness_token=_secret(f.witness.token, f.witness.token_file, "witness token", base),
+        timers=f.timers,
+        disk=f.disk,
+        fault_injection=f.testbed.fault_injection,
+    )

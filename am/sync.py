@@ -1,0 +1,261 @@
+"""What a resource does when it meets its peer: decide who is newer, then copy (resync) or compare (verify).
+
+A push resync (the primary is the source) sends each dirty region as a SYNC op in the replication stream, read
+synchronously when queued, so it lands between the same client writes on both sides. A pull resync (the primary's
+repaired disk is the target) reads each region from the peer and keeps it only if no client write touched that
+region meanwhile; otherwise it reads it again.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from am import decide, wire
+from am.resource import VERIFY_CHUNK, Resource
+from am.states import Conn, Disk, Role
+from am.store import LocalDiskError
+from am.witness_client import WitnessError
+
+log = logging.getLogger("am.sync")
+
+
+def on_attach(res: Resource, msg: wire.Attach) -> None:
+    """The peer's state of this resource: the first one of a session starts the stream; any one may start a
+    resync."""
+    res.peer = msg
+    if msg.role == Role.PRIMARY:
+        res.peer_was_primary = True
+        if res.role == Role.PRIMARY:
+            _two_primaries(res, msg)
+            if res.role == Role.PRIMARY:
+                return
+    if res.role == Role.SECONDARY and msg.role == Role.PRIMARY:
+        # every op before the primary's first unacknowledged one is applied here or in its dirty bitmap
+        new_stream = msg.boot != res.followed
+        if new_stream:
+            res.followed, res.applied_seq = msg.boot, msg.next_seq - 1
+        else:
+            res.applied_seq = max(res.applied_seq, msg.next_seq - 1)
+        if new_stream or not res.attached:
+            res.attached = True
+            res.agent.links.send(res.attach_message())  # the primary sends no op before it has this
+    elif res.role == Role.PRIMARY and not res.attached:
+        res.attached = True
+        if msg.followed == res.stream():
+            for seq in [s for s in res.pending if s <= msg.applied_seq]:
+                res.on_ack(wire.RepAck(res.name, seq))
+        res.agent.links.send(res.attach_message())  # ops completed alone since our last Attach: skipped there
+        res.resend("peer session started")
+    else:
+        res.attached = True
+    decide_sync(res)
+
+
+def _two_primaries(res: Resource, msg: wire.Attach) -> None:
+    # the witness makes this impossible; if it happens anyway, the older epoch yields at once
+    log.critical("%s: the peer is primary too (epochs: ours %d, peer's %d)", res.name, res.meta.epoch, msg.epoch)
+    if msg.epoch > res.meta.epoch:
+        res.demote_now("the peer is primary of a newer epoch")
+    elif msg.epoch == res.meta.epoch:
+        res.split_brain = True
+        res.conn.set(Conn.SPLIT_BRAIN, "both sides primary in one epoch")
+        res.save()
+
+
+def decide_sync(res: Resource) -> None:
+    if res.peer is None or not res.attached:
+        return
+    peer = res.peer
+    remote = decide.Side(peer.gen, tuple(peer.history), peer.bitmap_base, Disk(peer.disk),
+                         peer.role == Role.PRIMARY, peer.crashed, peer.split_brain)
+    verdict = decide.sync_decision(res.side(), remote)
+    kind = verdict.kind
+    if res.conn in (Conn.SYNC_SOURCE, Conn.SYNC_TARGET):
+        copying = kind in (decide.SyncKind.BITMAP, decide.SyncKind.FULL)
+        pushing = res._sync_task is not None and not res._sync_task.done()
+        if (kind is decide.SyncKind.NONE and pushing) or (
+                copying and verdict.source_is_local == (res.conn == Conn.SYNC_SOURCE)):
+            return  # the resync under way goes on (NONE: the target took the last region; the push ends itself)
+        stop_sync(res, f"resync abandoned: {kind.value}")
+    if kind is decide.SyncKind.SPLIT_BRAIN:
+        if not res.split_brain:
+            log.critical("%s: split brain: both replicas took writes (ours %s, peer's %s); waiting for an "
+                         "operator's choice", res.name, res.meta.gen, peer.gen)
+            res.split_brain = True
+            res.save()
+        res.conn.set(Conn.SPLIT_BRAIN, "both replicas took writes")
+        return
+    if kind in (decide.SyncKind.NONE, decide.SyncKind.WAIT):
+        if kind is decide.SyncKind.NONE:
+            res.conn.set(Conn.CONNECTED, "replicas in sync")
+            if res.role == Role.PRIMARY and res.peer_outdated:
+                res.agent.spawn(mark_peer_current(res))
+        return
+    primary_here = res.role == Role.PRIMARY
+    if not primary_here and peer.role != Role.PRIMARY:
+        return  # copies run only under a primary, which orders them with its writes
+    if verdict.source_is_local:
+        res.conn.set(Conn.SYNC_SOURCE, f"{kind.value} resync to the peer")
+        if primary_here:
+            res.sync_task(push(res, kind))
+    else:
+        if res.disk != Disk.INCONSISTENT:
+            res.disk.set(Disk.INCONSISTENT, f"{kind.value} resync from the peer")
+        res.conn.set(Conn.SYNC_TARGET, f"{kind.value} resync from the peer")
+        res.save()
+        if primary_here:
+            res.sync_task(pull(res))
+    res.announce()
+
+
+def stop_sync(res: Resource, why: str) -> None:
+    res.sync_task(None)
+    if res.conn in (Conn.SYNC_SOURCE, Conn.SYNC_TARGET):
+        res.conn.set(Conn.CONNECTED if res.agent.links.connected else Conn.STANDALONE, why)
+
+
+async def push(res: Resource, kind: decide.SyncKind) -> None:
+    bitmap = res.bitmap
+    if kind is decide.SyncKind.FULL:
+        bitmap.mark_all()
+    regions = bitmap.dirty()
+    res.sync_total, res.sync_done, res.sync_started = len(regions), 0, time.monotonic()
+    window = asyncio.Semaphore(res.agent.cfg.disk.resync_window)
+    rate = res.agent.cfg.disk.resync_rate_mib * (1 << 20)
+    inflight: list[asyncio.Task] = []
+    log.info("%s: %s resync of %d regions to the peer", res.name, kind.value, len(regions))
+
+    async def one(index: int) -> None:
+        try:
+            offset = index * bitmap.region
+            length = min(bitmap.region, res.size - offset)
+            try:
+                data = res.image.read(offset, length)
+            except LocalDiskError as exc:
+                res.local_failed(exc)
+                raise
+            if not any(data):
+                data = b""  # sparse: the peer zeroes the region
+            p = res.queue_op(wire.Op.SYNC, offset, length, data)
+            await p.done.wait()
+            if p.acked and not p.error:
+                bitmap.clear(index)
+                res.sync_done += 1
+        finally:
+            window.release()
+
+    for index in regions:
+        await window.acquire()
+        if not res.peer_replicating():
+            window.release()
+            return
+        inflight.append(asyncio.create_task(one(index)))
+        elapsed = time.monotonic() - res.sync_started
+        ahead = res.sync_done * bitmap.region / rate - elapsed
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+    await asyncio.gather(*inflight)
+    if bitmap.count():
+        log.warning("%s: resync incomplete: %d regions left", res.name, bitmap.count())
+        return
+    bitmap.save()
+    done = res.queue_op(wire.Op.SYNC_DONE, 0, 0, b"")
+    await done.done.wait()
+    if not done.acked:
+        return
+    res.meta.bitmap_base = res.meta.gen
+    res.crashed = False
+    res.conn.set(Conn.CONNECTED, "resync finished")
+    res.save()
+    res.announce()
+    log.info("%s: resync finished: %d regions in %.2f s", res.name, res.sync_total,
+             time.monotonic() - res.sync_started)
+    await mark_peer_current(res)
+
+
+async def pull(res: Resource) -> None:
+    """Copy every region from the peer onto a repaired local disk, while clients keep writing to both."""
+    region = res.bitmap.region
+    total = res.bitmap.regions
+    res.sync_total, res.sync_done, res.sync_started = total, 0, time.monotonic()
+    res.pulled.clear()
+    for index in range(total):
+        offset = index * region
+        length = min(region, res.size - offset)
+        while True:
+            res.region_writes[index] = 0
+            data = await res.remote(0, offset, length)
+            touched = res.region_writes.pop(index)
+            if touched == 0:
+                try:
+                    res.image.write(offset, data)
+                except LocalDiskError as exc:
+                    res.local_failed(exc)
+                    return
+                res.pulled.add(index)
+                break
+        res.sync_done += 1
+    await res.image.sync()
+    res.disk.set(Disk.UP_TO_DATE, "repaired disk resynced from the peer")
+    res.conn.set(Conn.CONNECTED, "resync finished")
+    res.pulled.clear()
+    res.save()
+    res.announce()
+    log.info("%s: repaired disk resynced: %d regions in %.2f s", res.name, total, time.monotonic() - res.sync_started)
+
+
+async def mark_peer_current(res: Resource) -> None:
+    for _ in range(50):
+        if res.role != Role.PRIMARY or not res.peer_replicating():
+            return
+        try:
+            answer = await res.agent.witness.mark_current(res.name, res.meta.epoch, res.agent.cfg.peer)
+        except WitnessError as exc:
+            log.info("%s: witness not told the peer is current yet: %s", res.name, exc)
+            await asyncio.sleep(0.2)
+            continue
+        if answer.ok:
+            res.peer_outdated = False
+        return
+
+
+async def verify(res: Resource) -> dict:
+    """Online verify: every chunk hashed on both replicas at the same point of the stream, plus test traffic
+    on both links. A mismatch is a fault, reported, never repaired silently."""
+    started = time.time()
+    links = await res.agent.links.probe()
+    mismatches: list[int] = []
+    window = asyncio.Semaphore(4)
+    checks: list[tuple[int, object]] = []
+
+    async def one(offset: int, p) -> None:
+        try:
+            await p.done.wait()
+            if not p.acked or p.peer_digest != p.digest:
+                mismatches.append(offset)
+        finally:
+            window.release()
+
+    tasks = []
+    for offset in range(0, res.size, VERIFY_CHUNK):
+        await window.acquire()
+        if not res.peer_replicating():
+            window.release()
+            raise RuntimeError("the peer was lost during the verify")
+        length = min(VERIFY_CHUNK, res.size - offset)
+        p = res.queue_op(wire.Op.VERIFY, offset, length, b"", digest=res.digest(offset, length))
+        checks.append((offset, p))
+        tasks.append(asyncio.create_task(one(offset, p)))
+    await asyncio.gather(*tasks)
+    result = {
+        "started": started, "seconds": round(time.time() - started, 3), "chunks": len(checks),
+        "chunk_bytes": VERIFY_CHUNK, "mismatches": sorted(mismatches), "ok": not mismatches and all(
+            v is not None for v in links.values()),
+        "links_rtt_ms": {k: (None if v is None else round(v, 2)) for k, v in links.items()},
+    }
+    res.verify = result
+    res.agent.event("verify", res.name, result)
+    if mismatches:
+        log.critical("%s: online verify found %d chunks that differ between the replicas", res.name, len(mismatches))
+    return result
