@@ -134,8 +134,10 @@ async def action(request: web.Request) -> web.Response:
         body = await _body(request, DiscardBody)
         if body.confirm != res.name:
             raise RequestError(400, "confirm must repeat the resource's name")
-        if res.role == Role.PRIMARY:
+        if res.role == Role.PRIMARY and res.disk == Disk.UP_TO_DATE:
             raise RequestError(409, "the primary's data cannot be discarded: demote it first")
+        log.critical("%s: the operator discards this replica's data (generation %s)", res.name, res.meta.gen)
+        res.needs_operator = None
         res.split_brain = False
         res.meta.gen, res.meta.history = "", []
         if res.disk != Disk.INCONSISTENT:
@@ -144,6 +146,7 @@ async def action(request: web.Request) -> web.Response:
             res.conn.set(Conn.STANDALONE, "split brain resolved by discarding this replica")
         res.save()
         res.announce()
+        sync.decide_sync(res)
         return web.json_response(res.status(), status=202)
     if verb == "fault":
         if not agent.cfg.fault_injection:

@@ -30,6 +30,7 @@ class SyncKind(enum.Enum):
     FULL = "full"  # every region
     SPLIT_BRAIN = "split-brain"  # both took writes: never merged automatically
     WAIT = "wait"  # nothing can be decided yet (no consistent copy, or no primary)
+    STALE_SOURCE = "stale-source"  # the only consistent replica is older than what was acknowledged
 
 
 CONSISTENT = {Disk.UP_TO_DATE, Disk.OUTDATED}
@@ -64,6 +65,11 @@ def sync_decision(local: Side, remote: Side) -> Sync:
     if not local_ok and not remote_ok:
         return Sync(SyncKind.WAIT)
     if local_ok != remote_ok:  # also how a split brain ends: the operator made one side discard its data
+        source, target = (local, remote) if local_ok else (remote, local)
+        if target.gen and source.gen != target.gen and source.gen in target.history:
+            # the only replica with the latest acknowledged writes failed: copying the older one over it would
+            # lose them silently; the operator decides (discard-my-data on the failed side)
+            return Sync(SyncKind.STALE_SOURCE, source_is_local=local_ok)
         return Sync(SyncKind.FULL, source_is_local=local_ok)
     if local.split_brain or remote.split_brain:
         return Sync(SyncKind.SPLIT_BRAIN)

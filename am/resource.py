@@ -80,6 +80,7 @@ class Resource:
         self._outdating: asyncio.Task | None = None
         self._io_changed = asyncio.Event()
         self.draining = False  # a demotion or swap holds new requests
+        self.needs_operator: str | None = None
         self.sync_total = 0
         self.sync_done = 0
         self.sync_started = 0.0
@@ -89,6 +90,7 @@ class Resource:
         self.verify: dict = {}
         # secondary
         self.applied_seq = 0
+        self._gap_nacked, self._gap_nacked_at = 0, 0.0
         self.followed = ""
         self.peer_was_primary = False
         # what the peer said of its replica in this session
@@ -216,6 +218,10 @@ class Resource:
         while not p.acked:
             path = decide.write_path(peer_replicating=self.peer_expected(), lease_valid=self.lease_valid(),
                                      peer_outdated=self.peer_outdated)
+            if path is not decide.WritePath.MIRROR and self.disk != Disk.UP_TO_DATE:
+                # alone, only an UpToDate disk may take a write: a failed or half-resynced one would lose it
+                self.pending.pop(p.seq, None)
+                raise NBDError(errno.EIO, f"the local disk is {self.disk} and the peer is lost")
             if path is decide.WritePath.MIRROR:
                 p.done.clear()
                 with contextlib.suppress(TimeoutError):
@@ -233,9 +239,6 @@ class Resource:
                     raise ExportGone()
                 continue
             # DEGRADED: the bit that tells the resync about this region is stable before the reply
-            if self.disk == Disk.FAILED:
-                self.pending.pop(p.seq, None)
-                raise NBDError(errno.EIO, "local disk failed and the peer is lost")
             if p.op in (wire.Op.WRITE, wire.Op.ZERO):
                 await self.bitmap.mark(self.bitmap.regions_of(p.offset, p.length))
             self.pending.pop(p.seq, None)
@@ -252,6 +255,9 @@ class Resource:
 
     # -- the peer's acknowledgements -------------------------------------------------------------------
     def on_ack(self, msg: wire.RepAck) -> None:
+        if msg.error == errno.EAGAIN:
+            self._gap(msg.seq)
+            return
         p = self.pending.get(msg.seq)
         if p is None:
             return
@@ -269,6 +275,22 @@ class Resource:
         p.acked, p.peer_digest = True, msg.digest
         del self.pending[msg.seq]
         p.done.set()
+
+    def _gap(self, wanted: int) -> None:
+        """The peer waits for op ``wanted``: re-send from it, or, if it completed without the peer (alone, with
+        its regions in the bitmap), tell the peer where the stream goes on."""
+        if self.role != Role.PRIMARY or not self.peer_replicating():
+            return
+        if wanted in self.pending:
+            log.info("%s: the peer waits for op %d: re-sending from there", self.name, wanted)
+            for p in self.pending.values():
+                if p.seq >= wanted:
+                    self.agent.links.send(p.message(self.name, self.meta.epoch,
+                                                    self.meta if p.op == wire.Op.SYNC_DONE else None))
+        else:
+            log.info("%s: the peer waits for op %d, which completed without it: skipping it there", self.name,
+                     wanted)
+            self.agent.links.send(self.attach_message())
 
     def resend(self, why: str) -> None:
         """The active link changed or a session started: everything unacknowledged again, in order."""
@@ -309,8 +331,14 @@ class Resource:
             self.agent.links.send_on(link, wire.RepAck(self.name, msg.seq, 0, digest))
             return
         if msg.seq != self.applied_seq + 1:
-            log.debug("%s: op %d ignored: waiting for op %d", self.name, msg.seq, self.applied_seq + 1)
-            return  # a gap: the primary re-sends from the first op we have not acknowledged
+            # a gap: say which op we wait for (once per op and 100 ms); the primary re-sends from there, or tells
+            # us to skip ahead when that op completed without us (see on_ack)
+            now = time.monotonic()
+            if self._gap_nacked != (self.applied_seq + 1) or now - self._gap_nacked_at > 0.1:
+                log.debug("%s: op %d ignored: waiting for op %d", self.name, msg.seq, self.applied_seq + 1)
+                self._gap_nacked, self._gap_nacked_at = self.applied_seq + 1, now
+                self.agent.links.send_on(link, wire.RepAck(self.name, self.applied_seq + 1, errno.EAGAIN))
+            return
         self.applied_seq = msg.seq
         error, digest, durable = 0, b"", msg.fua or msg.op == wire.Op.FLUSH
         try:
@@ -387,6 +415,12 @@ class Resource:
                 fut.set_result(msg.data)
 
     # -- state, persistence, announcements --------------------------------------------------------------
+    def refresh_io(self) -> None:
+        """Said at once, not at the next write: with neither peer nor lease nothing is acknowledged here."""
+        if (self.role == Role.PRIMARY and self.io == IO.RUNNING and not self.lease_valid()
+                and not self.peer_expected()):
+            self.set_io(IO.SUSPENDED, "peer lost and the lease expired")
+
     def sync_task(self, coro) -> None:
         """Run ``coro`` as this resource's one resync task (None: just stop the current one)."""
         if self._sync_task is not None and not self._sync_task.done():
@@ -442,6 +476,7 @@ class Resource:
         self.agent.nbd.drop_clients(self.name)
 
     def status(self) -> dict:
+        self.refresh_io()
         now = time.monotonic()
         oldest = next(iter(self.pending.values()), None)
         peer = self.peer
@@ -457,6 +492,7 @@ class Resource:
             "generation": self.meta.gen,
             "history": self.meta.history[:4],
             "split_brain": self.split_brain,
+            "needs_operator": self.needs_operator,
             "lease_ms_left": max(0, round((self.lease_until - now) * 1000)) if self.role == Role.PRIMARY else None,
             "peer_outdated": self.peer_outdated,
             "dirty_regions": self.bitmap.count(),

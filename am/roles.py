@@ -82,7 +82,9 @@ async def lease_loop(res: Resource) -> None:
             raise
         except Exception:
             log.exception("%s: role loop", res.name)
-        await asyncio.sleep(TICK)
+        # wake at the lease's end if it comes first, so a primary cut off stops being announced Running at once
+        left = res.lease_until - time.monotonic() if res.role == Role.PRIMARY else TICK
+        await asyncio.sleep(min(TICK, max(left, 0.0)) if left > 0 else TICK)
 
 
 def _should_take_over(res: Resource) -> bool:
@@ -92,9 +94,7 @@ def _should_take_over(res: Resource) -> bool:
 
 async def _renew(res: Resource) -> None:
     lease = res.agent.lease_s
-    if res.io == IO.RUNNING and not res.lease_valid() and not res.peer_replicating():
-        # said at once, not at the next write: nothing is acknowledged here until a lease or the peer returns
-        res.set_io(IO.SUSPENDED, "peer lost and the lease expired")
+    res.refresh_io()
     if res.lease_until - time.monotonic() > lease * 0.6:
         return
     sent = time.monotonic()

@@ -86,7 +86,14 @@ def decide_sync(res: Resource) -> None:
             res.save()
         res.conn.set(Conn.SPLIT_BRAIN, "both replicas took writes")
         return
-    if kind in (decide.SyncKind.NONE, decide.SyncKind.WAIT):
+    stale = kind is decide.SyncKind.STALE_SOURCE
+    if stale != bool(res.needs_operator):
+        res.needs_operator = ("the replica with the latest acknowledged writes failed and the other one is older: "
+                              "POST discard-my-data on the failed side to accept the older data") if stale else None
+        if stale:
+            log.critical("%s: %s", res.name, res.needs_operator)
+            res.agent.event("needs-operator", res.name, {"why": res.needs_operator})
+    if kind in (decide.SyncKind.NONE, decide.SyncKind.WAIT, decide.SyncKind.STALE_SOURCE):
         if kind is decide.SyncKind.NONE:
             res.conn.set(Conn.CONNECTED, "replicas in sync")
             if res.role == Role.PRIMARY and res.peer_outdated:
@@ -124,6 +131,7 @@ async def push(res: Resource, kind: decide.SyncKind) -> None:
     window = asyncio.Semaphore(res.agent.cfg.disk.resync_window)
     rate = res.agent.cfg.disk.resync_rate_mib * (1 << 20)
     inflight: list[asyncio.Task] = []
+    sent = 0
     log.info("%s: %s resync of %d regions to the peer", res.name, kind.value, len(regions))
 
     async def one(index: int) -> None:
@@ -137,6 +145,8 @@ async def push(res: Resource, kind: decide.SyncKind) -> None:
                 raise
             if not any(data):
                 data = b""  # sparse: the peer zeroes the region
+            nonlocal sent
+            sent += len(data)
             p = res.queue_op(wire.Op.SYNC, offset, length, data)
             await p.done.wait()
             if p.acked and not p.error:
@@ -152,7 +162,7 @@ async def push(res: Resource, kind: decide.SyncKind) -> None:
             return
         inflight.append(asyncio.create_task(one(index)))
         elapsed = time.monotonic() - res.sync_started
-        ahead = res.sync_done * bitmap.region / rate - elapsed
+        ahead = sent / rate - elapsed  # bytes sent: the zeroes of a sparse region cost nothing
         if ahead > 0:
             await asyncio.sleep(ahead)
     await asyncio.gather(*inflight)
@@ -197,6 +207,13 @@ async def pull(res: Resource) -> None:
                 break
         res.sync_done += 1
     await res.image.sync()
+    if res.peer is not None:  # the disk is now a copy of the peer's replica, and is named as it is
+        res.meta.gen, res.meta.history = res.peer.gen, list(res.peer.history)
+        res.meta.bitmap_base = res.peer.gen
+    for index in res.bitmap.dirty():
+        res.bitmap.clear(index)
+    res.bitmap.save()
+    res.crashed = False
     res.disk.set(Disk.UP_TO_DATE, "repaired disk resynced from the peer")
     res.conn.set(Conn.CONNECTED, "resync finished")
     res.pulled.clear()

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import datetime
 import hashlib
 import json
 import os
+import re
 import secrets
 import sys
 import threading
@@ -73,6 +75,7 @@ class Cluster:
         self.token = secrets.token_hex(16)
         (workdir / "witness.token").write_text(secrets.token_hex(16))
         self.procs: dict[str, object] = {}
+        self.kills: list[tuple[str, float]] = []  # (host, wall time): where a killed agent's log stops being true
         self._session: aiohttp.ClientSession | None = None
         for host in HOSTS:
             peer = HOSTS[1 - HOSTS.index(host)]
@@ -95,6 +98,8 @@ b = "{bed.addr(peer, 'b')}:{LINK_PORT}"
 [witness]
 url = "http://{bed.addr('witness', 'lan')}:{WITNESS_PORT}"
 token_file = "witness.token"
+[disk]
+resync_rate_mib = 16
 [testbed]
 fault_injection = true
 """)
@@ -122,6 +127,7 @@ fault_injection = true
     def crash(self, host: str) -> None:
         """Every process of the host's namespace killed at once."""
         self.bed.kill_namespace_processes(host)
+        self.kills.append((host, time.time()))
 
     def _wait_log(self, log: Path, text: str, after: int = 0, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
@@ -218,3 +224,52 @@ async def connect_primary(cluster: Cluster, name: str) -> NBDClient:
         except Exception as exc:  # refused, unreachable, or the host is down
             last = exc
     raise ConnectionError(f"no primary serves {name}: {last}")
+
+
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ am\.(\w+): (.*)$")
+
+
+def accepting_intervals(cluster: Cluster, host: str, resource: str) -> list[tuple[float, float]]:
+    """When ``host`` acknowledged writes of ``resource`` as primary (role Primary and I/O Running), read from its
+    log (which survives a crash); a crash ends an interval at the moment the test killed the agent."""
+    intervals, start = [], None
+    role, io = "Secondary", "Unavailable"
+    kills = sorted(t for h, t in cluster.kills if h == host)
+    log = (cluster.workdir / f"{host}.log").read_text(errors="replace")
+    for line in log.splitlines():
+        m = LOG_LINE.match(line)
+        if not m:
+            continue
+        at = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        source, text = m.group(2), m.group(3)
+        if source == "nbd" and text.startswith("NBD server listening"):  # a (re)start
+            if start is not None:
+                end = max([t for t in kills if t <= at], default=at)
+                intervals.append((start, end))
+            start, role, io = None, "Secondary", "Unavailable"
+            continue
+        if source != "states" or not text.startswith(f"{resource} "):
+            continue
+        change = re.search(r"(role|io): \w+ (\w+) -> (\w+)", text)
+        if not change:
+            continue
+        if change.group(1) == "role":
+            role = change.group(3)
+        else:
+            io = change.group(3)
+        on = role == "Primary" and io == "Running"
+        if on and start is None:
+            start = at
+        elif not on and start is not None:
+            intervals.append((start, at))
+            start = None
+    if start is not None:
+        later = [t for t in kills if t >= start]
+        intervals.append((start, later[-1] if later else time.time()))
+    return intervals
+
+
+def overlaps(cluster: Cluster, resource: str) -> list[str]:
+    """Times both hosts acknowledged writes of ``resource`` as primary: must be none."""
+    a, b = (accepting_intervals(cluster, h, resource) for h in HOSTS)
+    return [f"hosta {x} and hostb {y}" for x in a for y in b if x[0] < y[1] and y[0] < x[1]]
