@@ -21,7 +21,7 @@ from am.store import Bitmap, Image, Meta, load_meta, new_gen, save_meta
 from am.witness_client import WitnessClient, WitnessError
 
 log = logging.getLogger("am.agent")
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class RequestError(Exception):
@@ -103,9 +103,11 @@ class Agent:
         self._event_added = asyncio.Event()
 
     def state_changed(self, owner: str, old, new, why: str) -> None:
-        resource, _, what = owner.rpartition(" ")
-        self.event("state", resource or None, {"component": what if resource else owner, "old": str(old),
-                                               "new": str(new), "why": why})
+        if owner.startswith("link "):  # a link of the agent, not of a resource
+            resource, what = None, owner
+        else:
+            resource, _, what = owner.rpartition(" ")
+        self.event("state", resource, {"component": what, "old": str(old), "new": str(new), "why": why})
 
     async def events_after(self, after: int, timeout: float) -> list[dict]:
         if self.event_seq <= after and timeout > 0:
@@ -203,7 +205,7 @@ class Agent:
 
     async def create(self, *, name: str, role: str, size: int | None, image: str | None,
                      peer: str | None) -> Resource:
-        if not isinstance(name, str) or not NAME.match(name):
+        if not isinstance(name, str) or not NAME.fullmatch(name):
             raise RequestError(400, "name must be 1-64 letters, digits, '.', '_' or '-', starting with a letter "
                                     "or digit")
         if name in self.resources:
@@ -226,6 +228,10 @@ class Agent:
             raise RequestError(400, "size must be a positive multiple of 512 bytes, at most 16 TiB")
         if exists and path.stat().st_size < size:
             raise RequestError(400, f"image {path} holds {path.stat().st_size} bytes, less than size {size}")
+        try:
+            Image(path, size, create=True).close()
+        except OSError as exc:
+            raise RequestError(400, f"cannot create image {path}: {exc.strerror}") from None
         if role == "primary":
             try:
                 for _ in range(3):  # a refusal with a short retry_s (a witness just restarted) is waited out
@@ -238,10 +244,6 @@ class Agent:
                 raise RequestError(503, f"the witness did not answer: {exc}") from None
             if not answer.ok:
                 raise RequestError(409, f"the witness refused the primary role: {answer.reason}")
-        try:
-            Image(path, size, create=True).close()
-        except OSError as exc:
-            raise RequestError(400, f"cannot create image {path}: {exc.strerror}") from None
         meta = Meta(name=name, size=size, image=str(path), role=str(Role.SECONDARY),
                     disk=str(Disk.UP_TO_DATE if role == "primary" else Disk.INCONSISTENT),
                     gen=new_gen() if role == "primary" else "")

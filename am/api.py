@@ -44,8 +44,9 @@ def _error(status: int, message: str) -> web.Response:
 @web.middleware
 async def guard(request: web.Request, handler):
     agent = request.app[AGENT]
-    given = request.headers.get("Authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {agent.cfg.token}".encode()):
+    # aiohttp keeps undecodable header bytes as surrogates: surrogateescape gives the bytes back to compare
+    given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+    if not hmac.compare_digest(given, f"Bearer {agent.cfg.token}".encode()):
         return _error(401, "a valid bearer token is required")
     try:
         return await handler(request)

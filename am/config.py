@@ -18,7 +18,7 @@ class Address(msgspec.Struct):
     @classmethod
     def parse(cls, text: str, what: str) -> Address:
         host, sep, port = text.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
             raise ConfigError(f"{what} must be HOST:PORT, not {text!r}")
         return cls(host.strip("[]"), int(port))
 
@@ -107,6 +107,8 @@ def _secret(value: str, path: str, what: str, base: Path) -> str:
             value = (base / path).read_text().strip()
         except OSError as exc:
             raise ConfigError(f"cannot read {what} file {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{what} file {path} is not UTF-8 text") from None
     if len(value) < 16:
         raise ConfigError(f"{what} must be at least 16 characters")
     return value
@@ -118,6 +120,8 @@ def load(path: str | Path) -> Config:
         raw = tomllib.loads(path.read_text())
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
     try:

@@ -18,6 +18,7 @@ from am.states import Link, StateCell
 
 log = logging.getLogger("am.peer")
 LINKS = ("a", "b")
+STREAM_LIMIT = 4 << 20  # a reader buffer of a few writes: fewer pauses of the transport under load
 
 
 class Connection:
@@ -28,13 +29,24 @@ class Connection:
         self.last_rx = time.monotonic()
         self.last_hb_sent = 0.0  # the peer's ``sent`` of its last heartbeat, echoed back
         self.last_hb_at = 0.0
+        self._out: list[bytes] = []
 
     def send(self, msg: wire.Message) -> None:
-        if not self.writer.is_closing():
-            self.writer.write(wire.encode(msg))
+        """Queued, and written with the other messages of this loop iteration in one system call."""
+        if self.writer.is_closing():
+            return
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.extend(wire.encode_parts(msg))
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if out and not self.writer.is_closing():
+            self.writer.writelines(out)
 
     def abort(self) -> None:
         # abort, not close: nothing queued on a dead link may reach the peer after the move to the other one
+        self._out.clear()
         self.writer.transport.abort()
 
 
@@ -61,7 +73,8 @@ class PeerLinks:
         for link in LINKS:
             addr = self.cfg.link_addresses[link]
             server = await asyncio.start_server(
-                lambda r, w, link=link: self._accept(link, r, w), addr.host, addr.port, reuse_address=True)
+                lambda r, w, link=link: self._accept(link, r, w), addr.host, addr.port, reuse_address=True,
+                limit=STREAM_LIMIT)
             self._servers.append(server)
             if self.dialer:
                 self._tasks.append(asyncio.create_task(self._dial_loop(link)))
@@ -116,7 +129,7 @@ class PeerLinks:
             if self.conns[link] is None:
                 try:
                     reader, writer = await asyncio.wait_for(
-                        asyncio.open_connection(addr.host, addr.port), self.timeout)
+                        asyncio.open_connection(addr.host, addr.port, limit=STREAM_LIMIT), self.timeout)
                     writer.write(wire.encode(wire.Hello(self.cfg.node, link, self.boot)))
                     hello = await asyncio.wait_for(wire.read_message(reader), self.timeout)
                     if self._check_hello(link, hello):

@@ -224,8 +224,7 @@ class Resource:
                 raise NBDError(errno.EIO, f"the local disk is {self.disk} and the peer is lost")
             if path is decide.WritePath.MIRROR:
                 p.done.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(p.done.wait(), self.agent.timeout)
+                await p.done.wait()  # set by the ack, the peer's loss, or the watchdog (``wake_stale``)
                 continue
             if path is decide.WritePath.NEED_OUTDATE:
                 await self.agent.outdate_peer(self)
@@ -291,6 +290,15 @@ class Resource:
             log.info("%s: the peer waits for op %d, which completed without it: skipping it there", self.name,
                      wanted)
             self.agent.links.send(self.attach_message())
+
+    def wake_stale(self) -> None:
+        """Wake the writes that waited a link timeout for the peer, so each decides again (a peer that connected
+        but never answered our Attach, say): cheaper than a timeout per write."""
+        limit = time.monotonic() - self.agent.timeout
+        for p in self.pending.values():
+            if p.sent_at > limit:
+                break
+            p.done.set()
 
     def resend(self, why: str) -> None:
         """The active link changed or a session started: everything unacknowledged again, in order."""

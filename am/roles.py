@@ -56,6 +56,7 @@ async def lease_loop(res: Resource) -> None:
         try:
             if res.role == Role.PRIMARY:
                 resume = False
+                res.wake_stale()
                 await _renew(res)
             elif resume or _should_take_over(res):
                 sent = time.monotonic()

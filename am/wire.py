@@ -123,8 +123,13 @@ class BadFrame(Exception):
 
 
 def encode(msg: Message) -> bytes:
+    return b"".join(encode_parts(msg))
+
+
+def encode_parts(msg: Message) -> tuple[bytes, bytes]:
+    """Header and body apart: a 64 KiB write is not copied once more to be framed."""
     body = _encoder.encode(msg)
-    return FRAME.pack(len(body)) + body
+    return FRAME.pack(len(body)), body
 
 
 async def read_message(reader: asyncio.StreamReader) -> Message:
