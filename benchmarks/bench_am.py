@@ -24,6 +24,7 @@ Budgets (docs/architecture.md): mirrored throughput ≥ 0.9 × unmirrored; promo
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -50,14 +51,24 @@ asyncio.run(main())
 """
 
 
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    fields = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
 def fio(c: Cluster, uri: str, bs: str, depth: int, seconds: float, rw: str = "randwrite") -> float:
     """MiB/s written by fio's nbd engine from the client namespace."""
+    busy0, total0 = cpu_times()
     out = c.bed.run("client", [
         "fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
         f"--iodepth={depth}", f"--size={SIZE}", "--time_based", f"--runtime={seconds}", "--output-format=json",
         "--randrepeat=0", "--norandommap"], timeout=seconds + 60)
     if out.returncode != 0:
         sys.exit(f"fio failed: {out.stderr or out.stdout}")
+    busy1, total1 = cpu_times()
+    fio.cpu = (busy1 - busy0) / max(total1 - total0, 1) * os.cpu_count()  # cores busy, machine-wide
     job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
     return job["write"]["bw_bytes"] / (1 << 20)
 
@@ -90,11 +101,13 @@ def main() -> None:
               "the LAN namespace:")
         for bs, depth in (("64k", 16), ("4k", 32)):
             base = fio(c, plain, bs, depth, args.seconds)
+            base_cpu = fio.cpu
             mirror = fio(c, mirrored, bs, depth, args.seconds)
             ratio = mirror / base
             good = ratio >= 0.9
             ok &= good
-            print(f"  bs {bs:>3} iodepth {depth}: unmirrored {base:7.1f} MiB/s, mirrored {mirror:7.1f} MiB/s, "
+            print(f"  bs {bs:>3} iodepth {depth}: unmirrored {base:7.1f} MiB/s ({base_cpu:.1f} of "
+                  f"{os.cpu_count()} cores busy), mirrored {mirror:7.1f} MiB/s ({fio.cpu:.1f} cores), "
                   f"ratio {ratio:.2f} (budget ≥ 0.90) {verdict(good, 'BELOW BUDGET')}")
 
         times = []
