@@ -81,6 +81,7 @@ class Resource:
         self._io_changed = asyncio.Event()
         self.draining = False  # a demotion or swap holds new requests
         self.needs_operator: str | None = None
+        self.proxy = False  # after a swap: this node's clients are served by the new primary
         self.sync_total = 0
         self.sync_done = 0
         self.sync_started = 0.0
@@ -126,19 +127,30 @@ class Resource:
     def lease_valid(self) -> bool:
         return time.monotonic() < self.lease_until
 
-    async def _admit(self) -> None:
+    async def _admit(self) -> bool:
+        """True: serve the request here; False: forward it to the new primary (this node handed the role over
+        in a swap, and its clients stay connected); ExportGone: drop the client."""
         while True:
             if self.role != Role.PRIMARY:
-                raise ExportGone()
+                if self.proxy and self.peer_replicating_primary():
+                    return False
+                if not (self.proxy and self.agent.links.connected):
+                    raise ExportGone()
+                # the hand-over is under way: wait for the peer to say it is primary (sync.on_attach wakes us)
             if self.io == IO.RUNNING:
-                return
+                return True
             self._io_changed.clear()
-            await self._io_changed.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._io_changed.wait(), self.agent.timeout)
+
+    def wake(self) -> None:
+        """Requests held in _admit look again (a role or the peer's state changed)."""
+        self._io_changed.set()
 
     async def read(self, offset: int, length: int) -> bytes:
         self._bounds(offset, length)
-        if self.role != Role.PRIMARY:
-            raise ExportGone()
+        if self.role != Role.PRIMARY and not await self._admit():
+            return await self.forward(0, offset, length)
         if self.local_readable() or (self.disk == Disk.INCONSISTENT and self._pulled(offset, length)):
             try:
                 return self.image.read(offset, length)
@@ -150,15 +162,17 @@ class Resource:
 
     async def write(self, offset: int, data: bytes, fua: bool) -> None:
         self._bounds(offset, len(data))
-        if self.io != IO.RUNNING:
-            await self._admit()
+        if self.io != IO.RUNNING and not await self._admit():
+            await self.forward(wire.Op.WRITE, offset, len(data), data, fua)
+            return
         self._local(lambda: self.image.write(offset, data), offset, len(data))
         await self._complete(self.queue_op(wire.Op.WRITE, offset, len(data), data, fua), fua)
 
     async def write_zeroes(self, offset: int, length: int, fua: bool, may_trim: bool) -> None:
         self._bounds(offset, length)
-        if self.io != IO.RUNNING:
-            await self._admit()
+        if self.io != IO.RUNNING and not await self._admit():
+            await self.forward(wire.Op.ZERO, offset, length, b"", fua)
+            return
         self._local(lambda: self.image.zero(offset, length), offset, length)
         await self._complete(self.queue_op(wire.Op.ZERO, offset, length, b"", fua), fua)
 
@@ -167,10 +181,20 @@ class Resource:
         await self.write_zeroes(offset, length, fua, True)
 
     async def flush(self) -> None:
-        if self.io != IO.RUNNING:
-            await self._admit()
+        if self.io != IO.RUNNING and not await self._admit():
+            await self.forward(wire.Op.FLUSH, 0, 0)
+            return
         op = self.queue_op(wire.Op.FLUSH, 0, 0, b"", False)
         await self._complete(op, True)
+
+    async def forward(self, op: int, offset: int, length: int, data: bytes = b"", fua: bool = False) -> bytes:
+        """A request of a client that stayed connected through a swap, served by the new primary."""
+        try:
+            return await self.remote(op, offset, length, data, fua)
+        except NBDError as exc:
+            if exc.errno in (errno.ESHUTDOWN, errno.EIO) and not self.peer_replicating_primary():
+                raise ExportGone() from None  # the new primary is gone too: the client reconnects
+            raise
 
     def _bounds(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -312,6 +336,9 @@ class Resource:
 
     def peer_gone(self) -> None:
         self.attached = False
+        if self.proxy:
+            self.proxy = False
+            self.agent.nbd.drop_clients(self.name)
         if self.conn != Conn.SPLIT_BRAIN:
             self.conn.set(Conn.STANDALONE, "peer lost")
         if self._sync_task:
@@ -390,12 +417,12 @@ class Resource:
             return b""
 
     # -- remote I/O: the peer's replica serves a primary whose disk failed (or is being pulled back) ---------
-    async def remote(self, op: int, offset: int, length: int) -> bytes:
+    async def remote(self, op: int, offset: int, length: int, data: bytes = b"", fua: bool = False) -> bytes:
         rid = self.agent.next_rid()
         fut = asyncio.get_running_loop().create_future()
         self.remote_waiters[rid] = fut
         try:
-            if not self.agent.links.send(wire.Remote(self.name, rid, op, offset, length)):
+            if not self.agent.links.send(wire.Remote(self.name, rid, op, offset, length, data, fua)):
                 raise NBDError(errno.EIO, "peer lost")
             return await asyncio.wait_for(fut, self.agent.timeout * 4)
         except TimeoutError:
@@ -404,6 +431,9 @@ class Resource:
             self.remote_waiters.pop(rid, None)
 
     def on_remote(self, link: str, msg: wire.Remote) -> None:
+        if self.role == Role.PRIMARY:  # a request of a client the peer kept through a swap
+            self.agent.spawn(self._serve_forwarded(link, msg))
+            return
         if msg.op != 0 or self.disk not in (Disk.UP_TO_DATE, Disk.OUTDATED):
             self.agent.links.send_on(link, wire.RemoteReply(self.name, msg.rid, errno.EIO))
             return
@@ -413,6 +443,25 @@ class Resource:
         except LocalDiskError as exc:
             self.local_failed(exc)
             self.agent.links.send_on(link, wire.RemoteReply(self.name, msg.rid, errno.EIO))
+
+    async def _serve_forwarded(self, link: str, msg: wire.Remote) -> None:
+        data, error = b"", 0
+        try:
+            if msg.op == 0:
+                data = await self.read(msg.offset, msg.length)
+            elif msg.op == wire.Op.WRITE:
+                await self.write(msg.offset, msg.data, msg.fua)
+            elif msg.op == wire.Op.ZERO:
+                await self.write_zeroes(msg.offset, msg.length, msg.fua, True)
+            elif msg.op == wire.Op.FLUSH:
+                await self.flush()
+            else:
+                error = errno.EINVAL
+        except NBDError as exc:
+            error = exc.errno
+        except ExportGone:
+            error = errno.ESHUTDOWN
+        self.agent.links.send_on(link, wire.RemoteReply(self.name, msg.rid, error, data))
 
     def on_remote_reply(self, msg: wire.RemoteReply) -> None:
         fut = self.remote_waiters.get(msg.rid)

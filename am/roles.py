@@ -40,6 +40,7 @@ def become_primary(res: Resource, answer, sent_at: float, why: str, *, new_gen_:
     if new_gen_:
         _new_generation(res, why)
     res.meta.unclean = True
+    res.proxy = False
     res.role.set(Role.PRIMARY, why)
     res.attached = False  # a new stream: the peer must answer our Attach before our first op
     res.save()
@@ -201,14 +202,16 @@ async def demote(res: Resource) -> dict:
     return res.status()
 
 
-def _secondary(res: Resource, why: str) -> None:
+def _secondary(res: Resource, why: str, *, keep_clients: bool = False) -> None:
     res.draining = False
     res.lease_until = 0.0
+    res.proxy = keep_clients
     res.role.set(Role.SECONDARY, why)
     res.set_io(IO.UNAVAILABLE, why)
     res.meta.unclean = False
     res.save()
-    res.agent.nbd.drop_clients(res.name)
+    if not keep_clients:
+        res.agent.nbd.drop_clients(res.name)
     res.announce()
 
 
@@ -231,7 +234,8 @@ async def swap(res: Resource) -> dict:
     if not answer.ok:
         _resume(res, "swap aborted")
         raise RoleError(f"the witness refused the hand-over: {answer.reason}")
-    _secondary(res, "swap: role handed to the peer")
+    # the clients stay: what they send is forwarded to the new primary (Resource.forward)
+    _secondary(res, "swap: role handed to the peer", keep_clients=True)
     waiter = res.agent.expect_control(res.name)
     res.agent.links.send(wire.Control(res.name, "swap-offer", epoch))
     try:
@@ -240,6 +244,7 @@ async def swap(res: Resource) -> dict:
         reply = wire.Control(res.name, "swap-failed", reason="the peer did not answer")
     if reply.action != "swap-done":
         log.error("%s: swap failed (%s): taking the role back", res.name, reply.reason)
+        res.proxy = False
         await promote(res)
         raise RoleError(f"the peer could not take the role ({reply.reason}); {res.agent.cfg.node} is primary again")
     return res.status()

@@ -24,6 +24,7 @@ def on_attach(res: Resource, msg: wire.Attach) -> None:
     """The peer's state of this resource: the first one of a session starts the stream; any one may start a
     resync."""
     res.peer = msg
+    res.wake()
     if msg.role == Role.PRIMARY:
         res.peer_was_primary = True
         if res.role == Role.PRIMARY:
@@ -103,6 +104,10 @@ def decide_sync(res: Resource) -> None:
     if not primary_here and peer.role != Role.PRIMARY:
         return  # copies run only under a primary, which orders them with its writes
     if verdict.source_is_local:
+        if res.split_brain:  # the other side discarded its data (decide: it is Inconsistent now)
+            log.warning("%s: split brain resolved: the peer discarded its data", res.name)
+            res.split_brain = False
+            res.save()
         res.conn.set(Conn.SYNC_SOURCE, f"{kind.value} resync to the peer")
         if primary_here:
             res.sync_task(push(res, kind))

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import time
 
 from tests.am.checker import Ledger, read_all, workload
@@ -176,17 +178,23 @@ def test_failed_local_disk_is_served_from_the_peer_then_repaired_and_resynced(he
     assert c.image_digest("hosta", "dfail") == c.image_digest("hostb", "dfail")
 
 
-def test_planned_swap_moves_the_role_without_losing_a_write(healthy):
+def test_planned_swap_moves_the_role_and_keeps_the_clients_without_an_error(healthy):
     c = healthy
     c.create_pair("swap", SIZE)
     run = Run(c, "swap")
     run.acked_since(0, 200)
+    connections = run.ledger.reconnects
     code, body = c.call("hosta", "POST", "/v1/resources/swap/swap")
     assert code == 200, body
     assert c.status("hostb", "swap")["role"] == "Primary"
+    run.acked_since(run.ledger.acked, 300)  # still through hosta, forwarded to the new primary
+    assert run.ledger.failed == 0 and run.ledger.reconnects == connections
+    code, body = c.call("hostb", "POST", "/v1/resources/swap/swap")  # and back, with the same clients
+    assert code == 200, body
     run.acked_since(run.ledger.acked, 300)
+    assert run.ledger.failed == 0 and run.ledger.reconnects == connections
     assert run.finish() == []
-    assert c.wait_in_sync("swap") == "hostb"
+    assert c.wait_in_sync("swap") == "hosta"
     assert c.image_digest("hosta", "swap") == c.image_digest("hostb", "swap")
 
 
@@ -201,3 +209,92 @@ def test_verify_reports_replicas_that_differ(healthy):
         f.write(b"\xff" * 512)
     code, body = c.call("hosta", "POST", "/v1/resources/verify/verify")
     assert code == 200 and not body["ok"] and body["mismatches"] == [3 << 20], body
+
+
+def test_restarting_the_peer_in_the_middle_of_a_resync_finishes_it_later(healthy):
+    c = healthy
+    c.create_pair("midsync", SIZE)
+    run = Run(c, "midsync")
+    run.acked_since(0, 100)
+    c.crash("hostb")
+
+    async def fill() -> None:  # every region dirty: 8 MiB to copy, half a second at the bed's 16 MiB/s
+        client = await c.connect("hosta", "midsync")
+        await asyncio.gather(*(client.write(at, os.urandom(65536)) for at in range(0, SIZE, 65536)))
+        await client.close()
+
+    c.loop.run(fill())
+    c.start("hostb")
+    c.wait("hosta", "midsync", lambda s: s["connection"] == "SyncSource" and s["resync"]["done"] > 0, 10,
+           "the resync to be under way")
+    c.crash("hostb")
+    s = c.wait("hosta", "midsync", lambda s: s["connection"] == "StandAlone", 5, "the peer lost again")
+    assert 0 < s["dirty_regions"] < 128, s  # what was copied is not copied again
+    c.start("hostb")
+    c.wait_in_sync("midsync")
+    assert run.finish() == []
+    assert c.image_digest("hosta", "midsync") == c.image_digest("hostb", "midsync")
+
+
+def test_split_brain_after_the_witness_lost_its_state_is_detected_and_never_merged(healthy):
+    c = healthy
+    c.create_pair("split", SIZE)
+    run = Run(c, "split")
+    run.acked_since(0, 100)
+    c.bed.cut_link("a")
+    c.bed.cut_link("b")
+    c.wait("hosta", "split", lambda s: s["peer_outdated"] and s["dirty_regions"] > 0, 10, "degraded writes on A")
+    assert run.finish() == []
+    # the witness's disk is lost: it comes back knowing nothing, and hosta dies
+    c.bed.kill_namespace_processes("witness")
+    (c.workdir / "witness.json").unlink()
+    c.crash("hosta")
+    c.start_witness()
+    c.wait("hostb", "split", lambda s: s["role"] == "Primary", 10, "hostb granted by the amnesic witness")
+
+    async def write_on_b():
+        client = await c.connect("hostb", "split")
+        await client.write(0, b"B" * 4096)
+        await client.close()
+
+    c.loop.run(write_on_b())
+    c.start("hosta")
+    c.bed.heal()
+    for host in HOSTS:
+        s = c.wait(host, "split", lambda s: s["split_brain"] and s["connection"] == "SplitBrain", 10,
+                   "the split brain to be seen")
+    assert c.status("hosta", "split")["role"] == "Secondary"
+    digests = {h: c.image_digest(h, "split") for h in HOSTS}
+    assert digests["hosta"] != digests["hostb"]  # nothing was copied either way
+    code, body = c.call("hosta", "POST", "/v1/resources/split/discard-my-data", {"confirm": "split"})
+    assert code == 202, body
+    assert c.wait_in_sync("split") == "hostb"
+    assert c.image_digest("hosta", "split") == c.image_digest("hostb", "split")
+
+
+def test_real_nbd_clients_write_through_the_mirror(healthy):
+    c = healthy
+    c.create_pair("clients", 32 << 20)
+    addr, port = c.nbd("hosta")
+    uri = f"nbd://{addr}:{port}/clients"
+    bed = c.bed
+
+    def run(*argv: str) -> str:
+        out = bed.run("client", list(argv), timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout
+
+    info = json.loads(run("nbdinfo", "--json", uri))
+    export = info["exports"][0]
+    assert export["export-size"] == 32 << 20 and export["can_flush"] and export["can_fua"]
+    run("qemu-io", "-f", "raw", uri, "-c", "write -P 0xab 0 1M", "-c", "write -f -P 0xcd 1M 1M",
+        "-c", "read -P 0xab 0 1M", "-c", "read -P 0xcd 1M 1M", "-c", "flush")
+    source = c.workdir / "source.raw"
+    source.write_bytes(os.urandom(4 << 20))
+    run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(source), uri)
+    run("fio", "--name=t", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k", "--iodepth=16",
+        "--offset=8M", "--size=8M", "--verify=crc32c", "--do_verify=1", "--output-format=terse")
+    c.wait_in_sync("clients")
+    replica = (c.workdir / "hostb" / "clients.img").read_bytes()
+    assert replica[:4 << 20] == source.read_bytes()
+    assert c.image_digest("hosta", "clients") == c.image_digest("hostb", "clients")
