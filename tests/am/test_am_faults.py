@@ -261,8 +261,8 @@ def test_split_brain_after_the_witness_lost_its_state_is_detected_and_never_merg
     c.start("hosta")
     c.bed.heal()
     for host in HOSTS:
-        s = c.wait(host, "split", lambda s: s["split_brain"] and s["connection"] == "SplitBrain", 10,
-                   "the split brain to be seen")
+        c.wait(host, "split", lambda s: s["split_brain"] and s["connection"] == "SplitBrain", 10,
+               "the split brain to be seen")
     assert c.status("hosta", "split")["role"] == "Secondary"
     digests = {h: c.image_digest(h, "split") for h in HOSTS}
     assert digests["hosta"] != digests["hostb"]  # nothing was copied either way
