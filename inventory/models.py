@@ -37,6 +37,11 @@ class Pool(models.Model):
     connection_state = models.CharField(
         max_length=20, choices=ConnectionState.choices, default=ConnectionState.NEW
     )
+    # Which watch_pools process keeps this pool in sync, and since when (written by that process).
+    watcher = models.CharField(max_length=200, blank=True)
+    watched_since = models.DateTimeField(null=True, blank=True)
+    # Set when an administrator removes the pool: its rows are deleted in bulk in the background.
+    removing_since = models.DateTimeField(null=True, blank=True)
     last_error = models.TextField(blank=True)
     last_event_at = models.DateTimeField(null=True, blank=True)
     last_sync_at = models.DateTimeField(null=True, blank=True)

@@ -342,7 +342,7 @@ class Supervisor:
         self.waiting: set[int] = set()  # pools another process watches: logged once, tried at every reconcile
 
     def _pools(self) -> list[Pool]:
-        qs = Pool.objects.all()
+        qs = Pool.objects.filter(removing_since__isnull=True)  # a pool being removed is watched no more
         return list(qs.filter(name__in=self.names) if self.names else qs)
 
     def reconcile(self) -> None:
