@@ -15,7 +15,7 @@ from aiohttp import web
 
 from am import roles, sync
 from am.agent import Agent, RequestError
-from am.states import Conn, Disk, Role
+from am.states import Conn, Role
 
 log = logging.getLogger("am.api")
 AGENT = web.AppKey("agent", Agent)
@@ -52,7 +52,7 @@ async def guard(request: web.Request, handler):
         return await handler(request)
     except RequestError as exc:
         return _error(exc.status, str(exc))
-    except roles.RoleError as exc:
+    except (roles.RoleError, sync.Refused) as exc:
         return _error(409, str(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -123,31 +123,13 @@ async def action(request: web.Request) -> web.Response:
         res.sync_task(sync.push(res, sync.decide.SyncKind.FULL))
         return web.json_response(res.status(), status=202)
     if verb == "disk-repaired":
-        if res.disk != Disk.FAILED:
-            raise RequestError(409, f"the disk of {res.name} is {res.disk}, not Failed")
-        res.image.injected_failure = False
-        res.disk.set(Disk.INCONSISTENT, "disk repaired: to be resynced")
-        res.save()
-        res.announce()
-        sync.decide_sync(res)
+        sync.disk_repaired(res)
         return web.json_response(res.status(), status=202)
     if verb == "discard-my-data":
         body = await _body(request, DiscardBody)
         if body.confirm != res.name:
             raise RequestError(400, "confirm must repeat the resource's name")
-        if res.role == Role.PRIMARY and res.disk == Disk.UP_TO_DATE:
-            raise RequestError(409, "the primary's data cannot be discarded: demote it first")
-        log.critical("%s: the operator discards this replica's data (generation %s)", res.name, res.meta.gen)
-        res.needs_operator = None
-        res.split_brain = False
-        res.meta.gen, res.meta.history = "", []
-        if res.disk != Disk.INCONSISTENT:
-            res.disk.set(Disk.INCONSISTENT, "the operator discarded this replica's data")
-        if res.conn == Conn.SPLIT_BRAIN:
-            res.conn.set(Conn.STANDALONE, "split brain resolved by discarding this replica")
-        res.save()
-        res.announce()
-        sync.decide_sync(res)
+        sync.discard_my_data(res)
         return web.json_response(res.status(), status=202)
     if verb == "fault":
         if not agent.cfg.fault_injection:

@@ -152,18 +152,23 @@ class Meta(msgspec.Struct):
     split_brain: bool = False
 
 
-def save_meta(path: Path, meta: Meta) -> None:
-    tmp = path.with_suffix(".tmp")
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path``: a crash leaves the old file or the new one, never a torn one."""
+    tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
-        f.write(msgspec.json.encode(meta))
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(dir_fd)  # the rename itself is durable only once the directory is
     finally:
         os.close(dir_fd)
+
+
+def save_meta(path: Path, meta: Meta) -> None:
+    write_atomically(path, msgspec.json.encode(meta))
 
 
 def load_meta(path: Path) -> Meta:

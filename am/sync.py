@@ -20,6 +20,40 @@ from am.witness_client import WitnessError
 log = logging.getLogger("am.sync")
 
 
+class Refused(Exception):
+    """An operator's request that the resource's state does not allow (the API's 409)."""
+
+
+def disk_repaired(res: Resource) -> None:
+    """The operator replaced a Failed disk: it is resynced from the peer (a pull when it is the primary)."""
+    if res.disk != Disk.FAILED:
+        raise Refused(f"the disk of {res.name} is {res.disk}, not Failed")
+    res.image.injected_failure = False
+    res.disk.set(Disk.INCONSISTENT, "disk repaired: to be resynced")
+    _changed(res)
+
+
+def discard_my_data(res: Resource) -> None:
+    """End a split brain or a needs-operator state: this replica becomes a copy of the other one."""
+    if res.role == Role.PRIMARY and res.disk == Disk.UP_TO_DATE:
+        raise Refused("the primary's data cannot be discarded: demote it first")
+    log.critical("%s: the operator discards this replica's data (generation %s)", res.name, res.meta.gen)
+    res.needs_operator = None
+    res.split_brain = False
+    res.meta.gen, res.meta.history = "", []
+    if res.disk != Disk.INCONSISTENT:
+        res.disk.set(Disk.INCONSISTENT, "the operator discarded this replica's data")
+    if res.conn == Conn.SPLIT_BRAIN:
+        res.conn.set(Conn.STANDALONE, "split brain resolved by discarding this replica")
+    _changed(res)
+
+
+def _changed(res: Resource) -> None:
+    res.save()
+    res.announce()
+    decide_sync(res)
+
+
 def on_attach(res: Resource, msg: wire.Attach) -> None:
     """The peer's state of this resource: the first one of a session starts the stream; any one may start a
     resync."""

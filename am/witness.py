@@ -30,6 +30,7 @@ from typing import Annotated, Any, TypeVar
 import msgspec
 from aiohttp import web
 
+from am.store import write_atomically
 from am.witness_core import Answer, CorruptState, WitnessCore
 
 log = logging.getLogger("am.witness")
@@ -105,18 +106,7 @@ def load_state(path: Path, lease_s: float, started_at: float) -> WitnessCore:
 
 
 def save_state(path: Path, data: dict[str, Any]) -> None:
-    """Atomically replace ``path``: a crash leaves the old file or the new one, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(msgspec.json.encode(data))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself is durable only once the directory is
-    finally:
-        os.close(dir_fd)
+    write_atomically(path, msgspec.json.encode(data))
 
 
 # -- the HTTP shell -------------------------------------------------------------------------------------------
