@@ -63,7 +63,7 @@ def alert_raise(
             with transaction.atomic():
                 alert = Alert.objects.create(
                     condition=condition, object_key=object_key, pool=pool,
-                    pool_name=(pool.name_label or pool.name) if pool else "", host_name=host_name, vm_name=vm_name,
+                    pool_name=pool.name if pool else "", host_name=host_name, vm_name=vm_name,
                     old_state=old_state, new_state=new_state, message=message, downtime_seconds=downtime_seconds,
                     details=details or {},
                 )

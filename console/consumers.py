@@ -15,6 +15,8 @@ The page tells the consumer what it shows with small JSON messages:
 "rows": [VM uuids in the table], "query": the table's query string, "total": how many rows match,
 "rendered_at": <epoch seconds of the page's render>}``. After a batch that touches VMs the table shows, the
 consumer re-runs its query and, when rows entered, left or moved, sends ``refresh-table`` (``live_table``).
+A pool renamed (in the console or in XAPI) or marked for removal makes the page resync: its name is in crumbs,
+table cells and filter choices too, and a pool being removed shows nothing below it.
 
 Events that arrive while a batch renders are coalesced into the next batch; each batch
 costs a fixed handful of queries whatever its size. The reads are shared by all the
@@ -136,6 +138,8 @@ class LiveConsumer(AsyncWebsocketConsumer):
         self.open: set[str] = set()
         self.sent: dict[str, object] = {}  # DOM id -> the data of the fragment last sent
         self.status_counts: dict[int, dict[str, int]] = {}  # pool id -> the summary's counts
+        # pool id -> its names and removal state as the page shows them (kept across resyncs, which render them anew)
+        self.identities: dict[int, tuple] = {}
         self.pending: dict[str, dict[str, dict[str, str]]] = {}
         self.pending_at = 0.0
         self.flusher: asyncio.Future | None = None
@@ -230,6 +234,9 @@ class LiveConsumer(AsyncWebsocketConsumer):
             return  # a socket being refused: it joined pools.all before its user was checked
         pools = await database_sync_to_async(_visible_pools)(self.user) or {}
         if pools == self.pools:
+            # The same pools: one of them changed (renamed, being removed). Its sender told the pool's own group too
+            # (inventory.change of class "pool"): its labels are read again there, and a new name or removal
+            # state rebuilds the page (``_identity_changed``).
             return
         for uuid in pools.keys() - self.pools.keys():
             await self.channel_layer.group_add(pool_group(uuid), self.channel_name)
@@ -239,6 +246,7 @@ class LiveConsumer(AsyncWebsocketConsumer):
             self.joined.remove(pool_group(uuid))
             self.pending.pop(uuid, None)
             self.status_counts.pop(self.pools[uuid], None)
+            self.identities.pop(self.pools[uuid], None)
         self.pools = pools
         self.view_pool = await database_sync_to_async(self._pool_of_view)()
         self.sent.clear()  # the page is rebuilt: the next batch sends every label
@@ -288,6 +296,9 @@ class LiveConsumer(AsyncWebsocketConsumer):
         """(DOM id, data, renderer) of every label the page may show: pools (header, tree, home
         card), hosts, halted groups and the summary's groups."""
         labels: list[tuple[str, object, Callable[[object], str]]] = []
+        # The header's count of pools (shown above ui.HEADER_CHIPS pools; dropped by a page without it).
+        pool_labels = tuple(ov.pool for ov in overviews.values())
+        labels.append(("hdr-pools-summary", ui.pools_summary(pool_labels), ui.header_pools_summary))
         for ov in overviews.values():
             labels.append((f"hdr-{ov.pool.key}", ov.pool, ui.header_pool))
             labels.append((f"tree-{ov.pool.key}", ov.pool, ui.tree_pool_label))
@@ -295,7 +306,9 @@ class LiveConsumer(AsyncWebsocketConsumer):
                 labels.append((f"card-{ov.pool.key}", ov.pool, ui.pool_card))
             labels += [(f"tree-{host.key}", host, ui.tree_host_label) for host in ov.hosts]
             labels.append((f"tree-{ov.halted.key}", ov.halted, ui.tree_group_label))
-        groups = sel.summary_groups(self.status_counts.values())
+        # Pools being removed are left out of the summary, as their VMs are of the table its groups link to.
+        removing = {pk for pk, ov in overviews.items() if ov.pool.removing}
+        groups = sel.summary_groups(c for pk, c in self.status_counts.items() if pk not in removing)
         labels += [(f"tree-{group.key}", group, ui.tree_group_label) for group in groups]
         if self.view == "home":
             labels.append(("home-summary", tuple(groups), ui.summary_card))
@@ -317,6 +330,7 @@ class LiveConsumer(AsyncWebsocketConsumer):
         since = time.monotonic() - max(0.0, time.time() - rendered_at)
         overviews = await self._read_labels(since, ())
         self.sent.update({dom_id: data for dom_id, data, _ in self._labels(overviews)})
+        self.identities.update({pk: ov.pool.identity for pk, ov in overviews.items()})
 
     async def _render(self, batch: dict, since: float) -> list[str]:
         reads = shared_reads()
@@ -337,6 +351,11 @@ class LiveConsumer(AsyncWebsocketConsumer):
         )
         if any(self.pools.get(pool_uuid) not in overviews for pool_uuid in batch):
             return [ui.control("resync")]  # a pool was removed: the page is rebuilt without it
+        if self._identity_changed(overviews):
+            # Renamed (here or in XAPI), or being removed: its name is in crumbs, table cells and filter choices,
+            # and a pool being removed loses its tree node's children: the page is rebuilt.
+            self.sent.clear()
+            return [ui.control("resync")]
         host_pool = {host.key: pk for pk, ov in overviews.items() for host in ov.hosts}
         for dom_id, data, render in self._labels(overviews):
             if self.sent.get(dom_id) != data:
@@ -365,6 +384,16 @@ class LiveConsumer(AsyncWebsocketConsumer):
         if rows:
             parts.append(ui.table_rows("".join(rows)))
         return ["".join(parts)]
+
+    def _identity_changed(self, overviews: dict[int, sel.PoolOverview]) -> bool:
+        """Did a pool's name, XAPI name or removal state change since the page was rendered (or last rebuilt)?
+        Remembers them as they are now: the page is then rebuilt with them."""
+        changed = False
+        for pk, ov in overviews.items():
+            before = self.identities.get(pk)
+            changed |= before is not None and before != ov.pool.identity
+            self.identities[pk] = ov.pool.identity
+        return changed
 
     async def _table_change(self, batch: dict, since: float) -> list[str]:
         """``refresh-table`` when the batch changed which rows the page's table shows, in which order, or how many

@@ -20,7 +20,7 @@ from protection.selectors import (
     vm_protection_info,
 )
 
-from .nodes import HostLabel, PoolOverview, VMNode, is_uuid, pool_overviews, vm_node, vm_nodes
+from .nodes import HostLabel, PoolOverview, VMNode, host_state, is_uuid, pool_overviews, vm_node, vm_nodes
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,7 @@ class VMDetail:
     pool_reachable: bool
     protection: ProtectionInfo | None = None
     can_change: bool = False  # may this user protect and unprotect (the panel's buttons)
+    pool_removing: bool = False  # its pool is being removed: no actions on it
 
     @property
     def protection_empty_reason(self) -> str:
@@ -122,7 +123,8 @@ def vm_detail(*, user, uuid: str) -> VMDetail | None:
         components=vm_protection_components(vm),
         pool_reachable=vm.pool.connection_state == ConnectionState.CONNECTED,
         protection=vm_protection_info(vm),
-        can_change=user_can_change_protection(user),
+        can_change=user_can_change_protection(user) and vm.pool.removing_since is None,
+        pool_removing=vm.pool.removing_since is not None,
     )
 
 
@@ -160,7 +162,10 @@ def host_detail(*, user, uuid: str) -> HostDetail | None:
     if host is None:
         return None
     overview = pool_overviews([host.pool_id])[host.pool_id]
-    label = next(h for h in overview.hosts if h.uuid == host.uuid)
+    label = next((h for h in overview.hosts if h.uuid == host.uuid), None)
+    if label is None:  # its pool is being removed: the overview leaves its hosts out
+        label = HostLabel(uuid=host.uuid, name=host.name_label or host.uuid, pool_uuid=host.pool.uuid,
+                          state=host_state(host), is_master=host.is_master, vm_count=0, mark="")
     vms_qs = VM.objects.ordinary().filter(resident_on=host).order_by("name_label", "uuid")
     return HostDetail(
         host=host,
@@ -192,7 +197,8 @@ def pool_detail(*, user, pk: int) -> PoolDetail | None:
     overview = pool_overviews([pool.pk])[pool.pk]
     levels: dict = defaultdict(int)
     healths: dict = defaultdict(int)
-    rows = vm_annotate_protection(VM.objects.ordinary().filter(pool=pool)).values_list("prot_level", "prot_health")
+    vms = VM.objects.ordinary().filter(pool=pool) if pool.removing_since is None else VM.objects.none()
+    rows = vm_annotate_protection(vms).values_list("prot_level", "prot_health")
     for level, health, n in rows.annotate(n=Count("pk")).order_by():
         levels[level] += n
         healths[health] += n

@@ -16,9 +16,9 @@ from django.db.models import Count, Exists, OuterRef, QuerySet
 
 from inventory.choices import ConnectionState, PowerState
 from inventory.models import PBD, PIF, VM, Host, Pool
-from protection.choices import Health, SummaryGroup
+from protection.choices import Health, ProtectionStatus, SummaryGroup
 from protection.selectors import (
-        vm_annotate_protection,
+    vm_annotate_protection,
     vm_health_marks,
     vm_protection_states,
 )
@@ -183,7 +183,7 @@ class GroupLabel:
 class PoolLabel:
     pk: int
     uuid: str
-    name: str
+    name: str  # the name the administrator gave (Pool.name): the pool's name everywhere in the console
     state: str  # ConnectionState
     mark: str
     hosts_total: int
@@ -191,10 +191,24 @@ class PoolLabel:
     vms_total: int
     vms_running: int
     ha_enabled: bool
+    xapi_name: str = ""  # XAPI's own name label (Pool.name_label)
+    vms_protected: int = 0  # VMs with a protection in place (the summary's protected and degraded groups)
+    removing: bool = False  # being removed in the background (Pool.removing_since): no hosts, VMs or actions
 
     @property
     def key(self) -> str:
         return f"pool-{self.uuid or f'p{self.pk}'}"
+
+    @property
+    def xapi_name_shown(self) -> str:
+        """XAPI's name, when it says something the given name does not (shown beside it, muted)."""
+        return xapi_name_shown(self.name, self.xapi_name)
+
+    @property
+    def identity(self) -> tuple[str, str, bool]:
+        """What the page shows of the pool outside its labels (crumbs, table cells, filter choices, its tree
+        node's children): when it changes, the page is rebuilt rather than patched."""
+        return self.name, self.xapi_name, self.removing
 
     @property
     def state_label(self) -> str:
@@ -206,8 +220,20 @@ class PoolLabel:
 
     @property
     def state_text(self) -> str:
+        if self.removing:
+            return f"Pool {self.state_label.lower()}, being removed"
         below = f"; {self.mark} component below" if self.mark else ""
         return f"Pool {self.state_label.lower()}{below}"
+
+    @property
+    def attention(self) -> bool:
+        """Worth a look: not connected, or something failed or degraded below it (the header's menu counts)."""
+        return not self.removing and (self.state != ConnectionState.CONNECTED or bool(self.mark))
+
+
+def xapi_name_shown(name: str, xapi_name: str) -> str:
+    """XAPI's name label of a pool, when there is one and it differs from the name the console was given."""
+    return xapi_name if xapi_name and xapi_name != name else ""
 
 
 @dataclass(frozen=True)
@@ -226,10 +252,12 @@ def host_state(host: Host) -> str:
 
 
 def pool_overviews(pool_ids: Iterable[int]) -> dict[int, PoolOverview]:
-    """{pool id: PoolOverview}: pools, hosts, VM counts and marks, in four queries whatever the size
-    (about 10 ms at 10,000 VMs: it runs for every batch of live changes)."""
+    """{pool id: PoolOverview}: pools, hosts, VM counts and marks, in five queries whatever the size
+    (about 10 ms at 10,000 VMs: it runs for every batch of live changes). A pool being removed shows no
+    hosts and no counts: its rows are being deleted."""
     pool_ids = list(pool_ids)
     pools = list(Pool.objects.filter(pk__in=pool_ids).order_by("name"))
+    pool_ids = [p.pk for p in pools if p.removing_since is None]
     # Components below a host that are not well: a NIC in use without carrier, storage not plugged.
     nic_down = PIF.objects.filter(host=OuterRef("pk"), currently_attached=True, carrier=False)
     storage_down = PBD.objects.filter(host=OuterRef("pk"), currently_attached=False)
@@ -256,6 +284,15 @@ def pool_overviews(pool_ids: Iterable[int]) -> dict[int, PoolOverview]:
             halted[pool_id] += n
         else:
             per_host[host_id] += n
+    # Protected: a protection in place, well or not (the summary's protected and degraded groups); an inner
+    # join on the protections, cheap when few VMs are protected.
+    protected = dict(
+        base.filter(protection__isnull=False)
+        .exclude(protection__status=ProtectionStatus.PROTECTING)
+        .values_list("pool_id")
+        .annotate(n=Count("pk"))
+        .order_by()
+    )
 
     host_marks: dict[int, str] = {host.pk: "degraded" for host in hosts if host.nic_down or host.storage_down}
 
@@ -299,14 +336,17 @@ def pool_overviews(pool_ids: Iterable[int]) -> dict[int, PoolOverview]:
         label = PoolLabel(
             pk=pool.pk,
             uuid=pool.uuid,
-            name=pool.name_label or pool.name,
+            name=pool.name,
+            xapi_name=pool.name_label,
             state=pool.connection_state,
             mark=below,
             hosts_total=len(pool_hosts),
             hosts_live=sum(1 for h in pool_hosts if h.state != "dead"),
             vms_total=total.get(pool.pk, 0),
             vms_running=running.get(pool.pk, 0),
+            vms_protected=protected.get(pool.pk, 0),
             ha_enabled=pool.ha_enabled,
+            removing=pool.removing_since is not None,
         )
         result[pool.pk] = PoolOverview(label, pool_hosts, halted_group)
     return result
@@ -351,7 +391,7 @@ class Children:
 def _key_queryset(key: str, pools: QuerySet[Pool]) -> QuerySet[VM] | None:
     """The VMs under a tree node, or None when the key names nothing this user may see."""
     kind, _, ident = key.partition("-")
-    base = VM.objects.ordinary().filter(pool__in=pools)
+    base = VM.objects.ordinary().filter(pool__in=pools.filter(removing_since__isnull=True))
     if kind == "host" and is_uuid(ident):
         return base.filter(resident_on__uuid=ident)
     if kind == "halted":

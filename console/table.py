@@ -11,7 +11,7 @@ from django.http import QueryDict
 
 from eac.permissions import pools_visible_to
 from inventory.filtersets import VMFilterSet
-from inventory.models import VM, Host
+from inventory.models import VM, Host, Pool
 from protection.choices import Health, SummaryGroup
 
 from .nodes import vm_node_queryset
@@ -49,6 +49,11 @@ MAX_VALUE = 200
 QUERY_CANCELED = "57014"  # PostgreSQL's SQLSTATE of a statement stopped by statement_timeout
 
 
+def table_pools(*, user) -> QuerySet[Pool]:
+    """The pools whose VMs the table shows: those the user may see, but for pools being removed."""
+    return pools_visible_to(user).filter(removing_since__isnull=True)
+
+
 def vm_table_queryset(*, user) -> QuerySet[VM]:
     """The table's rows before filters: annotated so status, level and health sort in the database."""
     status_order = Case(
@@ -57,7 +62,7 @@ def vm_table_queryset(*, user) -> QuerySet[VM]:
     health_order = Case(
         *(When(prot_health=h.value, then=Value(i)) for i, h in enumerate(Health)), output_field=IntegerField()
     )
-    return vm_node_queryset(VM.objects.ordinary().filter(pool__in=pools_visible_to(user))).annotate(
+    return vm_node_queryset(VM.objects.ordinary().filter(pool__in=table_pools(user=user))).annotate(
         prot_status_order=status_order, prot_health_order=health_order
     )
 
@@ -94,6 +99,7 @@ class TableQuery:
     sort: str  # the sort applied
     per_page: int
     hosts: QuerySet[Host]  # the hosts the user may see, the host filter's choices
+    pools: QuerySet[Pool]  # the pools the table shows, the pool filter's choices
 
     @property
     def ignored(self) -> list[str]:
@@ -102,9 +108,11 @@ class TableQuery:
 
 
 def vm_table_query(*, user, params: QueryDict) -> TableQuery:
-    hosts = Host.objects.filter(pool__in=pools_visible_to(user)).select_related("pool")
+    pools = table_pools(user=user)
+    hosts = Host.objects.filter(pool__in=pools).select_related("pool")
     filterset = VMTableFilterSet(params, queryset=vm_table_queryset(user=user))
     filterset.filters["host"].queryset = hosts
+    filterset.filters["pool"].queryset = pools
     filterset.form.is_valid()  # invalid filters are left out of the query
     sort, ordering = vm_table_ordering(params.get("sort"))
     try:
@@ -114,7 +122,7 @@ def vm_table_query(*, user, params: QueryDict) -> TableQuery:
     if per_page not in TABLE_PAGE_SIZES:
         per_page = DEFAULT_PER_PAGE
     return TableQuery(filterset=filterset, rows=filterset.qs.order_by(*ordering), sort=sort, per_page=per_page,
-                      hosts=hosts)
+                      hosts=hosts, pools=pools)
 
 
 def vm_table_page_rows(

@@ -5,7 +5,9 @@ carries a stable id built from the object's uuid; a view includes it in the page
 WebSocket consumer renders it alone and sends it, for htmx to swap in by id. DOM ids:
 
 ==========================  =========================================================
-``hdr-pool-<uuid>``         the pool's chip in the header (connection state)
+``hdr-pool-<uuid>``         the pool's chip in the header (connection state); above ``HEADER_CHIPS`` pools the
+                            chips are in a menu whose button is ``hdr-pools-summary`` (how many, how many to see)
+``card-pool-<uuid>``        the pool's card on the overview (per-pool counts)
 ``tree-pool-<uuid>``        the pool's row in the tree (label, state icon, mark)
 ``tree-host-<uuid>``        a host's row in the tree
 ``tree-halted-<pool uuid>`` the pool's "Halted VMs" row; ``tree-pvs-<status>`` a summary group
@@ -19,7 +21,9 @@ WebSocket consumer renders it alone and sends it, for htmx to swap in by id. DOM
 A tree node with children is ``li#ti-<key>`` holding the row ``#tree-<key>`` and the group
 ``ul#tg-<key>``; ``<key>`` is ``pool-<uuid>``, ``host-<uuid>``, ``halted-<pool uuid>``,
 ``pvs`` or ``pvs-<status>``. Which nodes are open is kept by the browser in a cookie, so
-a page load (or a resync) renders them open, with their first page of children.
+a page load (or a resync) renders them open, with their first page of children. Without the cookie
+(a first visit), pools start open when there are at most ``OPEN_POOLS`` of them, folded above.
+A pool being removed has a node without children.
 """
 from __future__ import annotations
 
@@ -40,6 +44,11 @@ KEY_RE = re.compile(r"^(pool-(p\d+|[0-9a-f-]{36})|host-[0-9a-f-]{36}|halted-(p\d
 MAX_OPEN_WITH_CHILDREN = 30
 # Below this many VMs in a pool, a first visit shows its hosts open; above, the tree starts folded.
 SMALL_POOL = 100
+# A first visit shows the pools open when there are at most this many; above, folded (their hosts still open
+# as above, for when the user opens the pool).
+OPEN_POOLS = 5
+# The header shows a chip per pool up to this many pools; above, a count and a menu of the chips.
+HEADER_CHIPS = 4
 
 
 def parse_open_keys(raw: str | None) -> set[str] | None:
@@ -53,7 +62,8 @@ def parse_open_keys(raw: str | None) -> set[str] | None:
 def default_open_keys(overviews: list[sel.PoolOverview]) -> set[str]:
     keys = {"pvs"}
     for ov in overviews:
-        keys.add(ov.pool.key)
+        if len(overviews) <= OPEN_POOLS:
+            keys.add(ov.pool.key)
         if ov.pool.vms_total <= SMALL_POOL:
             keys.update(h.key for h in ov.hosts)
             keys.add(ov.halted.key)
@@ -76,6 +86,20 @@ class Node:
         return bool(self.nodes) or self.children is not None
 
 
+@dataclass(frozen=True)
+class PoolsSummary:
+    """The header's button when the pools are too many for a chip each: how many, and how many to look at."""
+
+    total: int
+    attention: int  # not connected, or a failed or degraded component below
+    removing: int
+
+
+def pools_summary(labels: tuple[sel.PoolLabel, ...]) -> PoolsSummary:
+    return PoolsSummary(total=len(labels), attention=sum(1 for p in labels if p.attention),
+                        removing=sum(1 for p in labels if p.removing))
+
+
 @dataclass
 class TreeContext:
     overviews: list[sel.PoolOverview]
@@ -86,6 +110,15 @@ class TreeContext:
     def summary_groups(self) -> list[sel.GroupLabel]:
         """The Protected VM Summary's groups, as the overview page's card shows them."""
         return [node.label for node in self.summary.nodes]
+
+    @property
+    def header_menu(self) -> bool:
+        """Too many pools for a chip each in the header: a count and a menu instead."""
+        return len(self.overviews) > HEADER_CHIPS
+
+    @property
+    def pools_summary(self) -> PoolsSummary:
+        return pools_summary(tuple(ov.pool for ov in self.overviews))
 
 
 def build_tree(user, open_keys: set[str] | None) -> TreeContext:
@@ -107,11 +140,13 @@ def build_tree(user, open_keys: set[str] | None) -> TreeContext:
     pools = []
     for ov in overviews:
         pool_open = ov.pool.key in open_keys
-        nodes = [leaf("host", h.key, h, pool_open) for h in ov.hosts]
-        nodes.append(leaf("group", ov.halted.key, ov.halted, pool_open))
+        nodes = []
+        if not ov.pool.removing:  # its rows are being deleted: nothing to open
+            nodes = [leaf("host", h.key, h, pool_open) for h in ov.hosts]
+            nodes.append(leaf("group", ov.halted.key, ov.halted, pool_open))
         pools.append(Node(kind="pool", key=ov.pool.key, label=ov.pool, open=pool_open, nodes=nodes))
     summary_open = "pvs" in open_keys
-    counts = vm_status_counts([ov.pool.pk for ov in overviews]).values()
+    counts = vm_status_counts([ov.pool.pk for ov in overviews if not ov.pool.removing]).values()
     groups = [leaf("group", g.key, g, summary_open) for g in sel.summary_groups(counts)]
     summary = Node(kind="summary", key="pvs", label=None, open=summary_open, nodes=groups)
     return TreeContext(overviews=overviews, pools=pools, summary=summary)
@@ -131,6 +166,11 @@ def render_fragment(name: str, **context) -> str:
 @lru_cache(maxsize=8192)
 def header_pool(label: sel.PoolLabel) -> str:
     return render_fragment("hdr_pool.html", p=label)
+
+
+@lru_cache(maxsize=256)
+def header_pools_summary(summary: PoolsSummary) -> str:
+    return render_fragment("hdr_pools_summary.html", s=summary)
 
 
 @lru_cache(maxsize=8192)

@@ -71,8 +71,14 @@ def vm_list(request: HttpRequest) -> HttpResponse:
         query_string["sort"] = f"-{key}" if state == "ascending" else key
         columns.append({"key": key, "label": label, "sorted": state, "href": "?" + query_string.urlencode()})
 
-    hosts = list(query.hosts.order_by("pool__name", "name_label"))
-    several_pools = len({h.pool_id for h in hosts}) > 1
+    pools = list(query.pools.order_by("name").only("pk", "name", "name_label"))
+    # The host filter lists the hosts of the pool filtered on (every pool's, grouped by pool, without one).
+    hosts = query.hosts.order_by("pool__name", "name_label").only("pk", "name_label", "pool__name")
+    if "pool" in values:
+        hosts = hosts.filter(pool_id=values["pool"])
+    host_groups: dict[str, list[tuple[str, str]]] = {}
+    for h in hosts:
+        host_groups.setdefault(h.pool.name, []).append((str(h.pk), h.name_label or str(h.pk)))
     context = dict(
         title="Virtual machines",
         current="vms",
@@ -89,11 +95,18 @@ def vm_list(request: HttpRequest) -> HttpResponse:
         ignored=ignored,
         power_choices=PowerState.choices,
         status_choices=SummaryGroup.choices,
-        host_choices=[
-            (str(h.pk), f"{h.pool.name} / {h.name_label}" if several_pools else h.name_label) for h in hosts
-        ],
+        pool_choices=[(str(p.pk), ui_pool_label(p.name, p.name_label)) for p in pools],
+        several_pools=len(pools) > 1,
+        # [(pool name, [(host id, host name)])]: one group per pool (an <optgroup> when there are several).
+        host_groups=list(host_groups.items()),
     )
     return render(request, "console/vm_list.html", context)
+
+
+def ui_pool_label(name: str, xapi_name: str) -> str:
+    """A pool's name in plain text (a select's option): the given name, XAPI's beside it when it differs."""
+    shown = sel.xapi_name_shown(name, xapi_name)
+    return f"{name} (XAPI: {shown})" if shown else name
 
 
 @console_page

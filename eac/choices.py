@@ -16,3 +16,5 @@ class AuditAction(models.TextChoices):
     VM_START = "vm_start", "Start requested"
     VM_SHUTDOWN = "vm_shutdown", "Shut down requested"
     VM_POWER_REFUSED = "vm_power_refused", "Power action refused"
+    POOL_REMOVE = "pool_remove", "Pool removal requested"
+    POOL_REMOVED = "pool_removed", "Pool removed"

@@ -268,6 +268,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "alerts.tasks.delivery_sweep",
         "schedule": env.float("EAC_MAIL_SWEEP_INTERVAL", default=30.0),
     },
+    # Pool removals whose task was lost (broker down) or failed: queued again.
+    "inventory-pool-remove-sweep": {
+        "task": "inventory.tasks.pool_remove_sweep",
+        "schedule": env.float("EAC_POOL_REMOVE_SWEEP_INTERVAL", default=60.0),
+    },
 }
 
 # The watcher: how long one event.from call blocks, and the reconnect backoff.

@@ -1,16 +1,21 @@
-"""The Django admin of the inventory: pools are added and edited here (connection tested first);
-mirrored objects are read-only, since the watcher is their only writer."""
-from django.contrib import admin
+"""The Django admin of the inventory: pools are added, edited and removed here (connection tested first; a
+removal is done by a worker, in bulk); mirrored objects are read-only, since the watcher is their only writer."""
+from django.contrib import admin, messages
+from django.http import HttpResponseRedirect
+from django.urls import reverse
+
+from eac.errors import client_ip
 
 from .forms import PoolForm
 from .models import PBD, PIF, SR, VBD, VDI, VIF, VM, Host, Network, Pool
-from .services import pool_delete
+from .services import pool_remove_request
 
 
 @admin.register(Pool)
 class PoolAdmin(admin.ModelAdmin):
     form = PoolForm
-    list_display = ["name", "name_label", "url", "master_url", "connection_state", "last_event_at", "last_sync_at"]
+    list_display = ["name", "name_label", "url", "master_url", "connection_state", "last_event_at", "last_sync_at",
+                    "removing_since"]
     list_filter = ["connection_state"]
     search_fields = ["name", "name_label", "uuid", "url"]
     readonly_fields = [
@@ -40,8 +45,35 @@ class PoolAdmin(admin.ModelAdmin):
     def save_related(self, request, form, formsets, change):
         pass  # a pool has no many-to-many or inlines
 
+    def has_change_permission(self, request, obj=None):
+        # A pool being removed refuses changes (the service says so too): the admin shows it read-only.
+        if obj is not None and obj.removing_since is not None:
+            return False
+        return super().has_change_permission(request, obj)
+
+    def get_deleted_objects(self, objs, request):
+        # Django's confirmation page lists every object the Collector would reach (every VM, disk and NIC) and asks
+        # for the right to delete each kind; the removal is done in bulk by a worker instead: count them.
+        pools = list(objs)
+        counts = {}
+        for model in (Host, VM, SR, Network, VDI, VBD, VIF, PBD, PIF):
+            n = model.objects.filter(pool__in=pools).count()
+            if n:
+                counts[str(model._meta.verbose_name_plural)] = n
+        listed = [f"{pool} (removed in the background by a worker, with everything mirrored from it)" for pool in pools]
+        return listed, {"pools": len(pools), **counts}, set(), []
+
     def delete_model(self, request, obj):
-        pool_delete(pool=obj)
+        pool_remove_request(pool=obj, requested_by=request.user, via="ui", remote_addr=client_ip(request))
+
+    def delete_queryset(self, request, queryset):
+        for pool in queryset:
+            self.delete_model(request, pool)
+
+    def response_delete(self, request, obj_display, obj_id):
+        self.message_user(request, f"The pool “{obj_display}” is being removed: a worker deletes it, and everything "
+                                   "mirrored from it, in a moment.", messages.SUCCESS)
+        return HttpResponseRedirect(reverse("admin:inventory_pool_changelist"))
 
 
 class MirroredAdmin(admin.ModelAdmin):

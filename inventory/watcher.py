@@ -4,10 +4,11 @@ A ``PoolWatcher`` connects (following the master), does a full sync, then
 loops on ``event.from`` applying each batch; on any loss it reconnects with
 backoff and resyncs.  A ``Supervisor`` rereads the Pool table every few
 seconds: it starts a watcher for a new pool, stops the one of a deleted pool,
-and restarts one whose connection settings changed.  It watches a pool only while
-it holds the pool's lock (``watch_lock``), so that a second ``watch_pools``
-process waits instead of writing the same rows.  ``manage.py watch_pools`` runs a
-Supervisor.
+and restarts one whose connection settings changed.  Several ``watch_pools``
+processes share the pools (``watch_lock``: each takes its share, and a dead
+one's pools are taken over); a process watches a pool only while it holds the
+pool's lock, so that no two of them ever write the same rows.  ``manage.py
+watch_pools`` runs a Supervisor.
 """
 from __future__ import annotations
 
@@ -23,10 +24,10 @@ from django.db import DatabaseError, close_old_connections, connection
 
 from .choices import ConnectionState
 from .models import Pool
-from .services import pool_connection_state_set
+from .services import pool_connection_state_set, pool_watcher_set
 from .signals import batch_committed
 from .sync import EVENT_CLASSES, RECORD_FIELDS, PoolMirror, SyncResult, fetch_records
-from .watch_lock import PoolLocks
+from .watch_lock import PREFIX, PoolLocks, Survey, shares
 from .xapi import XapiAuthError, XapiClient, XapiError, XapiUnreachable, pool_client, safe_url
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 FIRST_RETRY_DELAY = 0.5
 # Consecutive failed attempts after which a pool shows as unreachable rather than reconnecting.
 UNREACHABLE_AFTER = 5
+# How long a reconcile waits for the watcher threads it stopped to end before it lets go of their pools' locks.
+JOIN_TIMEOUT = 5.0
 # Failures of event.from after which the watcher logs in again and does a full sync at once (no backoff).
 RECONNECT_CODES = {"SESSION_INVALID", "EVENTS_LOST", "EVENT_FROM_TOKEN_PARSE_FAILURE", "TOO_MANY_PENDING_EVENTS",
                    "POOL_RESTARTED"}
@@ -328,80 +331,194 @@ def fingerprint(pool: Pool) -> tuple:
 
 
 class Supervisor:
-    """One PoolWatcher per pool, following the Pool table, for the pools whose lock it holds."""
+    """One PoolWatcher per pool this process watches, following the Pool table and the other watcher processes.
+
+    At every reconcile: read the pools and ``survey`` the live watcher processes and the locks; work out the
+    pools this process should watch (``shares``, or every pool nobody else holds for a ``--pool`` process, or
+    every pool on SQLite); stop the watchers of the others and let go of a pool's lock only once its watcher
+    thread has ended (two writers of one pool never overlap); take the lock of each pool newly assigned here and
+    start its watcher. A pool taken is recorded in ``Pool.watcher``; a pool let go of is cleared there if it
+    still names this process.
+    """
 
     def __init__(self, *, names: Iterable[str] = (), poll_interval: float = 3.0, event_timeout: float | None = None,
-                 max_delay: float | None = None) -> None:
+                 max_delay: float | None = None, join_timeout: float = JOIN_TIMEOUT) -> None:
         self.names = list(names)
         self.poll_interval = poll_interval
         self.event_timeout = event_timeout
         self.max_delay = max_delay
+        self.join_timeout = join_timeout
         self.watchers: dict[int, PoolWatcher] = {}
+        # Watchers asked to stop that have not ended yet: their pools' locks are kept until they have.
+        self.stopping: dict[int, PoolWatcher] = {}
+        self._fresh: set[int] = set()  # stopped by this reconcile: waited for, up to join_timeout
         self.stop_event = threading.Event()
-        self.locks = PoolLocks()
-        self.waiting: set[int] = set()  # pools another process watches: logged once, tried at every reconcile
+        # A --pool process takes its pools whenever they are free and shares nothing (see watch_lock).
+        self.locks = PoolLocks(shares=not self.names)
+        # Pools locked (PostgreSQL) and recorded in Pool.watcher by this process, with their names for the log.
+        self.taken: dict[int, str] = {}
+        self.elsewhere: dict[int, str] = {}  # pools another process holds, by holder: logged once per holder
+        self.members: frozenset[str] = frozenset()  # the sharing processes last seen, logged when they change
+
+    @property
+    def ident(self) -> str:
+        return self.locks.ident
 
     def _pools(self) -> list[Pool]:
         qs = Pool.objects.filter(removing_since__isnull=True)  # a pool being removed is watched no more
         return list(qs.filter(name__in=self.names) if self.names else qs)
 
     def reconcile(self) -> None:
-        if not self.locks.still_held():
-            # The session holding the locks was cut (the database restarted): another process may own the
-            # pools now. Stop writing them; they are taken again below, once the database answers.
-            log.warning("watcher: lost the database session holding the pools' locks; stopping the watchers")
-            for watcher in self.watchers.values():
-                watcher.stop()
-            self.watchers.clear()
         try:
             close_old_connections()
             pools = {pool.pk: pool for pool in self._pools()}
+            survey = self.locks.survey()
         except DatabaseError as exc:
-            log.warning("watcher: cannot read the pools (%s); retrying", exc.__class__.__name__)
+            log.warning("watcher: cannot read the pools and their watchers (%s); retrying", exc.__class__.__name__)
             connection.close()
+            self._drop_unlocked()
+            self._reap(wanted=set(self.taken))  # nothing to judge the shares by: let go of nothing more
             return
+        self._drop_unlocked()
+        assigned = self._assign(pools, survey)
         for pk, watcher in list(self.watchers.items()):
             pool = pools.get(pk)
-            reason = None
             if pool is None:
-                reason = "deleted"
+                reason = "deleted or being removed"
             elif fingerprint(pool) != watcher.fingerprint:
                 reason = "connection settings changed"
             elif not watcher.is_alive():
                 reason = "watcher ended"
-            if reason:
-                log.info("pool %s: %s, stopping its watcher", watcher.pool_name, reason)
-                watcher.stop()
-                del self.watchers[pk]
-                if pool is None:
-                    self.locks.release(pk)
+            elif assigned.get(pk) != self.ident:
+                reason = f"assigned to {PREFIX}{assigned.get(pk)} ({self._sharing(survey, pools)})"
+            else:
+                continue
+            log.info("pool %s: %s, stopping its watcher", watcher.pool_name, reason)
+            self._stop(pk)
+        self._reap(wanted={pk for pk, ident in assigned.items() if ident == self.ident})
         for pk, pool in pools.items():
-            if pk not in self.watchers:
-                if not self._lock(pool):
-                    continue
+            mine = assigned.get(pk) == self.ident
+            holder = survey.holder(pk) if survey is not None else None
+            if not mine or holder not in (None, self.ident):
+                self._elsewhere(pool, holder, handing_over=mine)
+            elif pk not in self.watchers and pk not in self.stopping and self._take(pool, survey):
                 log.info("pool %s: watching %s", pool.name, safe_url(pool.master_url or pool.url))
                 watcher = PoolWatcher(pool, event_timeout=self.event_timeout, max_delay=self.max_delay)
                 self.watchers[pk] = watcher
                 watcher.start()
 
-    def _lock(self, pool: Pool) -> bool:
-        """Take the pool's lock; False while another process holds it (logged once per wait)."""
+    def _assign(self, pools: dict[int, Pool], survey: Survey | None) -> dict[int, str]:
+        """{pool id: ident of the process that should watch it}, for the pools this process considers."""
+        if survey is None:  # SQLite: one process, every pool
+            return dict.fromkeys(pools, self.ident)
+        holders = {pk: holder for pk in pools if (holder := survey.holder(pk)) is not None}
+        if self.names:  # --pool: every one of its pools that nobody else holds
+            return {pk: holders.get(pk, self.ident) for pk in pools}
+        if survey.members != self.members:
+            self.members = survey.members
+            log.info("watcher: %d watcher process(es) share the pools: %s", len(survey.members),
+                     ", ".join(PREFIX + m for m in sorted(survey.members)))
+        return {**holders, **shares(pools, survey.members, holders)}
+
+    def _sharing(self, survey: Survey | None, pools: dict[int, Pool]) -> str:
+        members = len(survey.members) if survey is not None else 1
+        return f"{members} watcher process(es) share {len(pools)} pool(s)"
+
+    def _elsewhere(self, pool: Pool, holder: str | None, *, handing_over: bool) -> None:
+        """A pool another process holds (or is assigned): say who holds it, once per holder."""
+        if holder is None or holder == self.ident:
+            self.elsewhere.pop(pool.pk, None)
+            return
+        seen = f"{holder} handing over" if handing_over else holder
+        if self.elsewhere.get(pool.pk) == seen:
+            return
+        self.elsewhere[pool.pk] = seen
+        name = holder if holder.startswith("backend ") else PREFIX + holder
+        if handing_over:  # a newcomer's share: the holder lets go of it once its watcher thread has ended
+            log.info("pool %s: assigned to this process; waiting for %s to let go of it", pool.name, name)
+        else:
+            log.info("pool %s: another watcher holds it (%s)", pool.name, name)
+
+    def _take(self, pool: Pool, survey: Survey | None) -> bool:
+        """Lock the pool and record this process as its watcher; False if it cannot be had now."""
+        if pool.pk in self.taken:
+            return True  # a watcher restarted: the pool is still this process's
         try:
             taken = self.locks.acquire(pool.pk)
         except DatabaseError as exc:
             log.warning("pool %s: cannot take its lock (%s); retrying", pool.name, exc.__class__.__name__)
             return False
-        if not taken and pool.pk not in self.waiting:
-            self.waiting.add(pool.pk)
-            log.info("pool %s: another watcher holds it (%s); waiting", pool.name, self.locks.holder(pool.pk))
-        elif taken and pool.pk in self.waiting:
-            self.waiting.discard(pool.pk)
+        if not taken:  # another process was quicker, between the survey and now
+            log.info("pool %s: another watcher took it first; retrying at the next reconcile", pool.name)
+            return False
+        previous = pool.watcher
+        if previous and previous != self.ident:
+            alive = survey is not None and survey.alive(previous)
+            why = f"handed over by {PREFIX}{previous}" if alive else f"its watcher {PREFIX}{previous} died"
+            log.info("pool %s: %s; taking over", pool.name, why)
+        elif self.elsewhere.pop(pool.pk, None):
             log.info("pool %s: the other watcher let go of it; taking over", pool.name)
-        return taken
+        try:
+            pool_watcher_set(pool_id=pool.pk, watcher=self.ident)
+        except DatabaseError as exc:
+            log.warning("pool %s: cannot record its watcher (%s); retrying", pool.name, exc.__class__.__name__)
+            self.locks.release(pool.pk)
+            return False
+        self.taken[pool.pk] = pool.name
+        return True
+
+    def _stop(self, pk: int) -> None:
+        watcher = self.watchers.pop(pk)
+        watcher.stop()
+        self.stopping[pk] = watcher
+        self._fresh.add(pk)
+
+    def _drop_unlocked(self) -> None:
+        """Stop the watchers whose lock went with a cut session: another process may own their pools now."""
+        if not self.locks.needed:
+            return
+        lost = [pk for pk in self.watchers if pk not in self.locks.held]
+        if lost:
+            log.warning("watcher: lost the database session holding the pools' locks; stopping %d watcher(s)",
+                        len(lost))
+            for pk in lost:
+                self._stop(pk)
+        self.taken = {pk: name for pk, name in self.taken.items() if pk in self.locks.held}
+
+    def _reap(self, *, wanted: set[int]) -> None:
+        """Wait (up to join_timeout) for the watchers stopped by this reconcile; let go of the pools whose watcher
+        has ended and that this process no longer wants. A watcher still running keeps its pool's lock."""
+        deadline = time.monotonic() + self.join_timeout
+        for pk, watcher in list(self.stopping.items()):
+            watcher.join(max(0.0, deadline - time.monotonic()) if pk in self._fresh else 0)
+            if watcher.is_alive():
+                if pk in self._fresh:
+                    log.warning("pool %s: its watcher has not ended after %.1f s; keeping the pool's lock until it "
+                                "has", watcher.pool_name, self.join_timeout)
+                continue
+            del self.stopping[pk]
+            if pk not in wanted:
+                self._let_go(pk)
+        self._fresh.clear()
+        for pk in self.taken.keys() - wanted - self.watchers.keys() - self.stopping.keys():
+            self._let_go(pk)
+
+    def _let_go(self, pk: int) -> None:
+        # Unlocked first, then cleared only if it still names this process: whoever takes the pool meanwhile
+        # records itself, and that is never undone here.
+        name = self.taken.pop(pk, None)
+        self.locks.release(pk)
+        if name is None:
+            return
+        try:
+            pool_watcher_set(pool_id=pk, watcher="", only_if=self.ident)
+        except DatabaseError as exc:
+            log.warning("pool %s: cannot clear its watcher (%s)", name, exc.__class__.__name__)
+        log.info("pool %s: let go of it", name)
 
     def run(self) -> None:
         """Until ``stop()``: reconcile every ``poll_interval`` seconds."""
-        log.info("watcher: started%s", f" for {', '.join(self.names)}" if self.names else "")
+        log.info("watcher: started as %s%s", self.locks.name, f" for {', '.join(self.names)}" if self.names else "")
         try:
             while not self.stop_event.is_set():
                 self.reconcile()
@@ -413,12 +530,16 @@ class Supervisor:
         self.stop_event.set()
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        for watcher in self.watchers.values():
+        watchers = [*self.watchers.values(), *self.stopping.values()]
+        for watcher in watchers:
             watcher.stop()
         deadline = time.monotonic() + timeout
-        for watcher in self.watchers.values():
+        for watcher in watchers:
             watcher.join(max(0.0, deadline - time.monotonic()))
         self.watchers.clear()
+        self.stopping.clear()
+        for pk in list(self.taken):
+            self._let_go(pk)
         self.locks.close()
         connection.close()
         log.info("watcher: stopped")

@@ -241,7 +241,7 @@ def pool_failover_plan(pool: Pool, *, failures_to_tolerate: int | None = None) -
     report = plan.report(configured)
     return {
         "pool": pool.pk,
-        "pool_name": pool.name_label or pool.name,
+        "pool_name": pool.name,
         "ha_enabled": pool.ha_enabled,
         "configured_failures_to_tolerate": configured,
         "max_failures_to_tolerate": report.max_tolerable,
@@ -366,7 +366,7 @@ def vm_protection_components(vm: VM) -> list[Component]:
                   f"to tolerate" + ("; overcommitted" if pool.ha_overcommitted else ""))
     else:
         detail = "high availability is off on the pool"
-    out.append(Component(kind="Failover plan", name=pool.name_label or pool.name,
+    out.append(Component(kind="Failover plan", name=pool.name,
                          health=Health.GOOD if plan_ok else Health.DEGRADED, detail=detail))
     return out
 

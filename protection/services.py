@@ -115,6 +115,8 @@ def protection_start(
     with transaction.atomic():
         vm = VM.objects.select_for_update().select_related("pool").get(pk=vm.pk)
         pool = vm.pool
+        if pool.removing_since is not None:
+            raise Conflict(f"Pool {pool.name} is being removed: its VMs can no longer be protected.")
         if WorkflowRun.objects.filter(vm=vm, state__in=ACTIVE_RUN_STATES).exists():
             raise Conflict("A workflow is already running for this VM: wait for it to finish.")
         existing = Protection.objects.filter(vm=vm).first()
@@ -182,6 +184,8 @@ def pool_failures_to_tolerate_set(
     """Ask the pool to tolerate ``failures_to_tolerate`` host failures; refused with the reason when the
     plan cannot meet it (our planner says why; XAPI would only say HA_OPERATION_WOULD_BREAK_FAILOVER_PLAN)."""
     _require_administrator(requested_by)
+    if pool.removing_since is not None:
+        raise Conflict(f"Pool {pool.name} is being removed: its failover plan can no longer be changed.")
     try:
         n = int(failures_to_tolerate)
     except (TypeError, ValueError):

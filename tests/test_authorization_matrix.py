@@ -143,7 +143,7 @@ ROUTES: dict[str, Route] = {
     "api/docs/": on(GET=(INVENTORY_READ, 200)),  # an HTML page: GET only
     "api/v1/pools/": on(**READ_API, POST=(ADMIN_WRITE, 400)),
     "api/v1/pools/<pk>/": on(**READ_API, PUT=(ADMIN_WRITE, 400), PATCH=(ADMIN_WRITE, 200),
-                             DELETE=(ADMIN_WRITE, 204), pk="{pool.pk}"),
+                             DELETE=(ADMIN_WRITE, 202), pk="{pool.pk}"),
     "api/v1/hosts/": on(**READ_API),
     "api/v1/hosts/<pk>/": on(**READ_API, pk="{host.pk}"),
     "api/v1/vms/": on(**READ_API),

@@ -1,7 +1,8 @@
 """REST representations of the inventory. Writes go through inventory.services (pools only).
 
 XAPI objects show their ``name_label`` as ``name``; a pool's ``name`` is the one
-the console was given, its XAPI name is ``name_label``.
+the console was given (its name everywhere in the console), its XAPI name is
+``xapi_name_label`` (and, as before, ``name_label``).
 """
 
 from rest_framework import serializers
@@ -52,6 +53,10 @@ class PoolSerializer(serializers.ModelSerializer):
     )
     # A URLField would be documented as a URI, which the empty value (no master found yet) is not.
     master_url = serializers.CharField(read_only=True, help_text="Where the master was last found (empty until then)")
+    xapi_name_label = serializers.CharField(
+        source="name_label", read_only=True,
+        help_text="The pool's own name in XAPI (Pool.name_label); the console calls the pool by name",
+    )
 
     class Meta:
         model = Pool
@@ -64,12 +69,14 @@ class PoolSerializer(serializers.ModelSerializer):
             "verify_tls",
             "uuid",
             "name_label",
+            "xapi_name_label",
             "master_url",
             "connection_state",
             "last_error",
             "last_event_at",
             "last_sync_at",
             "created_at",
+            "removing_since",
             "ha_enabled",
             "ha_host_failures_to_tolerate",
             "ha_plan_exists_for",
@@ -87,12 +94,15 @@ class PoolSerializer(serializers.ModelSerializer):
             "last_event_at",
             "last_sync_at",
             "created_at",
+            "removing_since",
             "ha_enabled",
             "ha_host_failures_to_tolerate",
             "ha_plan_exists_for",
             "ha_overcommitted",
             "ha_allow_overcommit",
         ]
+        extra_kwargs = {"removing_since": {"help_text": "Set while the pool is being removed (null otherwise): "
+                                                        "it is listed until a worker has deleted it"}}
 
     def create(self, validated_data: dict) -> Pool:
         # The service tests the connection first and raises ValidationError (→ 400) when it fails.

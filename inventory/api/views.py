@@ -9,6 +9,7 @@ from django.db.models.functions import Coalesce
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import status, viewsets
 from rest_framework.decorators import action
+from rest_framework.exceptions import NotFound
 from rest_framework.response import Response
 
 from eac.errors import client_ip
@@ -54,17 +55,27 @@ class _DetailViewSetMixin:
 
 
 _WRITE_ERRORS = {400: None, 403: None}
+_BEING_REMOVED = {409: OpenApiResponse(description="The pool is being removed: it can no longer be changed")}
 
 
 @extend_schema_view(
     create=extend_schema(responses={201: serializers.PoolSerializer, **_WRITE_ERRORS}),
-    update=extend_schema(responses={200: serializers.PoolUpdateSerializer, 404: None, **_WRITE_ERRORS}),
-    partial_update=extend_schema(responses={200: serializers.PoolUpdateSerializer, 404: None, **_WRITE_ERRORS}),
-    destroy=extend_schema(responses={204: None, 403: None, 404: None}),
+    update=extend_schema(responses={200: serializers.PoolUpdateSerializer, 404: None, **_WRITE_ERRORS,
+                                    **_BEING_REMOVED}),
+    partial_update=extend_schema(responses={200: serializers.PoolUpdateSerializer, 404: None, **_WRITE_ERRORS,
+                                            **_BEING_REMOVED}),
+    destroy=extend_schema(
+        responses={202: OpenApiResponse(serializers.PoolSerializer, description="The pool, marked as being removed"),
+                   403: None, 404: None,
+                   409: OpenApiResponse(description="Rows that protect the pool from deletion still refer to it")},
+        description="Remove the pool and everything mirrored from it (Administrators). Accepted (202): the pool is "
+                    "marked as being removed (`removing_since`), its watcher stops and a worker deletes it in bulk; "
+                    "it is listed until then, and refuses changes (409). Asking again is harmless (202).",
+    ),
 )
 class PoolViewSet(viewsets.ModelViewSet):
     """Pools the console watches. Adding one, or changing how to reach it, tests the connection first (400 if
-    it fails); the password is write-only."""
+    it fails); the password is write-only. Removing one is done by a worker (202)."""
 
     queryset = Pool.objects.annotate(
         host_count=_count(Host),
@@ -88,8 +99,13 @@ class PoolViewSet(viewsets.ModelViewSet):
         serializer.save()
         self._reload(serializer)
 
-    def perform_destroy(self, instance: Pool) -> None:
-        services.pool_delete(pool=instance)
+    def destroy(self, request, *args, **kwargs):
+        pool = services.pool_remove_request(pool=self.get_object(), requested_by=request.user, via="api",
+                                            remote_addr=client_ip(request))
+        shown = self.get_queryset().filter(pk=pool.pk).first()
+        if shown is None:  # removed already, between the two reads
+            raise NotFound()
+        return Response(self.get_serializer(shown).data, status=status.HTTP_202_ACCEPTED)
 
     def _reload(self, serializer: serializers.PoolSerializer) -> None:
         # The service returns a plain Pool; the response shows the counts too.

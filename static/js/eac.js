@@ -9,6 +9,7 @@
   'use strict'
 
   var OPEN_COOKIE = 'eac_tree'
+  var OPEN_STORE = 'eac.tree.open' // localStorage: every open node (the cookie holds the ones the server needs)
   var MAX_OPEN_KEYS = 80
   var socket = null // the ws extension's socket interface once open
   var opens = 0 // a second open is a reconnect: the page resyncs
@@ -64,10 +65,56 @@
     }).filter(Boolean)
   }
 
+  function isShown (item) {
+    for (var up = parentItem(item); up; up = parentItem(up)) {
+      if (up.getAttribute('aria-expanded') !== 'true') return false
+    }
+    return true
+  }
+
+  // Which nodes are open is kept in the browser twice: every open node in localStorage, and in the cookie the
+  // server reads to render open nodes with their children, a bounded list (a cookie holds 4 kB): the pools
+  // first, then the open nodes the user sees, then the others (open inside a folded pool).
   function saveOpen () {
-    var keys = openKeys().slice(0, MAX_OPEN_KEYS)
-    document.cookie = OPEN_COOKIE + '=' + keys.join('.') + '; path=/; max-age=31536000; SameSite=Lax'
+    var keys = openKeys()
+    try { localStorage.setItem(OPEN_STORE, JSON.stringify(keys)) } catch (e) {}
+    var root = tree()
+    var rank = function (key) {
+      if (key.indexOf('pool-') === 0) return 0
+      var item = root && byId('ti-' + key)
+      return item && isShown(item) ? 1 : 2
+    }
+    var ranked = keys.map(function (key, i) { return [rank(key), i, key] })
+    ranked.sort(function (a, b) { return a[0] - b[0] || a[1] - b[1] })
+    var bounded = ranked.slice(0, MAX_OPEN_KEYS).map(function (r) { return r[2] })
+    document.cookie = OPEN_COOKIE + '=' + bounded.join('.') + '; path=/; max-age=31536000; SameSite=Lax'
     sendState()
+  }
+
+  // The page was rendered from the cookie, which may have left out nodes (too many): open and fold the nodes as
+  // localStorage has them, and load the children of those that are open and now in view.
+  function restoreOpen () {
+    var root = tree()
+    var stored = null
+    try { stored = JSON.parse(localStorage.getItem(OPEN_STORE) || 'null') } catch (e) {}
+    if (!root || !Array.isArray(stored)) return
+    var open = new Set(stored)
+    var changed = false
+    root.querySelectorAll('[role=treeitem][aria-expanded][data-key]').forEach(function (item) {
+      var want = open.has(item.dataset.key) ? 'true' : 'false'
+      if (item.getAttribute('aria-expanded') !== want) { item.setAttribute('aria-expanded', want); changed = true }
+    })
+    loadShownChildren(root)
+    if (changed) saveOpen()
+  }
+
+  // Open nodes below ``top`` whose children were not loaded with the page (they were out of view): load those the
+  // user now sees.
+  function loadShownChildren (top) {
+    if (!top) return
+    top.querySelectorAll('[role=treeitem][aria-expanded=true]').forEach(function (item) {
+      if (isShown(item)) loadChildren(item)
+    })
   }
 
   function groupOf (item) {
@@ -96,6 +143,18 @@
     if (!item.hasAttribute('aria-expanded')) return
     item.setAttribute('aria-expanded', 'true')
     loadChildren(item)
+    loadShownChildren(item)
+    saveOpen()
+  }
+
+  // The tree's "Expand all" / "Collapse all": every pool at once.
+  function foldPools (open) {
+    var root = tree()
+    if (!root) return
+    root.querySelectorAll(':scope > .ti-pool[aria-expanded]').forEach(function (item) {
+      item.setAttribute('aria-expanded', open ? 'true' : 'false')
+    })
+    if (open) loadShownChildren(root)
     saveOpen()
   }
 
@@ -389,6 +448,7 @@
     htmx.ajax('GET', location.pathname + location.search, {
       target: '#main', select: '#main', swap: 'outerHTML', selectOOB: '#tree,#hdr-pools,#alerts-counter'
     }).then(function () {
+      restoreOpen()
       markCurrent()
       if (focusedId && byId(focusedId)) setCurrent(byId(focusedId), true)
     }).finally(function () {
@@ -496,10 +556,12 @@
       sendState()
     }
   })
-  // Filters left at "Any" stay out of the URL.
+  // Filters left at "Any" stay out of the URL; another pool drops the host chosen in the previous one.
   document.addEventListener('htmx:configRequest', function (event) {
     if (!event.detail.elt.matches || !event.detail.elt.matches('form.filters')) return
     var params = event.detail.parameters
+    var trigger = event.detail.triggeringEvent
+    if (trigger && trigger.target && trigger.target.id === 'f-pool') delete params.host
     Object.keys(params).forEach(function (name) {
       if (params[name] === '') delete params[name]
     })
@@ -519,14 +581,30 @@
     if (link) link.click()
   })
 
+  // The header's menu of pools (many pools): closed by a click elsewhere or Escape, as menus are.
+  function closeMenus (except) {
+    document.querySelectorAll('details.hdr-menu[open]').forEach(function (menu) {
+      if (menu !== except) menu.removeAttribute('open')
+    })
+  }
+
   function onReady () {
     // The tree element is replaced by a resync: listen on the document and filter.
     document.addEventListener('keydown', function (event) {
       if (tree() && tree().contains(event.target)) onTreeKey(event)
+      if (event.key === 'Escape' && document.querySelector('details.hdr-menu[open]')) {
+        var menu = document.querySelector('details.hdr-menu[open]')
+        closeMenus(null)
+        menu.querySelector('summary').focus()
+      }
     })
     document.addEventListener('click', function (event) {
       if (tree() && tree().contains(event.target)) onTreeClick(event)
+      var fold = event.target.closest && event.target.closest('[data-fold]')
+      if (fold) foldPools(fold.dataset.fold === 'expand')
+      closeMenus(event.target.closest && event.target.closest('details.hdr-menu'))
     })
+    restoreOpen()
     markCurrent()
     updateSelection()
   }

@@ -139,3 +139,86 @@ def make_nic(vm: VM, network: Network, *, device: str = "0", **fields) -> VIF:
     values = {"mac": _mac(n), "currently_attached": vm.power_state == PowerState.RUNNING, **_ids()}
     values.update(fields)
     return VIF.objects.create(pool=vm.pool, vm=vm, network=network, device=device, **values)
+
+
+# -- a big pool, in bulk -------------------------------------------------------------------------------------
+
+
+def big_pool_records(*, hosts: int, vms: int, disks: int = 2, nics: int = 2) -> dict[str, dict[str, dict]]:
+    """What ``get_all_records`` of every class would answer for a pool of ``hosts`` hosts (each with its dom0, a
+    local SR and a PIF) and ``vms`` running VMs with ``disks`` disks on the shared SR and ``nics`` NICs each:
+    {event class: {ref: record}}, as ``inventory.sync.fetch_records`` gives them to ``PoolMirror.full_sync``."""
+    def ref(kind: str, n: int) -> str:
+        return f"OpaqueRef:{kind}-{n}"
+
+    def uuid(kind: str, n: int) -> str:
+        return str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"{kind}-{n}"))
+
+    records: dict[str, dict[str, dict]] = {cls: {} for cls in
+                                           ("pool", "host", "host_metrics", "sr", "pbd", "network", "pif",
+                                            "pif_metrics", "vm", "vdi", "vbd", "vif")}
+    records["pool"][ref("pool", 0)] = {"uuid": str(uuidlib.uuid4()), "name_label": "Big pool", "master": ref("host", 0),
+                                       "ha_enabled": False, "ha_host_failures_to_tolerate": "0",
+                                       "ha_plan_exists_for": "0", "ha_overcommitted": False,
+                                       "ha_allow_overcommit": False, "ha_configuration": {}}
+    records["sr"][ref("sr", 0)] = {"uuid": uuid("sr", 0), "name_label": "shared", "type": "lvmoiscsi",
+                                   "content_type": "user", "shared": True, "physical_size": str(64 * 1024 * GiB),
+                                   "physical_utilisation": "0"}
+    for net in range(2):
+        records["network"][ref("network", net)] = {"uuid": uuid("network", net), "name_label": f"network {net}",
+                                                   "bridge": f"xenbr{net}", "MTU": "1500"}
+    for h in range(hosts):
+        records["host"][ref("host", h)] = {"uuid": uuid("host", h), "name_label": f"host-{h:04}",
+                                           "address": f"10.{h // 250}.{h % 250}.1", "hostname": f"host-{h:04}",
+                                           "enabled": True, "cpu_info": {"cpu_count": "32"},
+                                           "metrics": ref("host_metrics", h)}
+        records["host_metrics"][ref("host_metrics", h)] = {"uuid": uuid("host_metrics", h), "live": True,
+                                                           "memory_total": str(512 * GiB),
+                                                           "memory_free": str(256 * GiB), "last_updated": ""}
+        records["sr"][ref("sr", h + 1)] = {"uuid": uuid("sr", h + 1), "name_label": f"local host-{h:04}",
+                                           "type": "ext", "content_type": "user", "shared": False,
+                                           "physical_size": str(2048 * GiB), "physical_utilisation": "0"}
+        for k, sr in enumerate((0, h + 1)):
+            records["pbd"][ref("pbd", 2 * h + k)] = {"uuid": uuid("pbd", 2 * h + k), "host": ref("host", h),
+                                                     "SR": ref("sr", sr), "currently_attached": True}
+        records["pif"][ref("pif", h)] = {"uuid": uuid("pif", h), "host": ref("host", h),
+                                         "network": ref("network", 0), "device": "eth0", "MAC": _mac(h),
+                                         "IP": f"10.{h // 250}.{h % 250}.1", "management": True,
+                                         "currently_attached": True, "metrics": ref("pif_metrics", h)}
+        records["pif_metrics"][ref("pif_metrics", h)] = {"uuid": uuid("pif_metrics", h), "carrier": True}
+        records["vm"][ref("dom0", h)] = {"uuid": uuid("dom0", h), "name_label": f"Control domain on host-{h:04}",
+                                         "power_state": "Running", "resident_on": ref("host", h),
+                                         "is_control_domain": True, "memory_static_max": str(4 * GiB)}
+    for v in range(vms):
+        records["vm"][ref("vm", v)] = {
+            "uuid": uuid("vm", v), "name_label": f"vm-{v:05}", "power_state": "Running",
+            "resident_on": ref("host", v % hosts), "affinity": ref("host", v % hosts),
+            "memory_static_max": str(4 * GiB), "memory_dynamic_max": str(4 * GiB), "VCPUs_max": "2",
+            "ha_restart_priority": "", "order": "0", "start_delay": "0", "current_operations": {},
+        }
+        for d in range(disks):
+            n = v * disks + d
+            records["vdi"][ref("vdi", n)] = {"uuid": uuid("vdi", n), "name_label": f"vm-{v:05} disk {d}",
+                                             "SR": ref("sr", 0), "virtual_size": str(20 * GiB),
+                                             "physical_utilisation": str(GiB), "type": "user"}
+            records["vbd"][ref("vbd", n)] = {"uuid": uuid("vbd", n), "VM": ref("vm", v), "VDI": ref("vdi", n),
+                                             "device": f"xvd{chr(ord('a') + d)}", "userdevice": str(d),
+                                             "type": "Disk", "mode": "RW", "bootable": d == 0,
+                                             "currently_attached": True}
+        for i in range(nics):
+            n = v * nics + i
+            records["vif"][ref("vif", n)] = {"uuid": uuid("vif", n), "VM": ref("vm", v),
+                                             "network": ref("network", i % 2), "device": str(i),
+                                             "MAC": _mac(1_000_000 + n), "currently_attached": True}
+    return records
+
+
+def make_big_pool(*, hosts: int = 100, vms: int = 10_000, disks: int = 2, nics: int = 2, **fields) -> Pool:
+    """A pool as the watcher's full sync writes it (``PoolMirror.full_sync``: COPY on PostgreSQL, bulk_create
+    elsewhere), from ``big_pool_records``."""
+    from inventory.sync import PoolMirror
+
+    records = big_pool_records(hosts=hosts, vms=vms, disks=disks, nics=nics)
+    pool = make_pool(**{"uuid": next(iter(records["pool"].values()))["uuid"], **fields})
+    PoolMirror(pool).full_sync(records)
+    return pool

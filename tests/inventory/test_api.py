@@ -15,6 +15,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from eac.permissions import ADMINISTRATORS, OPERATORS
+from inventory import services
 from inventory.choices import ConnectionState, PowerState
 from inventory.models import VM, Host, Pool
 from tests.inventory.factories import (
@@ -427,10 +428,13 @@ def test_pool_update_to_a_name_in_use_is_400(api, lab):
     assert "name" in response.json()
 
 
-def test_pool_delete_removes_it_and_its_inventory(api, lab):
+def test_pool_delete_is_accepted_and_a_worker_removes_it_and_its_inventory(api, lab):
     pool = lab["pool"]
     response = api.delete(f"/api/v1/pools/{pool.pk}/")
-    assert response.status_code == 204
+    assert response.status_code == 202
+    assert response.json()["removing_since"]
+    assert Pool.objects.filter(pk=pool.pk).exists()  # until the worker's turn (tests/inventory/test_pool_removal.py)
+    services.pool_remove_rows(pool_id=pool.pk, watcher_wait=0)
     assert not Pool.objects.filter(pk=pool.pk).exists()
     assert not Host.objects.filter(pool_id=pool.pk).exists()
     assert not VM.objects.filter(pool_id=pool.pk).exists()

@@ -17,7 +17,7 @@ from console import table
 from eac.realtime import inventory_change, pools_change
 from inventory.choices import PowerState
 from inventory.models import VM, Pool
-from inventory.services import pool_create, pool_delete
+from inventory.services import pool_create, pool_remove_request, pool_remove_rows
 from inventory.watcher import sync_once
 from tests.channels_support import ORIGIN, connect, deliver, receive_until, run, session_cookie
 from tests.inventory.factories import make_pool, make_vm
@@ -55,7 +55,8 @@ def set_power(vm: VM, state: str, host=None) -> None:
 # -- pools ---------------------------------------------------------------------------------------------------
 
 
-def test_a_pool_registered_while_the_page_is_open_is_joined_and_the_page_resyncs(demo, viewer, xapisim):
+def test_a_pool_registered_while_the_page_is_open_is_joined_and_the_page_resyncs(demo, viewer, xapisim,
+                                                                                celery_queue):
     cookie = session_cookie(viewer)
 
     async def scenario():
@@ -71,9 +72,11 @@ def test_a_pool_registered_while_the_page_is_open_is_joined_and_the_page_resyncs
         text = await receive_until(communicator, lambda t: f'id="hdr-pool-{pool.uuid}"' in t)
         assert f'id="tree-pool-{pool.uuid}"' in text
 
-        # Removed: the page resyncs and the socket leaves the pool's group (nothing more about it arrives).
-        await database_sync_to_async(pool_delete)(pool=pool)
-        assert await communicator.receive_from(timeout=5) == RESYNC
+        # Removed (marked, then deleted by the task's code): the page resyncs and the socket leaves the pool's
+        # group (nothing more about it arrives).
+        await database_sync_to_async(pool_remove_request)(pool=pool, requested_by=None)
+        await database_sync_to_async(pool_remove_rows)(pool_id=pool.pk, watcher_wait=0)
+        assert await receive_until(communicator, lambda t: t == RESYNC)
         await deliver(inventory_change(pool=pool.uuid, cls="pool", uuid=pool.uuid))
         assert await communicator.receive_nothing(timeout=0.5)
         await communicator.disconnect()

@@ -114,7 +114,18 @@ def test_pool_add_registers_a_pool_with_the_password_from_the_environment(xapisi
     call_command("pool_add", "demo", "--url", xapisim.url, "--user", "root")
     pool = Pool.objects.get(name="demo")
     assert pool.uuid == xapisim.state()["pool"]["uuid"]
-    assert f"Added pool 'demo': Demo pool (uuid {pool.uuid}), master at {xapisim.url}." in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # The name given is the pool's name; XAPI's own is said beside it, because it differs.
+    assert f"Added pool 'demo' (XAPI name 'Demo pool', uuid {pool.uuid}), master at {xapisim.url}." in out
+
+
+def test_pool_add_says_xapis_name_only_when_it_differs_from_the_name_given(xapisim, monkeypatch, capsys):
+    monkeypatch.setenv("EAC_POOL_PASSWORD", "demo")
+    call_command("pool_add", "Demo pool", "--url", xapisim.url, "--user", "root")
+    pool = Pool.objects.get(name="Demo pool")
+    out = capsys.readouterr().out
+    assert f"Added pool 'Demo pool' (uuid {pool.uuid}), master at {xapisim.url}." in out
+    assert "XAPI" not in out
 
 
 def test_pool_add_asks_for_the_password_when_the_environment_has_none(xapisim, monkeypatch):

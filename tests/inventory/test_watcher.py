@@ -17,7 +17,7 @@ from channels.layers import get_channel_layer
 from eac.realtime import inventory_change, inventory_resync, pool_group
 from inventory.choices import ConnectionState
 from inventory.models import PBD, PIF, SR, VBD, VDI, VIF, VM, Host, Network, Pool
-from inventory.services import pool_create, pool_delete
+from inventory.services import pool_create, pool_remove_request, pool_remove_rows
 from inventory.sync import RECORD_FIELDS, SPECS, XAPI_CLASSES, PoolMirror
 from inventory.watcher import PoolWatcher, Supervisor, full_sync, sync_once
 from inventory.xapi import connect
@@ -348,7 +348,7 @@ def test_passwords_never_reach_the_logs(xapisim, caplog):
     assert "Zq9-unique-secret" not in caplog.text
 
 
-def test_supervisor_starts_and_stops_watchers_as_pools_come_and_go(xapisim):
+def test_supervisor_starts_and_stops_watchers_as_pools_come_and_go(xapisim, celery_queue):
     supervisor = Supervisor(poll_interval=0.2, event_timeout=2.0, max_delay=0.5)
     thread = threading.Thread(target=supervisor.run)
     thread.start()
@@ -357,9 +357,10 @@ def test_supervisor_starts_and_stops_watchers_as_pools_come_and_go(xapisim):
         wait_for(lambda: connected(pool) and VM.objects.filter(pool=pool).exists(), timeout=10,
                  message="new pool watched")
         watcher = supervisor.watchers[pool.pk]
-        pool_delete(pool=pool)
-        wait_for(lambda: not watcher.is_alive(), timeout=5, message="watcher of the deleted pool stopped")
+        pool_remove_request(pool=pool, requested_by=None)  # its task waits in celery_queue: run here instead
+        wait_for(lambda: not watcher.is_alive(), timeout=5, message="watcher of the pool being removed stopped")
         assert pool.pk not in supervisor.watchers
+        pool_remove_rows(pool_id=pool.pk, watcher_wait=5)
         assert not VM.objects.exists()
     finally:
         supervisor.stop()

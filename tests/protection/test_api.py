@@ -194,3 +194,16 @@ def test_a_vm_being_unprotected_still_shows_its_level_as_good_until_the_run_ends
     Protection.objects.filter(vm=pool_setup["agile"]).update(status="unprotecting")
     # XAPI keeps restarting the VM until the unprotect steps have run.
     assert protection_states([pool_setup["agile"].pk]) == {pool_setup["agile"].pk: (1, "good")}
+
+
+def test_a_pool_being_removed_refuses_new_protections_and_plan_changes_with_409(admin_api, pool_setup):
+    from django.utils import timezone
+
+    pool = pool_setup["pool"]
+    pool.removing_since = timezone.now()
+    pool.save(update_fields=["removing_since"])
+    response = protect(admin_api, pool_setup["agile"], heartbeat_sr=pool_setup["shared"].uuid)
+    assert response.status_code == 409 and "being removed" in str(response.json()), response.content
+    response = admin_api.put(f"/api/v1/pools/{pool.pk}/failover-plan/", {"failures_to_tolerate": 1}, format="json")
+    assert response.status_code == 409 and "being removed" in str(response.json()), response.content
+    assert not WorkflowRun.objects.exists()

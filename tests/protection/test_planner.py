@@ -97,8 +97,15 @@ def test_explanation_lists_vms_exactly_when_the_plan_fails(pool, n):
         assert "cannot restart" in shortfall_text(shortfall)
 
 
+# Built and validated here, at import: validating it inside the test imports hypothesis's random module while
+# hypothesis has raised the recursion limit, where CPython 3.11.7's compile() can fail with "AST constructor
+# recursion depth mismatch" (seen once in a full run, when that module had no .pyc yet).
+RANDOMS = st.randoms(use_true_random=False)
+RANDOMS.validate()
+
+
 @settings(max_examples=200, deadline=None)
-@given(st.integers(2, 7), st.integers(0, 30), st.integers(1, 3), st.randoms(use_true_random=False))
+@given(st.integers(2, 7), st.integers(0, 30), st.integers(1, 3), RANDOMS)
 def test_approximation_never_promises_more_than_the_exact_check(count, vm_count, n, rng):
     hosts = [Host(f"h{i}", rng.randint(0, 40) * GiB) for i in range(count)]
     vms = [ProtectedVM(f"v{j}", rng.randint(1, 8) * GiB, rng.choice(hosts).key) for j in range(vm_count)]

@@ -34,5 +34,6 @@ class Command(BaseCommand):
             messages = [m for ms in exc.message_dict.values() for m in ms] if hasattr(exc, "error_dict") \
                 else exc.messages
             raise CommandError(" ".join(messages)) from None
-        self.stdout.write(f"Added pool {pool.name!r}: {pool.name_label} (uuid {pool.uuid}), "
-                          f"master at {safe_url(pool.master_url)}.")
+        # The console calls the pool by the name given here; XAPI's own name is said only when it differs.
+        xapi = f"XAPI name {pool.name_label!r}, " if pool.name_label and pool.name_label != pool.name else ""
+        self.stdout.write(f"Added pool {pool.name!r} ({xapi}uuid {pool.uuid}), master at {safe_url(pool.master_url)}.")

@@ -1,4 +1,8 @@
-"""``manage.py watch_pools``: keep every pool's inventory in sync with XAPI (the watcher process)."""
+"""``manage.py watch_pools``: keep every pool's inventory in sync with XAPI (the watcher process).
+
+Run as many as you like on the same PostgreSQL: they share the pools, each watched by one of them, and take over
+the pools of one that dies within a poll interval (``inventory/watch_lock.py``).
+"""
 import logging
 import signal
 import threading
@@ -13,14 +17,17 @@ log = logging.getLogger("inventory.watcher")
 
 
 class Command(BaseCommand):
-    help = "Watch every registered pool (or those named with --pool): full sync, then follow XAPI events."
+    help = ("Watch the registered pools (or those named with --pool): full sync, then follow XAPI events. "
+            "Several processes on one PostgreSQL database share the pools.")
 
     def add_arguments(self, parser):
         parser.add_argument("--pool", action="append", default=[], metavar="NAME",
-                            help="watch only this pool (repeatable)")
+                            help="watch only this pool (repeatable); such a process takes its pools whenever no other "
+                                 "process holds them, and takes no share of the others")
         parser.add_argument("--once", action="store_true", help="full sync of each pool, then exit")
         parser.add_argument("--poll", type=float, default=3.0, metavar="SECONDS",
-                            help="how often the list of pools is reread (default 3)")
+                            help="how often the pools and the other watcher processes are reread (default 3): "
+                                 "the pools of a watcher that died are taken over within about that")
 
     def handle(self, *args, **options):
         names = options["pool"]
