@@ -482,6 +482,8 @@ class Resource:
         """Run ``coro`` as this resource's one resync task (None: just stop the current one)."""
         if self._sync_task is not None and not self._sync_task.done():
             self._sync_task.cancel()
+        if coro is not None:  # the figures of a finished resync must not pass for this one's
+            self.sync_total, self.sync_done, self.sync_started = 0, 0, time.monotonic()
         self._sync_task = self.agent.spawn(coro) if coro is not None else None
 
     def set_io(self, state: IO, why: str) -> None:

@@ -262,6 +262,13 @@ class NetBed:
             if time.monotonic() > deadline:
                 raise NetBedError(f"processes {pids} of {self.netns(ns)} survived SIGKILL for {timeout}s")
             time.sleep(0.01)
+        # A process leaves its namespace early in its exit, before its memory and sockets are gone: wait for
+        # the end of the exit too (no such process, or a zombie), so a crash is over when this returns.
+        while not all(_exited(pid) for pid in killed):
+            self._reap()
+            if time.monotonic() > deadline:
+                raise NetBedError(f"processes of {self.netns(ns)} still exiting after {timeout}s")
+            time.sleep(0.01)
         self._reap()
         return killed
 
@@ -407,6 +414,14 @@ class NetBed:
         self.teardown_seconds = time.monotonic() - started
         if errors:
             raise NetBedError("; ".join(errors))
+
+
+def _exited(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
 
 
 def netns_names(prefix: str) -> list[str]:
