@@ -32,7 +32,7 @@ import time
 import urllib.request
 
 import common
-from common import ROOT, argument_parser, bench_database, free_port, pct, stop_process
+from common import ROOT, argument_parser, bench_database, free_port, pct, start_xapisim, stop_process
 
 BUDGET_P95_MS = 250.0
 BENCH_DB = "eac_bench_live"
@@ -134,7 +134,6 @@ def main() -> None:
     from django.contrib.auth import get_user_model
 
     from inventory.models import VM, Pool
-    from tests.support import start_xapisim
 
     procs: list[subprocess.Popen] = []
     files = contextlib.ExitStack()

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 
-from common import argument_parser, bench_database, verdict
+from common import argument_parser, bench_database, start_xapisim, verdict
 
 FULL_SYNC_BUDGET_S = 10.0
 EVENTS_BUDGET_PER_S = 5000.0
@@ -102,12 +102,10 @@ def main() -> int:
     from inventory.sync import PoolMirror
     from inventory.watcher import full_sync
     from inventory.xapi import pool_client
-    from tests.support import SimProcess
 
     print(f"bench_sync: xapisim --hosts {args.hosts} --vms {args.vms}, PostgreSQL database {BENCH_DB!r}")
     started = time.perf_counter()
-    sim = SimProcess(args=["--hosts", str(args.hosts), "--vms", str(args.vms), "--port", "0", "--op-delay", "0"])
-    sim.start(timeout=600)
+    sim = start_xapisim("--hosts", str(args.hosts), "--vms", str(args.vms), op_delay=0)
     print(f"  simulator up in {time.perf_counter() - started:.1f} s at {sim.url}")
     ok = True
     try:

@@ -41,9 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import XenAPI
-from common import argument_parser
-
-from tests.support import SimProcess
+from common import argument_parser, start_xapisim
 
 USER, PASSWORD = "root", "demo"
 MB = 1_000_000
@@ -445,8 +443,7 @@ def main() -> int:
         f"bench_xapisim: python -m xapisim --hosts {args.hosts} --vms {args.vms} --port 0 --op-delay 0 --seed 1"
         f"   ({os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start)"
     )
-    sim = SimProcess(args=["--hosts", str(args.hosts), "--vms", str(args.vms), "--port", "0", "--op-delay", "0",
-                           "--seed", "1"]).start(timeout=300)
+    sim = start_xapisim("--hosts", str(args.hosts), "--vms", str(args.vms), "--seed", "1", op_delay=0)
     url = sim.url
     print(f"   simulator up in {time.perf_counter() - began:.1f} s at {url}")
     rows: list[tuple[str, str]] = []

@@ -154,3 +154,15 @@ def verdict(ok: bool, missed: str = "OVER BUDGET") -> str:
 def print_overall(ok: bool) -> None:
     """The last line of a script whose figures each have a budget."""
     print("\nall within budget" if ok else "\nSOME TIMINGS OVER BUDGET")
+
+
+def start_xapisim(*args: str, op_delay: float | None = None):
+    """``python -m xapisim`` on a free port with ``args``, started (its log in a temporary folder): the tests'
+    XapisimCommand, with ``url``, ``control``, ``state`` and ``stop``."""
+    import tempfile
+
+    from tests.support import XapisimCommand
+
+    extra = ["--op-delay", f"{op_delay:g}"] if op_delay is not None else []
+    log = Path(tempfile.mkdtemp(prefix="bench-xapisim-")) / "xapisim.log"
+    return XapisimCommand("--port", "0", *args, *extra, log=log).start()
