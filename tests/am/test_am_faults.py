@@ -55,14 +55,11 @@ def test_primary_crash_promotes_the_secondary_with_every_acknowledged_write(heal
     c.create_pair("crash-p", SIZE)
     run = Run(c, "crash-p")
     run.acked_since(0, 300)
-    crashed_at = time.monotonic()
     c.crash("hosta")
     c.wait("hostb", "crash-p", lambda s: s["role"] == "Primary" and s["io"] == "Running", 10, "promotion")
-    promoted_in = time.monotonic() - crashed_at
     acked = run.ledger.acked
     run.acked_since(acked, 300)
     assert run.finish() == []
-    assert promoted_in < 3.0, promoted_in
     c.start("hosta")
     assert c.wait_in_sync("crash-p") == "hostb"
     assert c.image_digest("hosta", "crash-p") == c.image_digest("hostb", "crash-p")
