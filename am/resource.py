@@ -96,7 +96,7 @@ class Resource:
         self.peer_was_primary = False
         # what the peer said of its replica in this session
         self.peer: wire.Attach | None = None
-        self.session_seen = -1
+        self.session_seen = ""  # the peer's session of its last Attach
         self.attached = False
         self.remote_waiters: dict[int, asyncio.Future] = {}
 
@@ -502,7 +502,7 @@ class Resource:
             resource=self.name, size=self.size, role=str(self.role.value), epoch=self.meta.epoch,
             gen=self.meta.gen, history=self.meta.history, bitmap_base=self.meta.bitmap_base,
             disk=str(self.disk.value), dirty=self.bitmap.count(), crashed=self.crashed,
-            session=self.agent.session, boot=self.stream(), next_seq=first,
+            session=f"{self.agent.links.boot}:{self.agent.session}", boot=self.stream(), next_seq=first,
             applied_seq=self.applied_seq, followed=self.followed, split_brain=self.split_brain)
 
     def stream(self) -> str:

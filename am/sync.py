@@ -59,6 +59,10 @@ def on_attach(res: Resource, msg: wire.Attach) -> None:
     resync."""
     res.peer = msg
     res.wake()
+    # The two sides may disagree on whether the peer was lost (one link's silence is noticed at different
+    # moments): whoever starts a session, the other answers it once, so both hold the other's state.
+    peer_session_new = msg.session != res.session_seen
+    res.session_seen = msg.session
     if msg.role == Role.PRIMARY:
         res.peer_was_primary = True
         if res.role == Role.PRIMARY:
@@ -72,7 +76,7 @@ def on_attach(res: Resource, msg: wire.Attach) -> None:
             res.followed, res.applied_seq = msg.boot, msg.next_seq - 1
         else:
             res.applied_seq = max(res.applied_seq, msg.next_seq - 1)
-        if new_stream or not res.attached:
+        if new_stream or not res.attached or peer_session_new:
             res.attached = True
             res.agent.links.send(res.attach_message())  # the primary sends no op before it has this
     elif res.role == Role.PRIMARY and not res.attached:
@@ -84,6 +88,10 @@ def on_attach(res: Resource, msg: wire.Attach) -> None:
         res.resend("peer session started")
     else:
         res.attached = True
+        if peer_session_new:
+            res.agent.links.send(res.attach_message())
+            if res.role == Role.PRIMARY:  # the peer dropped its connections: what it had not acknowledged
+                res.resend("the peer started a session")
     decide_sync(res)
 
 

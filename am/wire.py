@@ -48,7 +48,7 @@ class Attach(msgspec.Struct, tag="attach"):
     disk: str
     dirty: int
     crashed: bool  # was a primary that stopped without a clean demotion, not resynced since
-    session: int  # the sender's count of peer sessions: a new one restarts the replication stream
+    session: str  # the sender's peer session (agent boot and count): each side answers a new one with its Attach
     boot: str  # primary: its stream (agent boot id / epoch); seqs restart their meaning with each
     next_seq: int = 1  # primary: the seq of the first op it will (re)send in this session
     applied_seq: int = 0  # secondary: the last op applied of the stream of ``followed``
