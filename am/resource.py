@@ -311,9 +311,16 @@ class Resource:
                     self.agent.links.send(p.message(self.name, self.meta.epoch,
                                                     self.meta if p.op == wire.Op.SYNC_DONE else None))
         else:
-            log.info("%s: the peer waits for op %d, which completed without it: skipping it there", self.name,
-                     wanted)
-            self.agent.links.send(self.attach_message())
+            # every op from ``wanted`` up to the next one still pending completed alone (one the peer had
+            # acknowledged would be below what it waits for): it skips them, then gets the rest again
+            upto = next((seq for seq in self.pending if seq > wanted), self.next_seq)
+            log.info("%s: the peer waits for op %d, which completed without it: ops %d to %d skipped there",
+                     self.name, wanted, wanted, upto - 1)
+            self.agent.links.send(wire.Rep(self.name, self.meta.epoch, wanted, int(wire.Op.SKIP), length=upto))
+            for p in self.pending.values():
+                if p.seq >= upto:
+                    self.agent.links.send(p.message(self.name, self.meta.epoch,
+                                                    self.meta if p.op == wire.Op.SYNC_DONE else None))
 
     def wake_stale(self) -> None:
         """Wake the writes that waited a link timeout for the peer, so each decides again (a peer that connected
@@ -322,7 +329,8 @@ class Resource:
         for p in self.pending.values():
             if p.sent_at > limit:
                 break
-            p.done.set()
+            if p.op in CLIENT_OPS:  # a resync or verify op waits for its ack or the peer's loss, nothing else
+                p.done.set()
 
     def resend(self, why: str) -> None:
         """The active link changed or a session started: everything unacknowledged again, in order."""
@@ -361,6 +369,10 @@ class Resource:
         if msg.epoch > self.meta.epoch:
             self.meta.epoch = msg.epoch
             self.save()
+        if msg.op == wire.Op.SKIP:
+            if msg.seq == self.applied_seq + 1 and msg.length > msg.seq:
+                self.applied_seq = msg.length - 1
+            return
         if msg.seq <= self.applied_seq:
             digest = self.digest(msg.offset, msg.length) if msg.op == wire.Op.VERIFY else b""
             self.agent.links.send_on(link, wire.RepAck(self.name, msg.seq, 0, digest))

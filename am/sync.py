@@ -202,20 +202,22 @@ async def push(res: Resource, kind: decide.SyncKind) -> None:
         finally:
             window.release()
 
-    for index in regions:
-        await window.acquire()
-        if not res.peer_replicating():
-            window.release()
-            return
-        inflight.append(asyncio.create_task(one(index)))
-        elapsed = time.monotonic() - res.sync_started
-        ahead = sent / rate - elapsed  # bytes sent: the zeroes of a sparse region cost nothing
-        if ahead > 0:
-            await asyncio.sleep(ahead)
-    await asyncio.gather(*inflight)
-    if bitmap.count():
-        log.warning("%s: resync incomplete: %d regions left", res.name, bitmap.count())
-        return
+    while regions:  # a region whose copy was not acknowledged is copied again while the peer is there
+        for index in regions:
+            await window.acquire()
+            if not res.peer_replicating():
+                window.release()
+                return
+            inflight.append(asyncio.create_task(one(index)))
+            elapsed = time.monotonic() - res.sync_started
+            ahead = sent / rate - elapsed  # bytes sent: the zeroes of a sparse region cost nothing
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+        await asyncio.gather(*inflight)
+        inflight.clear()
+        regions = bitmap.dirty()
+        if regions:
+            log.warning("%s: %d regions of the resync to copy again", res.name, len(regions))
     bitmap.save()
     done = res.queue_op(wire.Op.SYNC_DONE, 0, 0, b"")
     await done.done.wait()

@@ -22,6 +22,7 @@ class Op(enum.IntEnum):
     SYNC = 4  # resync data: a region copied from the sync source (data empty = zeroes)
     SYNC_DONE = 5  # every dirty region was sent: the target becomes UpToDate with the source's generation
     VERIFY = 6  # hash a region after every earlier op: online verify
+    SKIP = 7  # ops seq .. length - 1 completed without the peer (their regions are in the dirty bitmap)
 
 
 class Hello(msgspec.Struct, tag="hello"):
