@@ -37,6 +37,12 @@ from .models import Pool
 DELETE, SET, REFUSE = "delete", "set", "refuse"
 
 
+class UnsupportedRelation(Exception):
+    """A relation of the data model that no set-based statement can remove (a self-cascade, a callable
+    on_delete). None exists today; a model that adds one fails the removal tests, which build the plan, rather
+    than a removal in production."""
+
+
 @dataclass(frozen=True)
 class RemovalStep:
     """One statement of the plan: delete ``model``'s rows reached by ``paths``, set ``column`` of those rows to
@@ -122,7 +128,7 @@ def removal_plan() -> tuple[RemovalStep, ...]:
                 if child in ancestors:
                     # Rows cascading to rows of their own table (a tree) need as many statements as the tree
                     # is deep: not a set-based delete. No model of the console does this.
-                    raise NotImplementedError(f"{child._meta.label}.{field.name} cascades back to its own table")
+                    raise UnsupportedRelation(f"{child._meta.label}.{field.name} cascades back to its own table")
                 if path not in deleted.setdefault(child, []):
                     deleted[child].append(path)
                     pending.append((child, path, (*ancestors, child)))
@@ -132,7 +138,7 @@ def removal_plan() -> tuple[RemovalStep, ...]:
             elif rule in ("PROTECT", "RESTRICT"):
                 refusals.setdefault((child, f"{field.name}:{rule}"), []).append(path)
             elif rule != "DO_NOTHING":
-                raise NotImplementedError(f"{child._meta.label}.{field.name}: on_delete={rule} has no bulk form")
+                raise UnsupportedRelation(f"{child._meta.label}.{field.name}: on_delete={rule} has no bulk form")
 
     steps: dict[tuple, RemovalStep] = {}
     # Step -> the steps that must run before it (dicts, not sets: the same plan, in the same order, every time).
