@@ -116,8 +116,9 @@ class LayerProbe(threading.Thread):
         self.ready.set()
         while True:
             message = await layer.receive(channel)
-            if message.get("type") == "inventory.change" and message.get("cls") == "vm":
-                self.arrivals.setdefault(message["uuid"], []).append(time.time() * 1000)
+            if message.get("type") == "inventory.change":
+                for uuid in message["changes"].get("vm", {}):
+                    self.arrivals.setdefault(uuid, []).append(time.time() * 1000)
 
 
 def main() -> None:

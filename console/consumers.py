@@ -1,14 +1,23 @@
 """Live updates of the console: one WebSocket per open page, at ``/ws/live/``.
 
-The consumer refuses anonymous users and users who may see no pool, and joins the
-channel-layer group of each pool the user may see (``pools_visible_to``), and ``pools.all``, where
-``pools.change`` says that a pool was registered or removed: the socket then joins or leaves that pool's
-group and the page resyncs. The watcher
-emits ``inventory.change`` (one object added, modified or deleted) and ``inventory.resync``
-(a pool was read again from scratch) to those groups after commit, protection emits
-``protection.change`` (a VM's protection changed) and alerts ``alerts.change``; the consumer renders
-the fragments the page shows (tree rows and items, table rows, the detail panel) with the
-templates the views use, and sends them for htmx to swap in by id.
+The consumer refuses anonymous users and users who may see no pool. Of each pool the user may see
+(``pools_visible_to``) it follows one of two groups, by what the page shows of it:
+
+- ``pool.<uuid>`` for the pools whose VMs the page shows (the *focus*: the pool of the object shown, the pools
+  of the VM table, the pools of open tree nodes that list VMs). The watcher emits ``inventory.change`` (the objects
+  a batch added, modified or deleted) and ``inventory.resync`` (the pool was read again from scratch) there after
+  commit, protection emits ``protection.change`` (a VM's protection changed). Each message carries its sender's
+  stream and sequence number (``eac.realtime``): a number that skips means the channel layer dropped one, and the
+  page resyncs rather than show that pool stale.
+- ``poolsum.<uuid>`` for the others, shown only by their labels (header chip, folded tree node, home card, the
+  summary's counts): ``inventory.summary``, at most twice a second per pool, says that it changed.
+
+So a page that shows one pool of twenty is not sent the changes of the other nineteen, which under load would
+overflow its channel (channels_redis drops what exceeds a channel's capacity). It also joins ``pools.all``, where
+``pools.change`` says that a pool was registered or removed: the socket then follows or leaves that pool and the
+page resyncs; and ``alerts.all`` (``alerts.change``). The consumer renders the fragments the page shows (tree rows
+and items, table rows, the detail panel) with the templates the views use, and sends them for htmx to swap in by
+id.
 
 The page tells the consumer what it shows with small JSON messages:
 ``{"view": "vms" | "vm:<uuid>" | "host:<uuid>" | "pool:<pk>" | "home", "open": [tree keys],
@@ -32,6 +41,7 @@ import re
 import time
 from collections.abc import Callable, Iterable
 
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.db.models import Q
@@ -43,7 +53,15 @@ from eac.permissions import (
     user_can_view,
     user_can_view_inventory,
 )
-from eac.realtime import ALERTS_GROUP, CLOSE_FORBIDDEN, POOLS_GROUP, client_message, pool_group, user_group
+from eac.realtime import (
+    ALERTS_GROUP,
+    CLOSE_FORBIDDEN,
+    POOLS_GROUP,
+    client_message,
+    pool_group,
+    pool_summary_group,
+    user_group,
+)
 from inventory.models import VM, Host, Pool
 from protection.selectors import vm_status_counts
 
@@ -62,10 +80,21 @@ VIEW_RE = re.compile(r"^(home|vms|vm:[0-9a-f-]{36}|host:[0-9a-f-]{36}|pool:\d{1,
 UUID_RE = re.compile(r"^[0-9a-f-]{36}$")
 # Changes of these classes can alter what a VM's or a host's page shows.
 DETAIL_CLASSES = {"vm", "host", "pif", "pbd", "sr", "vbd", "vif", "vdi", "network", "pool", "protection"}
+# Events whose handler only files the change for the next batch, with no database access: dispatched without the
+# thread hop channels makes before every handler (close_old_connections), which waits behind the process's reads
+# and, under load, let a socket's channel fill up (channels_redis then drops what comes).
+QUEUED_EVENTS = frozenset({"inventory.change", "inventory.summary", "protection.change"})
 # Classes whose uuid is a VM's: a protection change re-renders its VM (tree items, row, page).
 VM_CLASSES = ("vm", "protection")
 # How long the first event of a batch waits for the rest of a burst (part of the 250 ms budget).
 COALESCE_SECONDS = 0.005
+# A pool that enters the focus (a tree node opened, another page shown) may have changed between the render of what
+# the page now shows of it and the socket joining its group: when it changed this recently, the page resyncs.
+FOCUS_CATCHUP_SECONDS = 2.0
+# A pool the page no longer shows is followed in detail this much longer: going back to it (the previous page, a
+# node folded and opened again) then needs no catch-up.
+FOCUS_LINGER_SECONDS = 10.0
+MAX_STREAMS = 256  # senders remembered per socket (each process that sends to a pool's group is one)
 
 
 def _visible_pools(user) -> dict[str, int] | None:
@@ -126,11 +155,15 @@ class LiveConsumer(AsyncWebsocketConsumer):
         self.user = user
         self.pools: dict[str, int] = pools
         self.can_view_protection, self.can_change = await database_sync_to_async(_roles)(user)
-        # user.<pk>: access.change when the user's rights change while the page is open.
+        # user.<pk>: access.change when the user's rights change while the page is open. Until the page says
+        # what it shows, every pool is followed in detail: the pools it shows are then never joined late.
         groups = [pool_group(uuid) for uuid in pools] + [ALERTS_GROUP, user_group(user.pk)]
         for group in groups:
             await self.channel_layer.group_add(group, self.channel_name)
         self.joined += groups
+        self.focus: set[str] = set(pools)  # uuids of the pools followed in detail (pool.<uuid>); the others by summary
+        self.lingering: dict[str, float] = {}  # pools of the focus the page no longer shows -> when to let go
+        self.sequences: dict[tuple[str, str], int] = {}  # (pool uuid, sender stream) -> last sequence number
         self.view = ""
         self.view_pool: int | None = None  # the pool of the object the page shows
         self.rows: set[str] = set()
@@ -144,6 +177,12 @@ class LiveConsumer(AsyncWebsocketConsumer):
         self.pending_at = 0.0
         self.flusher: asyncio.Future | None = None
         await self.accept()
+
+    async def dispatch(self, message: dict) -> None:
+        if message.get("type") in QUEUED_EVENTS:
+            await getattr(self, get_handler_name(message))(message)
+            return
+        await super().dispatch(message)
 
     async def disconnect(self, code: int) -> None:
         flusher = getattr(self, "flusher", None)
@@ -173,7 +212,12 @@ class LiveConsumer(AsyncWebsocketConsumer):
         else:
             self.table = LiveTable()
         rendered_at = message.get("rendered_at")
-        if isinstance(rendered_at, int | float) and not self.sent:
+        first = isinstance(rendered_at, int | float) and not self.sent
+        # Before the check of what changed since the render: a change committed meanwhile is then not missed.
+        if await self._refocus(catch_up=not first, linger=not first):
+            await self.send(text_data=ui.control("resync"))
+            return
+        if first:
             if await database_sync_to_async(self._changed_since)(rendered_at):
                 await self.send(text_data=ui.control("resync"))
             else:
@@ -189,6 +233,83 @@ class LiveConsumer(AsyncWebsocketConsumer):
         if kind == "pool":
             return int(ident) if int(ident) in pools else None
         return None
+
+    # -- which pools are followed in detail ------------------------------------------------------------------
+
+    def _focus_now(self) -> set[str]:
+        """The pools whose VMs the page shows: the object shown, the VM table's pools, open nodes that list VMs
+        (a host, a pool's halted VMs: open even inside a folded pool, as the page keeps them), or every pool when
+        the Protected VM Summary lists VMs."""
+        uuid_of = {pk: uuid for uuid, pk in self.pools.items()}
+        if self.view == "vms" and self.table.pool_pk is None:
+            return set(self.pools)
+        if "pvs" in self.open and any(k.startswith("pvs-") for k in self.open):
+            return set(self.pools)
+        focus = {uuid_of[pk] for pk in (self.view_pool, self.table.pool_pk) if pk in uuid_of}
+        hosts = [k.removeprefix("host-") for k in self.open if k.startswith("host-")]
+        if hosts:
+            focus |= {uuid_of[pk] for pk in Host.objects.filter(uuid__in=hosts, pool_id__in=self.pools.values())
+                      .values_list("pool_id", flat=True).distinct()}
+        for key in self.open:
+            if key.startswith("halted-"):
+                ident = key.removeprefix("halted-")
+                if ident in self.pools:
+                    focus.add(ident)
+                elif ident.startswith("p") and ident[1:].isdigit() and int(ident[1:]) in uuid_of:
+                    focus.add(uuid_of[int(ident[1:])])
+        return focus
+
+    def _changed_lately(self, pool_uuids: set[str]) -> bool:
+        since = dt.datetime.now(tz=dt.UTC) - dt.timedelta(seconds=FOCUS_CATCHUP_SECONDS)
+        return Pool.objects.filter(uuid__in=pool_uuids, last_event_at__gt=since).exists()
+
+    async def _refocus(self, *, catch_up: bool, linger: bool = True) -> bool:
+        """Follow in detail the pools the page shows now, by summary the others (at once, or after
+        ``FOCUS_LINGER_SECONDS``). True when a pool entering the focus changed too lately for what the page shows
+        of it to be sure (``catch_up``): the page resyncs."""
+        wanted = await database_sync_to_async(self._focus_now)()
+        now = time.monotonic()
+        for uuid in wanted:
+            self.lingering.pop(uuid, None)
+        for uuid in self.focus - wanted:
+            self.lingering.setdefault(uuid, now + FOCUS_LINGER_SECONDS if linger else now)
+        for uuid in [u for u, until in self.lingering.items() if until <= now]:
+            await self._unfollow(uuid)
+        entering = wanted - self.focus
+        for uuid in entering:
+            await self._move(pool_summary_group(uuid), pool_group(uuid))
+        self.focus |= entering
+        return bool(catch_up and entering) and await database_sync_to_async(self._changed_lately)(entering)
+
+    async def _unfollow(self, pool_uuid: str) -> None:
+        """Follow a pool the page no longer shows by its summary only."""
+        self.lingering.pop(pool_uuid, None)
+        self.focus.discard(pool_uuid)
+        await self._move(pool_group(pool_uuid), pool_summary_group(pool_uuid))
+        self.pending.pop(pool_uuid, None)
+        for key in [k for k in self.sequences if k[0] == pool_uuid]:
+            del self.sequences[key]  # not followed meanwhile: its numbers will skip
+
+    async def _move(self, old: str, new: str) -> None:
+        await self.channel_layer.group_add(new, self.channel_name)
+        self.joined.append(new)
+        await self.channel_layer.group_discard(old, self.channel_name)
+        if old in self.joined:
+            self.joined.remove(old)
+
+    def _in_sequence(self, event: dict) -> bool:
+        """False when the channel layer dropped a message of this pool's group before this one."""
+        stream, seq = event.get("stream"), event.get("seq")
+        if not isinstance(stream, str) or not isinstance(seq, int):
+            return True  # not numbered (sent by hand)
+        key = (str(event.get("pool")), stream)
+        last = self.sequences.get(key)
+        if last is not None and seq <= last:
+            return True  # an older message overtaken by a newer one of the same sender
+        if len(self.sequences) >= MAX_STREAMS and key not in self.sequences:
+            self.sequences.clear()
+        self.sequences[key] = seq
+        return last is None or seq == last + 1
 
     def _changed_since(self, rendered_at: float) -> bool:
         """Did a visible pool change, or get registered or synced, between the page's render and this socket's
@@ -206,10 +327,23 @@ class LiveConsumer(AsyncWebsocketConsumer):
 
     async def inventory_change(self, event: dict) -> None:
         pool_uuid = event.get("pool")
-        if pool_uuid not in self.pools:
-            return  # not a pool this user may see
+        changes = event.get("changes")
+        if pool_uuid not in self.focus or pool_uuid not in self.pools or not isinstance(changes, dict):
+            return  # not a pool this page follows in detail (any more), or not a pool this user may see
+        if self.lingering.get(pool_uuid, float("inf")) <= time.monotonic():
+            await self._unfollow(pool_uuid)
+            return
+        if not self._in_sequence(event):
+            log.info("live: a message of pool %s was lost (a full channel); the page resyncs", pool_uuid)
+            await self.inventory_resync({"pool": pool_uuid})
+            return
+        self._queue(pool_uuid, changes)
+
+    def _queue(self, pool_uuid: str, changes: dict) -> None:
         classes = self.pending.setdefault(pool_uuid, {})
-        classes.setdefault(str(event.get("cls", "")), {})[str(event.get("uuid", ""))] = str(event.get("op", "mod"))
+        for cls, objects in changes.items():
+            if isinstance(objects, dict):
+                classes.setdefault(str(cls), {}).update({str(u): str(op) for u, op in objects.items()})
         self.pending_at = time.monotonic()
         if self.flusher is None or self.flusher.done():
             self.flusher = asyncio.ensure_future(self._flush())
@@ -217,8 +351,16 @@ class LiveConsumer(AsyncWebsocketConsumer):
     async def protection_change(self, event: dict) -> None:
         """A VM's protection changed: re-render it as a change of class "protection" (which may also
         move it between the summary's groups)."""
-        await self.inventory_change({"pool": event.get("pool"), "cls": "protection", "uuid": event.get("vm"),
-                                     "op": "mod"})
+        await self.inventory_change({**event, "changes": {"protection": {str(event.get("vm")): "mod"}}})
+
+    async def inventory_summary(self, event: dict) -> None:
+        """A pool the page shows only by its labels changed: read its labels again (and its summary counts when
+        the change may move them). The classes come as pseudo-objects, which match no VM."""
+        pool_uuid, classes = event.get("pool"), event.get("classes")
+        if pool_uuid in self.focus or pool_uuid not in self.pools or not isinstance(classes, dict):
+            return
+        self._queue(pool_uuid, {cls: {f"summary-{op}": str(op) for op in ops if isinstance(op, str)}
+                                for cls, ops in classes.items() if isinstance(ops, list)})
 
     async def inventory_resync(self, event: dict) -> None:
         if event.get("pool") in self.pools:
@@ -239,16 +381,21 @@ class LiveConsumer(AsyncWebsocketConsumer):
             # state rebuilds the page (``_identity_changed``).
             return
         for uuid in pools.keys() - self.pools.keys():
-            await self.channel_layer.group_add(pool_group(uuid), self.channel_name)
-            self.joined.append(pool_group(uuid))
+            await self.channel_layer.group_add(pool_summary_group(uuid), self.channel_name)
+            self.joined.append(pool_summary_group(uuid))
         for uuid in self.pools.keys() - pools.keys():
-            await self.channel_layer.group_discard(pool_group(uuid), self.channel_name)
-            self.joined.remove(pool_group(uuid))
+            for group in (pool_summary_group(uuid), pool_group(uuid)):
+                await self.channel_layer.group_discard(group, self.channel_name)
+                if group in self.joined:
+                    self.joined.remove(group)
+            self.focus.discard(uuid)
+            self.lingering.pop(uuid, None)
             self.pending.pop(uuid, None)
             self.status_counts.pop(self.pools[uuid], None)
             self.identities.pop(self.pools[uuid], None)
         self.pools = pools
         self.view_pool = await database_sync_to_async(self._pool_of_view)()
+        await self._refocus(catch_up=False, linger=False)  # the page resyncs anyway
         self.sent.clear()  # the page is rebuilt: the next batch sends every label
         await self.send(text_data=ui.control("resync"))
 
@@ -314,10 +461,17 @@ class LiveConsumer(AsyncWebsocketConsumer):
             labels.append(("home-summary", tuple(groups), ui.summary_card))
         return labels
 
-    async def _read_labels(self, since: float, counts_for: Iterable[int]) -> dict[int, sel.PoolOverview]:
+    async def _read_labels(self, since: float, counts_for: Iterable[int],
+                           changed: Iterable[int] | None = None) -> dict[int, sel.PoolOverview]:
+        """The labels of every pool: read after ``since`` for the pools that ``changed`` (all when None), any read
+        at hand for the others (their own changes bring theirs)."""
         reads = shared_reads()
         all_pools = sorted(self.pools.values())
-        overviews = await reads.get_many([("ov", pk) for pk in all_pools], since, _overviews)
+        fresh = set(all_pools if changed is None else changed)
+        overviews = await reads.get_many([("ov", pk) for pk in sorted(fresh)], since, _overviews)
+        if stale := [("ov", pk) for pk in all_pools if pk not in fresh]:
+            overviews |= await reads.get_many(stale, float("-inf"), _overviews)
+        overviews = {key: overviews[key] for key in sorted(overviews, key=lambda k: k[1])}
         # The summary's counts are dearer (disks of every VM): read only when they may have moved.
         wanted = {pk for pk in counts_for} | {pk for pk in all_pools if pk not in self.status_counts}
         if wanted:
@@ -338,7 +492,8 @@ class LiveConsumer(AsyncWebsocketConsumer):
         rows: list[str] = []
 
         # Labels: only those whose data differ from what this page was last sent.
-        moved = [self.pools[pool_uuid] for pool_uuid, classes in batch.items() if sel.batch_moves_status(classes)]
+        moved = [self.pools[pool_uuid] for pool_uuid, classes in batch.items()
+                 if "resync" in classes or sel.batch_moves_status(classes)]
         vm_keys = sorted({
             ("vm", self.pools[pool_uuid], uuid)
             for pool_uuid, classes in batch.items()
@@ -346,8 +501,10 @@ class LiveConsumer(AsyncWebsocketConsumer):
             for uuid in classes.get(cls, {})
             if UUID_RE.match(uuid)
         })
+        changed = [self.pools[pool_uuid] for pool_uuid in batch if pool_uuid in self.pools]
         overviews, nodes = await asyncio.gather(
-            self._read_labels(since, moved), reads.get_many(vm_keys, since, _vm_nodes) if vm_keys else _nothing()
+            self._read_labels(since, moved, changed),
+            reads.get_many(vm_keys, since, _vm_nodes) if vm_keys else _nothing(),
         )
         if any(self.pools.get(pool_uuid) not in overviews for pool_uuid in batch):
             return [ui.control("resync")]  # a pool was removed: the page is rebuilt without it

@@ -4,8 +4,12 @@ Senders call ``emit`` (or ``emit_many``) inside their transaction; the message
 leaves only once the data it describes is committed, so a consumer that reads
 the database on receipt always sees the change.
 """
+import itertools
 import json
 import logging
+import secrets
+import threading
+import time
 from collections.abc import Iterable
 
 from asgiref.sync import async_to_sync
@@ -25,8 +29,15 @@ CLOSE_FORBIDDEN = 4403
 
 
 def pool_group(pool_uuid: str) -> str:
-    """A pool's changes: inventory.change / inventory.resync (the watcher), protection.change."""
+    """A pool's changes: inventory.change / inventory.resync (the watcher), protection.change. Followed by the
+    pages that show the pool's VMs (its tree nodes, its table, one of its objects)."""
     return f"pool.{pool_uuid}"
+
+
+def pool_summary_group(pool_uuid: str) -> str:
+    """That a pool changed, at most every ``SUMMARY_INTERVAL`` (inventory.summary): followed by the pages that show
+    the pool only by its labels (header chip, folded tree node, home card, summary counts)."""
+    return f"poolsum.{pool_uuid}"
 
 
 def run_group(run_id: int) -> str:
@@ -44,7 +55,23 @@ def user_group(user_id: int) -> str:
 
 def inventory_change(*, pool: str, cls: str, uuid: str, op: str = "mod") -> Message:
     """One XAPI object of ``pool`` (uuid) was added, modified or deleted (op: add, mod, del)."""
-    return pool_group(pool), {"type": "inventory.change", "pool": pool, "cls": cls, "uuid": uuid, "op": op}
+    return inventory_changes(pool=pool, changes={cls: {uuid: op}})
+
+
+def inventory_changes(*, pool: str, changes: dict[str, dict[str, str]]) -> Message:
+    """Objects of ``pool`` were added, modified or deleted: {cls: {uuid: op}}. The watcher sends one per batch, not
+    one per object: a message costs the channel layer and every following socket about the same whatever it
+    holds, and a socket's channel holds a bounded number of them (channels_redis drops the rest)."""
+    return pool_group(pool), {"type": "inventory.change", "pool": pool, "changes": changes}
+
+
+def merged_changes(*, pool: str, messages: Iterable[Message]) -> Message:
+    """One inventory.change holding the changes of many (the last op of an object wins)."""
+    changes: dict[str, dict[str, str]] = {}
+    for _group, event in messages:
+        for cls, objects in event["changes"].items():
+            changes.setdefault(cls, {}).update(objects)
+    return inventory_changes(pool=pool, changes=changes)
 
 
 def inventory_resync(*, pool: str) -> Message:
@@ -77,6 +104,12 @@ def access_change(*, user: int) -> Message:
     return user_group(user), {"type": "access.change", "user": user}
 
 
+def inventory_summary(*, pool: str, classes: dict[str, list[str]]) -> Message:
+    """Pool ``pool`` changed since the last summary: {cls: [ops]} of what changed ("resync": everything may have).
+    Sent by ``send_now`` itself, throttled, after any message to the pool's group."""
+    return pool_summary_group(pool), {"type": "inventory.summary", "pool": pool, "classes": classes}
+
+
 def emit(message: Message) -> None:
     """Send one (group, event) pair, built by a function above, after commit."""
     emit_many([message])
@@ -89,9 +122,40 @@ def emit_many(messages: Iterable[Message]) -> None:
         transaction.on_commit(lambda: send_now(batch))
 
 
+# -- sequence numbers: a socket tells a lost message from a quiet group ------------------------------------------
+#
+# channels_redis drops a message for a channel that holds ``capacity`` of them already (logged at INFO, nothing
+# else). Each message to a pool's group carries this process's stream id and a number that grows by one per
+# message this process sends to that group: a consumer that sees a number skip knows it lost one, and rebuilds
+# what it shows of that pool, rather than show it stale.
+STREAM = secrets.token_hex(6)
+_sequences: dict[str, itertools.count] = {}
+_sequences_lock = threading.Lock()
+
+
+def _numbered(group: str, event: dict) -> dict:
+    with _sequences_lock:
+        counter = _sequences.setdefault(group, itertools.count(1))
+        return {**event, "stream": STREAM, "seq": next(counter)}
+
+
 def send_now(messages: list[Message]) -> None:
     """Send at once (outside a transaction). A channel-layer failure is logged, never raised:
-    the database stays the truth and a page resyncs when its socket reconnects."""
+    the database stays the truth and a page resyncs when its socket reconnects. Messages to a pool's group are
+    numbered, and followed (throttled) by the pool's summary."""
+    if get_channel_layer() is None:
+        return
+    _deliver([(group, _numbered(group, event) if _is_pool(group) else event) for group, event in messages])
+    for group, event in messages:
+        if _is_pool(group):
+            _summaries.poke(event["pool"], classes_changed(event))
+
+
+def _is_pool(group: str) -> bool:
+    return group.startswith("pool.")
+
+
+def _deliver(messages: list[Message]) -> None:
     layer = get_channel_layer()
     if layer is None:
         return
@@ -104,6 +168,59 @@ def send_now(messages: list[Message]) -> None:
 async def _send_all(layer, messages: list[Message]) -> None:
     for group, event in messages:
         await layer.group_send(group, event)
+
+
+# -- pool summaries: throttled, for the pages that show a pool only by its labels ---------------------------------
+
+SUMMARY_INTERVAL = 0.5  # seconds: how stale a folded pool's labels may be, and at most two messages a second each
+
+
+def classes_changed(event: dict) -> dict[str, set[str]]:
+    """{cls: ops} of what an event of a pool's group says changed: the content of the pool's next summary."""
+    if event["type"] == "inventory.change":
+        return {cls: set(objects.values()) for cls, objects in event["changes"].items()}
+    if event["type"] == "protection.change":
+        return {"protection": {"mod"}}
+    return {"resync": {"resync"}}
+
+
+class SummaryThrottle:
+    """At most one summary per pool every ``interval``: the first change of a quiet pool is told at once, later
+    ones at the end of the interval, merged (a timer thread, so that the last change is told even if the pool then
+    falls quiet)."""
+
+    def __init__(self, interval: float, send=None) -> None:
+        self.interval = interval
+        self._send = send or (lambda message: _deliver([message]))
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}  # pool -> when its last summary went
+        self._due: dict[str, dict[str, set[str]]] = {}  # pool -> what changed since, when a timer is set
+
+    def poke(self, pool: str, classes: dict[str, set[str]]) -> None:
+        with self._lock:
+            due = self._due.get(pool)
+            if due is not None:
+                for cls, ops in classes.items():
+                    due.setdefault(cls, set()).update(ops)
+                return
+            wait = self._last.get(pool, float("-inf")) + self.interval - time.monotonic()
+            if wait > 0:
+                self._due[pool] = {cls: set(ops) for cls, ops in classes.items()}
+                timer = threading.Timer(wait, self._fire, args=(pool,))
+                timer.daemon = True
+                timer.start()
+                return
+            self._last[pool] = time.monotonic()
+        self._send(inventory_summary(pool=pool, classes={c: sorted(ops) for c, ops in classes.items()}))
+
+    def _fire(self, pool: str) -> None:
+        with self._lock:
+            classes = self._due.pop(pool, {})
+            self._last[pool] = time.monotonic()
+        self._send(inventory_summary(pool=pool, classes={c: sorted(ops) for c, ops in classes.items()}))
+
+
+_summaries = SummaryThrottle(SUMMARY_INTERVAL)
 
 
 def client_message(text: str | None, *, max_size: int) -> dict | None:

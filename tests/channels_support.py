@@ -11,7 +11,7 @@ from channels.testing import WebsocketCommunicator
 from django.test import Client
 
 from console.asgi import application
-from eac.realtime import Message
+from eac.realtime import Message, classes_changed, inventory_summary, pool_group
 
 ORIGIN = (b"origin", b"http://127.0.0.1")
 
@@ -36,10 +36,14 @@ async def connect(headers) -> tuple[WebsocketCommunicator, bool]:
 
 
 async def deliver(*messages: Message) -> None:
-    """Send (group, event) pairs made by ``eac.realtime``'s builders, the way ``send_now`` sends them."""
+    """Send (group, event) pairs made by ``eac.realtime``'s builders, the way ``send_now`` sends them: a message to
+    a pool's group is followed by the pool's summary (here at once, not throttled, and unnumbered)."""
     layer = get_channel_layer()
     for group, event in messages:
         await layer.group_send(group, event)
+        if group == pool_group(event.get("pool", "")):
+            classes = {cls: sorted(ops) for cls, ops in classes_changed(event).items()}
+            await layer.group_send(*inventory_summary(pool=event["pool"], classes=classes))
 
 
 async def receive_until(communicator, predicate, timeout=5.0) -> str:

@@ -354,3 +354,79 @@ def test_a_pool_marked_for_removal_makes_open_pages_resync(viewer, two_demo_pool
         await communicator.disconnect()
 
     run(scenario)
+
+
+# -- what a socket follows of each pool -----------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_page_showing_one_pool_gets_only_the_labels_of_the_others_and_only_from_their_summary(
+    viewer, two_demo_pools
+):
+    from eac.realtime import inventory_summary
+
+    cookie = session_cookie(viewer)
+    demo, lab = two_demo_pools[0], two_demo_pools[1]
+    lab_vm = lab["vms"][0]
+
+    async def scenario():
+        communicator, _ = await connect([ORIGIN, cookie])
+        hello = await hello_for(viewer, f"/vms/?pool={demo['pool'].pk}")
+        await communicator.send_to(text_data=json.dumps({**hello, "query": f"pool={demo['pool'].pk}"}))
+        assert await communicator.receive_nothing(timeout=0.3)
+        # A VM of the other pool changes: its change is not sent to this page's channel at all...
+        from channels.layers import get_channel_layer
+
+        await database_sync_to_async(Pool.objects.filter(pk=lab["pool"].pk).update)(connection_state="unreachable")
+        await get_channel_layer().group_send(*inventory_change(pool=lab["pool"].uuid, cls="pool",
+                                                               uuid=lab["pool"].uuid))  # fmt: skip
+        assert await communicator.receive_nothing(timeout=0.3)
+        # ...its summary is, and the labels that changed go.
+        await get_channel_layer().group_send(*inventory_summary(pool=lab["pool"].uuid, classes={"pool": ["mod"]}))
+        html = await receive_until(communicator, lambda t: f'id="hdr-pool-{lab["pool"].uuid}"' in t)
+        assert "conn-unreachable" in element(html, f"hdr-pool-{lab['pool'].uuid}")
+        assert f"tree-vm-{lab_vm.uuid}" not in html
+
+        # The page shows the other pool now (its VM's page): its changes are followed in detail from then on. It
+        # changed just now, perhaps after that page was rendered and before the socket followed it: the page
+        # resyncs.
+        await database_sync_to_async(Pool.objects.filter(pk=lab["pool"].pk).update)(last_event_at=timezone.now())
+        await communicator.send_to(text_data=json.dumps({"view": f"vm:{lab_vm.uuid}", "open": []}))
+        await receive_until(communicator, lambda t: t == RESYNC)
+        await database_sync_to_async(lambda: lab_vm.__class__.objects.filter(pk=lab_vm.pk).update(
+            name_label="renamed-in-lab"))()  # fmt: skip
+        await deliver(inventory_change(pool=lab["pool"].uuid, cls="vm", uuid=lab_vm.uuid))
+        html = await receive_until(communicator, lambda t: "renamed-in-lab" in t)
+        assert f'id="vm-{lab_vm.uuid}"' in html
+        await communicator.disconnect()
+
+    run(scenario)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_message_lost_by_the_channel_layer_makes_the_page_resync(viewer, two_demo_pools):
+    from channels.layers import get_channel_layer
+
+    cookie = session_cookie(viewer)
+    demo = two_demo_pools[0]
+    vm = demo["vms"][0]
+
+    def numbered(seq):
+        group, event = inventory_change(pool=demo["pool"].uuid, cls="vm", uuid=vm.uuid)
+        return group, {**event, "stream": "sender-1", "seq": seq}
+
+    async def scenario():
+        communicator, _ = await connect([ORIGIN, cookie])
+        await communicator.send_to(text_data=json.dumps(await hello_for(viewer, f"/vms/{vm.uuid}/")))
+        assert await communicator.receive_nothing(timeout=0.3)
+        layer = get_channel_layer()
+        for seq in (7, 8):  # in sequence: patched in place
+            await layer.group_send(*numbered(seq))
+        html = await receive_until(communicator, lambda t: f'id="vm-{vm.uuid}"' in t)
+        assert RESYNC not in html
+        assert await communicator.receive_nothing(timeout=0.3)
+        await layer.group_send(*numbered(10))  # 9 never came
+        await receive_until(communicator, lambda t: t == RESYNC)
+        await communicator.disconnect()
+
+    run(scenario)
