@@ -2,15 +2,15 @@
 
 Run: .venv/bin/python benchmarks/bench_alerts.py [--cycles 5] [--ha-timeout 1] [--max-seconds 120]
 
-Everything is real and runs on this machine, started with the protection tests' own helpers
-(tests/protection/fixtures.py, their fixture bodies called directly): ``python -m xapisim`` (demo
-pool, short HA timeout), the watcher (``manage.py watch_pools``, which hands each committed batch to
-protection), a Celery worker (with task events on) and beat on a queue of their own in Redis, an
-aiosmtpd server on loopback as EMAIL_URL, and a PostgreSQL database of its own (``eac_bench_alerts``
-on the DATABASE_URL server of eac.test_settings, created fresh and dropped at the end). One VM is
-protected at Level 1 through protection.services (HA on, heartbeat on the shared SR); one recipient
-gets every condition. The beat sweep runs at its production interval (15 s), so the watcher's path
-is the one measured.
+Everything is real and runs on this machine, started with the tests' own helpers (the fixtures of
+tests/conftest.py, their bodies called directly, and tests/support.py) and common.start_xapisim:
+``python -m xapisim`` (demo pool, short HA timeout), the watcher (``manage.py watch_pools``, which
+hands each committed batch to protection), a Celery worker (with task events on) and beat on a queue
+of their own in Redis, an aiosmtpd server on loopback as EMAIL_URL, and a PostgreSQL database of its
+own (``eac_bench_alerts`` on the DATABASE_URL server of eac.test_settings, created fresh and dropped
+at the end). One VM is protected at Level 1 through protection.services (HA on, heartbeat on the
+shared SR); one recipient gets every condition. The beat sweep runs at its production interval
+(15 s), so the watcher's path is the one measured.
 
 Each cycle crashes a host (the protected VM's, unless it is the master) through /sim/, then powers
 it on again. The clock of a stage starts when XAPI shows the change: /sim/state is polled every
@@ -33,10 +33,12 @@ import ast
 import contextlib
 import statistics
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
-from common import argument_parser, bench_database, drop_bench_database, pct, wait
+from common import argument_parser, bench_database, drop_bench_database, pct, start_xapisim, wait
 
 BENCH_DB = "eac_bench_alerts"
 BUDGET_S = 5.0
@@ -232,9 +234,8 @@ def main() -> int:
     from inventory.models import VM, Host
     from protection.models import Protection
     from protection.services import protection_start
-    from tests.protection import fixtures as fx
-    from tests.protection.test_workflows import agile_running_vm, shared_sr
-    from tests.support import start_xapisim
+    from tests import conftest as fx
+    from tests.support import agile_running_vm, dump_logs, make_user, register_pool, shared_sr, wait_run
 
     ok = False
     procs: list = []
@@ -246,22 +247,23 @@ def main() -> int:
             env = fixture_body(fx.console_env)(queue, box)
             # Production intervals: the beat sweep must not be what raises the alerts measured here.
             env.update(EAC_SWEEP_INTERVAL="15", EAC_EVENT_TIMEOUT="30")
-            start = stack.enter_context(fixture_body(fx.start_proc)())
+            logs = Path(tempfile.mkdtemp(prefix="bench-alerts-"))  # the processes' logs and beat's schedule
+            start = stack.enter_context(fixture_body(fx.start_proc)(logs))
             tasks = TaskArrivals(worker_prefix=queue)
             tasks.start()
             stack.callback(tasks.stop)
 
             t0 = time.monotonic()
-            sim = start_xapisim("--ha-timeout", f"{args.ha_timeout:g}")
+            sim = start_xapisim("--ha-timeout", f"{args.ha_timeout:g}", op_delay=0.01)
             stack.callback(sim.stop)
-            pool = fx.register_pool(sim)
+            pool = register_pool(sim)
             Recipient.objects.create(email="ops@example.org", name="Ops")
-            admin = fx.make_user("bench-admin", "Administrators")
+            admin = make_user("bench-admin", "Administrators")
             procs += [start("worker", env, "-E"), start("beat", env), start("watcher", env)]
             vm = agile_running_vm(pool)
             run = protection_start(vm=vm, level=1, requested_by=admin,
                                    settings={"heartbeat_sr": shared_sr(pool).uuid, "failures_to_tolerate": 1})
-            run = fx.wait_run(run.pk)
+            run = wait_run(run.pk)
             if run.state != "succeeded":
                 raise RuntimeError(f"protecting {vm.name_label} failed: {run.error_message}")
             wait(lambda: VM.objects.filter(pk=vm.pk, ha_restart_priority="restart").exists(), 20,
@@ -306,7 +308,7 @@ def main() -> int:
             ok = report(samples)
     except Exception:
         if procs:
-            print(fx.dump_logs(*procs), file=sys.stderr)
+            print(dump_logs(*procs), file=sys.stderr)
         raise
     finally:
         drop_bench_database(base, BENCH_DB)
