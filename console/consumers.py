@@ -312,14 +312,15 @@ class LiveConsumer(AsyncWebsocketConsumer):
         return last is None or seq == last + 1
 
     def _changed_since(self, rendered_at: float) -> bool:
-        """Did a visible pool change, or get registered or synced, between the page's render and this socket's
-        opening?"""
+        """Did a visible pool change (in XAPI or in the console: renamed, marked for removal), or get registered or
+        synced, between the page's render and this socket's opening?"""
         try:
             since = dt.datetime.fromtimestamp(rendered_at, tz=dt.UTC)
         except (OverflowError, OSError, ValueError):
             return True
         return Pool.objects.filter(
-            Q(last_event_at__gt=since) | Q(created_at__gt=since) | Q(last_sync_at__gt=since),
+            Q(last_event_at__gt=since) | Q(created_at__gt=since) | Q(last_sync_at__gt=since)
+            | Q(updated_at__gt=since) | Q(removing_since__gt=since),
             pk__in=self.pools.values(),
         ).exists()
 

@@ -46,6 +46,8 @@ class Pool(models.Model):
     last_event_at = models.DateTimeField(null=True, blank=True)
     last_sync_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    # When the console last saved it (a rename, a new connection): an open page rendered before it resyncs.
+    updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
         ordering = ["name"]

@@ -430,3 +430,20 @@ def test_a_message_lost_by_the_channel_layer_makes_the_page_resync(viewer, two_d
         await communicator.disconnect()
 
     run(scenario)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_rename_between_the_render_and_the_socket_makes_the_page_resync(viewer, two_demo_pools):
+    cookie = session_cookie(viewer)
+    lab = two_demo_pools[1]["pool"]
+
+    async def scenario():
+        hello = await hello_for(viewer, "/")
+        # Renamed in the console after the page was rendered, before its socket opened: no socket heard of it.
+        await database_sync_to_async(pool_update)(pool=lab, name="Lab pool renamed")
+        communicator, _ = await connect([ORIGIN, cookie])
+        await communicator.send_to(text_data=json.dumps(hello))
+        await receive_until(communicator, lambda t: t == RESYNC)
+        await communicator.disconnect()
+
+    run(scenario)
