@@ -22,8 +22,9 @@ Chromium driven by Playwright (bench_live's flags) with one tab on the VM table 
    finished (same clock) and the full syncs it did (the processes start together, so the first to reconcile may
    take every pool and hand the others' shares over a second later: those count).
 2. Event to DOM under load. One tab on ``/vms/?pool=<the first pool>`` (a superuser's, who may see every pool: its
-   socket follows the first pool in detail and the others by their throttled summaries, console.consumers). Each sample changes one VM of the table's first page through that pool's simulator: a crash through
-   /sim/, then a start through the XAPI (``VM.start``), alternately; the clock starts just before the call and
+   socket follows the first pool in detail and the others by their throttled summaries, console.consumers). Each
+   sample changes one VM of the table's first page through that pool's simulator: a crash through /sim/, then a
+   start through the XAPI (``VM.start``), alternately; the clock starts just before the call and
    stops when htmx has swapped in the VM's row with the new power state (bench_live's probe, wall clock of the
    same machine; only a row swapped in after the change counts, not one left showing that state by an update the
    page missed). First ``--idle-events`` samples with nothing else happening, then ``--events`` while every
