@@ -2,7 +2,7 @@
 
 Written the sans-I/O way: ``ServerConnection`` is a pure state machine (bytes in, events out, reply bytes built by
 functions of this module) and ``NBDServer`` is the thin asyncio shell that owns sockets and calls the backend. The
-wire format is declared once, in the tables below; tests/am/nbd_client.py imports them rather than restating them.
+wire format is declared once, in the tables below; am/nbd_client.py imports them rather than restating them.
 
 Threading contract: everything here runs on one event loop; ``drop_clients``/``clients`` are called from that loop.
 """

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 
+from .live.bed import LiveBed
 from .server import Simulator
 
 
@@ -34,6 +35,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--op-delay", type=float, default=0.05, help="simulated duration of a VM operation, s")
     p.add_argument("--ha-timeout", type=float, default=10.0, help="host failure detection delay when HA gives none, s")
     p.add_argument("--listen-hosts", type=int, default=16, help="how many hosts get a listener (default 16)")
+    p.add_argument(
+        "--live",
+        action="store_true",
+        help="run hosts, AMs and a few guests as real namespaces and processes (root; demo preset only)",
+    )
+    p.add_argument("--live-dir", help="where the live bed keeps images, configs and logs (default: a temporary one)")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p.parse_args(argv)
 
@@ -44,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     preset = "generated" if args.hosts is not None or args.vms is not None else args.preset
+    if args.live and preset != "demo":
+        print("xapisim: --live runs the demo preset only", file=sys.stderr)
+        return 2
+    if args.live and os.geteuid() != 0:
+        print("xapisim: --live needs root (network namespaces)", file=sys.stderr)
+        return 2
     sim = Simulator(
         preset,
         hosts=args.hosts,
@@ -70,10 +83,20 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"xapisim: cannot listen: {e}", file=sys.stderr)
         return 1
+    bed = None
+    if args.live:
+        try:
+            bed = LiveBed(sim.engine, args.live_dir).start()
+        except Exception as e:
+            sim.stop()
+            print(f"xapisim: the live bed failed: {e}", file=sys.stderr)
+            return 1
     # Scripts and tests wait for exactly this line to learn the port.
     print(f"xapisim listening on {sim.url}", flush=True)
     while not done.wait(3600):
         pass
+    if bed is not None:
+        bed.stop()
     sim.stop()
     return 0
 

@@ -104,6 +104,9 @@ class Engine:
         self.ha_restart_lock = threading.Lock()
         # Set by the server: called with (host_ref, up) when a host's power changes.
         self.power_hook: Any = None
+        # Set by the live test bed (xapisim.live): answers the /sim/ routes the core does not know, with
+        # ``route(method, parts, raw) -> (status, body) | None``.
+        self.sim_extension: Any = None
         self.stopped = threading.Event()
 
     # -- pool helpers -----------------------------------------------------

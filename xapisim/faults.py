@@ -9,6 +9,8 @@ events exactly as the real failure would look to a client (see ``hosts``).
     POST /sim/vms/<name|uuid>/crash
     POST /sim/pifs/<uuid>/carrier {"up": false}
     POST /sim/pbds/<uuid>/fail | repair
+
+The live test bed (``xapisim.live``) adds its routes through ``Engine.sim_extension``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class SimError(Exception):
         self.message = message
 
 
-def _find(engine: Engine, cls: str, key: str, *, by_name: bool = True) -> str:
+def find(engine: Engine, cls: str, key: str, *, by_name: bool = True) -> str:
     s = engine.store
     with engine.lock:
         ref = s.by_uuid[cls].get(key)
@@ -118,7 +120,7 @@ def state(engine: Engine) -> dict[str, Any]:
         }
 
 
-def _body(raw: bytes) -> dict[str, Any]:
+def parse_body(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
@@ -131,7 +133,7 @@ def _body(raw: bytes) -> dict[str, Any]:
 
 
 def _host_action(engine: Engine, key: str, action: str, body: dict[str, Any]) -> dict[str, Any]:
-    host = _find(engine, "host", key)
+    host = find(engine, "host", key)
     name = engine.store.tables["host"][host]["name_label"]
     if action == "crash":
         if not hosts.crash(engine, host):
@@ -173,7 +175,7 @@ def crash_vm(engine: Engine, vm_ref: str) -> None:
         engine.later(engine.config.vm_restart_delay, restart_vms, engine, [vm_ref])
 
 
-def _set_carrier(engine: Engine, pif: str, up: bool) -> None:
+def set_carrier(engine: Engine, pif: str, up: bool) -> None:
     s = engine.store
     with engine.lock:
         s.update(s.tables["PIF"][pif]["metrics"], {"carrier": up, "last_updated": now()})
@@ -202,24 +204,30 @@ def handle(engine: Engine, method: str, path: str, raw: bytes) -> tuple[int, dic
             if method != "GET":
                 raise SimError(405, "use GET")
             return 200, state(engine)
+        if engine.sim_extension is not None:
+            answer = engine.sim_extension.route(method, parts, raw)
+            if answer is not None:
+                return answer
+        elif parts == ["live"]:
+            raise SimError(404, "the simulator is not in live mode (python -m xapisim --live)")
         if method != "POST":
             raise SimError(405, "use POST")
-        body = _body(raw)
+        body = parse_body(raw)
         if len(parts) == 3 and parts[0] == "hosts":
             return 200, _host_action(engine, parts[1], parts[2], body)
         if len(parts) == 3 and parts[0] == "vms" and parts[2] == "crash":
-            vm = _find(engine, "VM", parts[1])
+            vm = find(engine, "VM", parts[1])
             crash_vm(engine, vm)
             return 200, {"vm": engine.store.tables["VM"][vm]["name_label"], "power_state": "Halted"}
         if len(parts) == 3 and parts[0] == "pifs" and parts[2] == "carrier":
-            pif = _find(engine, "PIF", parts[1], by_name=False)
+            pif = find(engine, "PIF", parts[1], by_name=False)
             up = body.get("up")
             if not isinstance(up, bool):
                 raise SimError(400, 'expected {"up": true|false}')
-            _set_carrier(engine, pif, up)
+            set_carrier(engine, pif, up)
             return 200, {"pif": parts[1], "carrier": up}
         if len(parts) == 3 and parts[0] == "pbds" and parts[2] in ("fail", "repair"):
-            pbd = _find(engine, "PBD", parts[1], by_name=False)
+            pbd = find(engine, "PBD", parts[1], by_name=False)
             _set_pbd(engine, pbd, parts[2] == "repair")
             return 200, {"pbd": parts[1], "currently_attached": parts[2] == "repair"}
         raise SimError(404, f"no such simulator endpoint: {method} {path}")

@@ -16,7 +16,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from tests.am.nbd_client import NBDClient, NBDReplyError
+from am.nbd_client import NBDClient, NBDReplyError
 
 BLOCK = 4096
 STAMP = struct.Struct(">QQ")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.am.nbd_client import NBDClient
+from am.nbd_client import NBDClient
 from tests.am.netbed import NetBed
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -42,8 +42,8 @@ from am.nbd import (
     Opt,
     Rep,
 )
+from am.nbd_client import NBDOptionError, NBDReplyError, go_data, handshake, send_option
 from tests.am.cluster import HOSTS, LINK_PORT, MGMT_PORT, ROOT
-from tests.am.nbd_client import NBDOptionError, NBDReplyError, go_data, handshake, send_option
 
 SIZE = 4 << 20
 HANGUP = 5.0  # seconds the agent has to close a connection it should refuse

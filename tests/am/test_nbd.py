@@ -48,7 +48,7 @@ from am.nbd import (
     ServerConnection,
     Violation,
 )
-from tests.am.nbd_client import NBDClient, NBDOptionError, NBDReplyError, go_data, handshake, send_option
+from am.nbd_client import NBDClient, NBDOptionError, NBDReplyError, go_data, handshake, send_option
 
 SIZE = 32 << 20
 HOST = "127.0.0.1"

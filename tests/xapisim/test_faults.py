@@ -176,6 +176,9 @@ def test_unknown_objects_get_404_and_bad_bodies_400(sim):
         ("POST", "/sim/hosts/xcp-host-1/slow", b"{not json", 400),
         ("POST", "/sim/hosts/xcp-host-1/slow", [1, 2], 400),
         ("GET", "/sim/hosts/xcp-host-1/crash", None, 405),
+        # The live bed's routes, without --live.
+        ("GET", "/sim/live", None, 404),
+        ("POST", "/sim/hosts/xcp-host-1/nic", {"up": False}, 404),
     ]
     pif = next(iter(sim.engine.store.tables["PIF"].values()))["uuid"]
     cases.append(("POST", f"/sim/pifs/{pif}/carrier", {"up": "no"}, 400))

@@ -163,3 +163,18 @@ def test_no_lazy_imports_and_no_private_names_imported_across_modules(module):
         if isinstance(stmt, ast.ImportFrom):
             private = [alias.name for alias in stmt.names if alias.name.startswith("_")]
             assert not private, f"{module} line {stmt.lineno} imports private {private} from {targets}"
+
+
+def test_only_the_command_line_imports_the_live_bed():
+    """The simulator runs without ``xapisim.live`` (root, namespaces, the ``am`` package): only ``--live`` needs it."""
+    assert any(
+        target.startswith("xapisim.live")
+        for stmt in all_imports(MODULES["xapisim.__main__"])
+        for target in _targets("xapisim.__main__", stmt)
+    ), "the walk must see __main__'s import of the live bed"
+    for module, tree in MODULES.items():
+        if module == "xapisim.__main__":
+            continue
+        for stmt in all_imports(tree):
+            targets = [t for t in _targets(module, stmt) if t.startswith("xapisim.live")]
+            assert not targets, f"{module} imports {targets}: the live bed sits above the simulator"

@@ -1,4 +1,5 @@
-"""A small asyncio NBD client for the tests: fixed newstyle, NBD_OPT_GO, simple replies, many requests in flight.
+"""A small asyncio NBD client: fixed newstyle, NBD_OPT_GO, simple replies, many requests in flight. The AM tests
+use it, and so does the live test bed's guest (xapisim.live.guest), whose disk it is.
 
 Its wire format is am.nbd's own tables, so it cannot catch a wrong constant there: the real clients of
 test_nbd.py (qemu-io, qemu-img, nbdinfo, nbdcopy, fio) do that. This one is for what they cannot do: many requests
@@ -116,6 +117,16 @@ class NBDClient:
         if Info.BLOCK_SIZE in infos:
             client.block_sizes = INFO_BLOCK_SIZE.unpack(infos[Info.BLOCK_SIZE])[1:]
         return client
+
+    @property
+    def lost(self) -> ConnectionError | None:
+        """Why the connection is gone, once it is (every later request raises it); None while it works."""
+        return self._lost
+
+    async def wait_lost(self) -> ConnectionError | None:
+        """Return once the connection is gone (the server hung up or the network failed), or closed."""
+        await asyncio.shield(self._replies)
+        return self._lost
 
     async def __aenter__(self) -> NBDClient:
         return self

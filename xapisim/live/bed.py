@@ -1,0 +1,657 @@
+"""The live test bed: the simulated pool's hosts, links and live guests as namespaces and processes (root only).
+
+Topology (namespaces ``<prefix>-<name>``, the prefix ``xs`` + 4 random hex digits; X derived from it, chosen so
+that no route of the root namespace already covers 10.X.0.0/16)::
+
+    namespace   what                                             address
+    lan         bridge ``sw``: the switch of the application network
+    la, lb      bridge ``sw``: availability-link networks A and B
+    h<i>        host i (1-based, the pool's order): bridge ``xenbr0``   10.X.0.(10+i)/20   (dom0's address)
+                  ``eth0`` (the NIC, a port of xenbr0) <-> lan ``h<i>``
+                  ``alink`` <-> la ``h<i>``                          10.X.16.(10+i)/24
+                  ``blink`` <-> lb ``h<i>``                          10.X.17.(10+i)/24
+                  its AM (management :7480, NBD :10809, links :7481), its disk server (:10810)
+                  ``vif<domid>.0``: a guest's port on xenbr0
+    witness     ``eth0`` on the lan, the AM witness (:7490)       10.X.0.2/20
+    client      ``eth0`` on the lan                               10.X.0.3/20
+    g<uuid8>    one live guest: ``eth0`` (its VIF's MAC)          10.X.1.n/20, service on :7000
+    (root)      ``<prefix>-up`` on the lan: the simulator's own namespace reaches every address above
+                                                                  10.X.0.1/20
+
+The AMs are paired in the pool's order (hosts 1-2, 3-4...; an odd last host runs none), share one witness and one
+management token (``<workdir>/am/mgmt.token``), and have ``testbed.fault_injection`` on.
+
+A reconcile thread keeps the machines matching the pool (``reconcile.plan``): it wakes on every change of the
+store and on every host power change, reads what should run, and acts. A live guest's process that exits on its
+own is a guest crash: its VM becomes Halted with ``VM_CRASHED`` (HA restarts it if it is protected).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import faults
+from .faults import LiveRoutes
+from .netns import IP, Namespaces, NetnsError, cut_table, drop_table, free_prefix
+from .reconcile import (
+    LINKS,
+    Action,
+    BootHost,
+    CrashHost,
+    GuestState,
+    HostState,
+    PauseGuest,
+    SetDisk,
+    SetLink,
+    SetNic,
+    StartGuest,
+    StopGuest,
+    World,
+    after,
+    plan,
+)
+
+if TYPE_CHECKING:
+    from ..engine import Engine
+
+log = logging.getLogger("xapisim.live")
+
+# other_config keys of a VM: the flag that asks for a live guest, and the address the bed gave it.
+LIVE_GUEST_KEY = "xapisim_live_guest"
+LIVE_IP_KEY = "xapisim_live_ip"
+# The small VMs of the demo preset that get a live guest in live mode (backup-proxy starts Halted).
+DEMO_LIVE_GUESTS = ("web-01", "web-02", "vpn-gw", "backup-proxy")
+
+MGMT_PORT, AM_NBD_PORT, LINK_PORT, WITNESS_PORT = 7480, 10809, 7481, 7490
+DISK_PORT = 10810
+GUEST_PORT = 7000
+# How long a clean guest stop may take before the guest is killed.
+STOP_GRACE = 3.0
+
+
+@dataclass
+class LiveGuest:
+    vm: str
+    name: str
+    uuid: str
+    namespace: str  # short name
+    ip: str
+    mac: str
+    host: str
+    disk: str  # "address:port" of its NBD server
+    export: str
+    proc: subprocess.Popen
+    paused: bool = False
+    stopping: bool = False
+
+
+def _root_routes() -> str:
+    out = subprocess.run([IP, "-4", "route", "show", "table", "all"], capture_output=True, text=True, timeout=10)
+    return out.stdout
+
+
+def _free_octet(prefix: str) -> int:
+    """The X of 10.X.0.0/16 for this bed: derived from the prefix, moved on while a root route overlaps it."""
+    routes = _root_routes()
+    used = []
+    for word in routes.split():
+        with contextlib.suppress(ValueError):
+            used.append(ipaddress.ip_network(word, strict=False))
+    octet = 20 + zlib.crc32(prefix.encode()) % 200
+    for step in range(200):
+        x = 20 + (octet - 20 + step) % 200
+        net = ipaddress.ip_network(f"10.{x}.0.0/16")
+        if not any(net.overlaps(u) for u in used if u.prefixlen > 0):
+            return x
+    raise NetnsError("no free 10.X.0.0/16 for the live bed")
+
+
+class LiveBed:
+    """The machines of one simulated pool. ``start()`` builds them and starts following the pool; ``stop()``
+    removes every namespace, process and nft table it made (also run at exit)."""
+
+    def __init__(self, engine: Engine, workdir: str | os.PathLike | None = None, prefix: str | None = None) -> None:
+        self.engine = engine
+        self.prefix = prefix or free_prefix("xs")
+        self.ns = Namespaces(self.prefix)
+        self.octet = _free_octet(self.prefix)
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))
+        self.token = secrets.token_hex(16)
+        self.host_ns: dict[str, str] = {}  # host ref -> short namespace name
+        self.peers: dict[str, str] = {}  # host ref -> its AM peer
+        self.guests: dict[str, LiveGuest] = {}  # VM ref -> its running guest
+        self.guest_ips: dict[str, str] = {}  # VM ref -> its address, kept across restarts
+        self.link_cuts: set[tuple[str, str]] = set()  # (host ref, "a" | "b")
+        self.disk_failed: set[str] = set()
+        self.host_procs: dict[str, dict[str, subprocess.Popen]] = {}
+        self.have = World()
+        self._lock = threading.Lock()  # one reconcile at a time
+        self._poked = False
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._previous_power_hook: Any = None
+        self._hooked = False
+        self._started = False
+
+    # -- addresses ---------------------------------------------------------------------------------------
+
+    def host_index(self, host: str) -> int:
+        return self.engine.host_index(host) + 1
+
+    def host_addr(self, host: str) -> str:
+        return f"10.{self.octet}.0.{10 + self.host_index(host)}"
+
+    def link_addr(self, host: str, link: str) -> str:
+        return f"10.{self.octet}.{16 + LINKS.index(link)}.{10 + self.host_index(host)}"
+
+    @property
+    def witness_addr(self) -> str:
+        return f"10.{self.octet}.0.2"
+
+    @property
+    def client_addr(self) -> str:
+        return f"10.{self.octet}.0.3"
+
+    @property
+    def uplink_addr(self) -> str:
+        return f"10.{self.octet}.0.1"
+
+    def host_name(self, host: str) -> str:
+        return self.engine.store.tables["host"][host]["name_label"]
+
+    # -- start ---------------------------------------------------------------------------------------------
+
+    def start(self) -> LiveBed:
+        if os.geteuid() != 0:
+            raise PermissionError("the live bed needs root (network namespaces)")
+        started = time.monotonic()
+        try:
+            self._build()
+            self._mark_live_guests()
+            self._start_witness()
+            self._hook()
+            self.reconcile()
+        except BaseException:
+            self.stop()
+            raise
+        self._thread = threading.Thread(target=self._follow, name="xapisim-live", daemon=True)
+        self._thread.start()
+        self._started = True
+        log.info("live bed %s up in %.1fs (10.%d.0.0/16, workdir %s)", self.prefix, time.monotonic() - started,
+                 self.octet, self.workdir)
+        return self
+
+    def _build(self) -> None:
+        engine, p, n = self.engine, self.prefix, self.ns.netns
+        for sub in ("disks", "am", "logs"):
+            (self.workdir / sub).mkdir(parents=True, exist_ok=True)
+        (self.workdir / "am" / "mgmt.token").write_text(self.token)
+        (self.workdir / "am" / "witness.token").write_text(secrets.token_hex(16))
+        for i, host in enumerate(engine.hosts):
+            self.host_ns[host] = f"h{i + 1}"
+        for i in range(0, len(engine.hosts) - 1, 2):
+            a, b = engine.hosts[i], engine.hosts[i + 1]
+            self.peers[a], self.peers[b] = b, a
+        hosts = list(self.host_ns.values())
+        names = ["lan", "la", "lb", "witness", "client", *hosts]
+        bridge = "type bridge stp_state 0 forward_delay 0"
+        root = [f"link add sw netns {n(s)} {bridge}" for s in ("lan", "la", "lb")]
+        for host, h in self.host_ns.items():
+            # A bridge takes the lowest MAC of its ports unless given one: a guest's port joining would change
+            # dom0's MAC under the guests' ARP caches.
+            mac = f"02:00:{self.octet:02x}:00:00:{self.host_index(host):02x}"
+            root += [
+                f"link add xenbr0 netns {n(h)} address {mac} {bridge}",
+                f"link add eth0 netns {n(h)} type veth peer name {h} netns {n('lan')}",
+                f"link add alink netns {n(h)} type veth peer name {h} netns {n('la')}",
+                f"link add blink netns {n(h)} type veth peer name {h} netns {n('lb')}",
+            ]
+        for other in ("witness", "client"):
+            root.append(f"link add eth0 netns {n(other)} type veth peer name {other} netns {n('lan')}")
+        root += [
+            f"link add {p}-up type veth peer name uplink netns {n('lan')}",
+            f"addr add {self.uplink_addr}/20 dev {p}-up",
+            f"link set {p}-up up",
+        ]
+        self.ns.add_namespaces(names, root)
+        per_ns: dict[str, list[str]] = {}
+        lan_ports = [*hosts, "witness", "client", "uplink"]
+        for switch, ports in (("lan", lan_ports), ("la", hosts), ("lb", hosts)):
+            per_ns[switch] = ["link set lo up", "link set sw up"]
+            per_ns[switch] += [line for port in ports for line in (f"link set {port} master sw", f"link set {port} up")]
+        for host, h in self.host_ns.items():
+            per_ns[h] = [
+                "link set lo up",
+                f"addr add {self.host_addr(host)}/20 dev xenbr0",
+                "link set xenbr0 up",
+                "link set eth0 master xenbr0",
+                "link set eth0 up",
+                f"addr add {self.link_addr(host, 'a')}/24 dev alink",
+                "link set alink up",
+                f"addr add {self.link_addr(host, 'b')}/24 dev blink",
+                "link set blink up",
+            ]
+        for other, addr in (("witness", self.witness_addr), ("client", self.client_addr)):
+            per_ns[other] = ["link set lo up", f"addr add {addr}/20 dev eth0", "link set eth0 up"]
+        self.ns.ip_batches(per_ns)
+        for host in self.peers:
+            self._write_am_config(host)
+
+    def _write_am_config(self, host: str) -> None:
+        name, peer = self.host_name(host), self.peers[host]
+        (self.workdir / "am" / name).mkdir(exist_ok=True)
+        (self.workdir / "am" / f"{name}.toml").write_text(f"""\
+node = "{name}"
+data_dir = "{name}"
+[management]
+listen = "{self.host_addr(host)}:{MGMT_PORT}"
+token_file = "mgmt.token"
+[nbd]
+listen = "{self.host_addr(host)}:{AM_NBD_PORT}"
+[links]
+a = "{self.link_addr(host, 'a')}:{LINK_PORT}"
+b = "{self.link_addr(host, 'b')}:{LINK_PORT}"
+[peer]
+name = "{self.host_name(peer)}"
+a = "{self.link_addr(peer, 'a')}:{LINK_PORT}"
+b = "{self.link_addr(peer, 'b')}:{LINK_PORT}"
+[witness]
+url = "http://{self.witness_addr}:{WITNESS_PORT}"
+token_file = "witness.token"
+[testbed]
+fault_injection = true
+""")
+
+    def _mark_live_guests(self) -> None:
+        store = self.engine.store
+        with self.engine.lock:
+            for vm, rec in store.tables["VM"].items():
+                if rec["name_label"] in DEMO_LIVE_GUESTS and not rec["is_a_template"] and not rec["is_control_domain"]:
+                    store.map_put(vm, "other_config", LIVE_GUEST_KEY, "true")
+            for vm in sorted(self._flagged(), key=lambda v: store.tables["VM"][v]["name_label"]):
+                self._guest_ip(vm)
+
+    def _flagged(self) -> list[str]:
+        return [vm for vm, rec in self.engine.store.tables["VM"].items()
+                if rec["other_config"].get(LIVE_GUEST_KEY) == "true" and not rec["is_a_template"]]
+
+    def _guest_ip(self, vm: str) -> str:
+        """The VM's address, given once and shown in its other_config (call with the engine's lock held)."""
+        ip = self.guest_ips.get(vm)
+        if ip is None:
+            n = len(self.guest_ips) + 1
+            ip = f"10.{self.octet}.{1 + n // 250}.{n % 250 + 1}"
+            self.guest_ips[vm] = ip
+            self.engine.store.map_put(vm, "other_config", LIVE_IP_KEY, ip)
+        return ip
+
+    def _env(self) -> dict[str, str]:
+        root = str(Path(__file__).resolve().parents[2])
+        path = os.environ.get("PYTHONPATH")
+        return {**os.environ, "PYTHONPATH": f"{root}:{path}" if path else root, "PYTHONUNBUFFERED": "1"}
+
+    def _log(self, name: str) -> Path:
+        return self.workdir / "logs" / f"{name}.log"
+
+    def _start_witness(self) -> None:
+        am = self.workdir / "am"
+        self.ns.spawn("witness", [
+            sys.executable, "-m", "am.witness", "--listen", f"{self.witness_addr}:{WITNESS_PORT}",
+            "--token-file", str(am / "witness.token"), "--state", str(am / "witness.json"),
+        ], log_path=self._log("witness"), env=self._env())
+
+    # -- following the pool --------------------------------------------------------------------------------
+
+    def _hook(self) -> None:
+        engine = self.engine
+        self._previous_power_hook = previous = engine.power_hook
+        self._hooked = True
+
+        def power_hook(host: str, up: bool) -> None:
+            if previous is not None:
+                previous(host, up)
+            self.poke()
+
+        engine.power_hook = power_hook
+        engine.sim_extension = LiveRoutes(self)
+
+    def poke(self) -> None:
+        """Something outside the store changed (host power, a live fault): reconcile now."""
+        with self.engine.store.cond:
+            self._poked = True
+            self.engine.store.cond.notify_all()
+
+    def _follow(self) -> None:
+        store = self.engine.store
+        seen = -1
+        while not self._stopping.is_set():
+            with store.cond:
+                store.cond.wait_for(lambda seen=seen: self._woken(seen), timeout=0.2)
+                self._poked = False
+                seen = store.generation
+            if self._stopping.is_set():
+                return
+            try:
+                self._check_exits()
+                self.reconcile()
+            except Exception:  # a failed action is retried on the next change; never stop following
+                log.exception("live bed: reconcile failed")
+                self._stopping.wait(0.2)
+
+    def _woken(self, seen: int) -> bool:
+        return self.engine.store.generation != seen or self._poked or self._stopping.is_set()
+
+    def want(self) -> World:
+        engine, store = self.engine, self.engine.store
+        with engine.lock:
+            hosts = {}
+            for host in engine.hosts:
+                nic_up = not any(
+                    store.tables["PIF"][pif]["device"] == "eth0" for pif in engine.pif_carrier_down
+                    if store.tables["PIF"][pif]["host"] == host
+                )
+                hosts[host] = HostState(
+                    up=engine.is_up(host),
+                    nic_up=nic_up,
+                    links_cut=frozenset(link for h, link in self.link_cuts if h == host),
+                    disk_failed=host in self.disk_failed,
+                )
+            guests = {}
+            for vm in self._flagged():
+                rec = store.tables["VM"][vm]
+                where = rec["resident_on"]
+                if rec["power_state"] in ("Running", "Paused") and where in hosts and hosts[where].up:
+                    guests[vm] = GuestState(where, int(rec["domid"]), paused=rec["power_state"] == "Paused")
+        return World(hosts, guests)
+
+    def reconcile(self) -> None:
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            failed: set[str] = set()
+            for action in plan(self.want(), self.have):
+                if getattr(action, "vm", None) in failed:
+                    continue
+                try:
+                    self._apply(action)
+                except Exception:
+                    if not isinstance(action, StartGuest):
+                        raise  # the follow loop logs it and tries again on the next change
+                    # A guest that cannot start is a VM that failed to boot: show it (and never retry in a loop).
+                    log.exception("live bed: %s failed: the VM crashed", self._describe(action))
+                    failed.add(action.vm)
+                    with contextlib.suppress(Exception):
+                        self._remove_guest(action.vm)
+                    with contextlib.suppress(faults.SimError):
+                        faults.crash_vm(self.engine, action.vm)
+                    continue
+                self.have = after(self.have, action)
+
+    def _check_exits(self) -> None:
+        """A guest that ended without the bed stopping it crashed: its VM follows (VM_CRASHED, Halted)."""
+        for vm, guest in list(self.guests.items()):
+            code = guest.proc.poll()
+            if code is None or guest.stopping:
+                continue
+            log.warning("guest %s exited with status %s: the VM crashed", guest.name, code)
+            with self._lock:
+                self._remove_guest(vm)
+            with contextlib.suppress(faults.SimError):
+                faults.crash_vm(self.engine, vm)
+
+    # -- actions ---------------------------------------------------------------------------------------------
+
+    def _describe(self, action: Action) -> str:
+        """The action with names for refs, for the log."""
+        store = self.engine.store
+        fields = []
+        for key, value in vars(action).items():
+            rec = store.get(value) if isinstance(value, str) else None
+            fields.append(f"{key}={rec['name_label'] if rec is not None else value}")
+        return f"{type(action).__name__}({', '.join(fields)})"
+
+    def _apply(self, action: Action) -> None:
+        log.info("live bed: %s", self._describe(action))
+        if isinstance(action, StopGuest):
+            self._stop_guest(action.vm, hard=action.hard)
+        elif isinstance(action, CrashHost):
+            self.ns.kill_namespace_processes(self.host_ns[action.host])
+            self.host_procs.pop(action.host, None)
+        elif isinstance(action, BootHost):
+            self._boot(action.host, action.disk_failed)
+        elif isinstance(action, SetNic):
+            table = cut_table("xapisim_nic", "eth0") if not action.up else drop_table("xapisim_nic")
+            self.ns.nft([self.host_ns[action.host]], table)
+        elif isinstance(action, SetLink):
+            dev, table = f"{action.link}link", f"xapisim_link_{action.link}"
+            self.ns.nft([self.host_ns[action.host]], drop_table(table) if action.up else cut_table(table, dev))
+        elif isinstance(action, SetDisk):
+            self._signal_disk(action.host, action.failed)
+        elif isinstance(action, StartGuest):
+            self._start_guest(action.vm, action.host)
+        elif isinstance(action, PauseGuest):
+            guest = self.guests[action.vm]
+            os.killpg(guest.proc.pid, signal.SIGSTOP if action.paused else signal.SIGCONT)
+            guest.paused = action.paused
+
+    def _boot(self, host: str, disk_failed: bool) -> None:
+        h, name = self.host_ns[host], self.host_name(host)
+        procs = {}
+        argv = [sys.executable, "-m", "xapisim.live.disks", "--listen", f"{self.host_addr(host)}:{DISK_PORT}",
+                "--dir", str(self.workdir / "disks")]
+        procs["disks"] = self.ns.spawn(h, [*argv, *(["--failed"] if disk_failed else [])],
+                                       log_path=self._log(f"{name}-disks"), env=self._env())
+        if host in self.peers:
+            procs["am"] = self.ns.spawn(h, [sys.executable, "-m", "am", "--config",
+                                            str(self.workdir / "am" / f"{name}.toml")],
+                                        log_path=self._log(f"{name}-am"), env=self._env())
+        self.host_procs[host] = procs
+
+    def _signal_disk(self, host: str, failed: bool) -> None:
+        proc = self.host_procs.get(host, {}).get("disks")
+        if proc is None:
+            return
+        path = self._log(f"{self.host_name(host)}-disks")
+        # The signal's default action kills: wait until the server has set its handlers (it says so). Then wait
+        # for it to say the disk changed, so that the fault is in force when the /sim/ request answers.
+        self._wait_log(path, "disks ready", proc)
+        mark = path.stat().st_size
+        os.kill(proc.pid, signal.SIGUSR1 if failed else signal.SIGUSR2)
+        self._wait_log(path, "disk failed" if failed else "disk repaired", proc, after=mark)
+
+    def _wait_log(self, path: Path, text: str, proc: subprocess.Popen, after: int = 0, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(FileNotFoundError), path.open("rb") as f:
+                f.seek(after)
+                if text.encode() in f.read():
+                    return
+            time.sleep(0.01)
+        raise NetnsError(f"{path.name} never said {text!r}")
+
+    def disk_endpoint(self, vm: str, host: str) -> tuple[str, str]:
+        """Where the guest of ``vm`` running on ``host`` finds its disk: ("address:port", export name).
+
+        The one place that decides it. Today: the VM's first VDI, an image of the bed's storage served by the
+        host's disk server, unmirrored. Level 2 will answer here with the host AM's NBD address and the name of
+        the VM's mirrored resource (and the guest will then follow the resource's primary).
+        """
+        store = self.engine.store
+        with self.engine.lock:
+            for vbd in store.tables["VM"][vm]["VBDs"]:
+                rec = store.tables["VBD"][vbd]
+                if rec["type"] == "Disk" and not rec["empty"] and store.exists("VDI", rec["VDI"]):
+                    vdi = store.tables["VDI"][rec["VDI"]]
+                    export, size = vdi["uuid"], int(vdi["virtual_size"])
+                    break
+            else:
+                raise NetnsError(f"VM {store.tables['VM'][vm]['name_label']} has no disk")
+        image = self.workdir / "disks" / f"{export}.img"
+        if not image.exists():
+            with image.open("wb") as f:
+                f.truncate(size)  # sparse: the guest writes a few sectors of it
+        return f"{self.host_addr(host)}:{DISK_PORT}", export
+
+    def _start_guest(self, vm: str, host: str) -> None:
+        store = self.engine.store
+        with self.engine.lock:
+            rec = store.tables["VM"][vm]
+            name, uuid, domid = rec["name_label"], rec["uuid"], int(rec["domid"])
+            vifs = sorted(rec["VIFs"], key=lambda v: store.tables["VIF"][v]["device"])
+            mac = store.tables["VIF"][vifs[0]]["MAC"] if vifs else f"02:00:00:{secrets.token_hex(3)}"
+            ip = self._guest_ip(vm)
+        disk, export = self.disk_endpoint(vm, host)
+        g, h, n = f"g{uuid[:8]}", self.host_ns[host], self.ns.netns
+        vif = f"vif{domid}.0" if 0 < domid < 10**9 else f"vif{secrets.token_hex(3)}"
+        self.ns.delete_namespaces([g])  # a leftover of an interrupted stop
+        nic = f"link add eth0 netns {n(g)} address {mac} type veth peer name {vif} netns {n(h)}"
+        self.ns.add_namespaces([g], [nic])
+        self.ns.ip_batches({
+            g: ["link set lo up", f"addr add {ip}/20 dev eth0", "link set eth0 up"],
+            h: [f"link set {vif} master xenbr0", f"link set {vif} up"],
+        })
+        argv = [sys.executable, "-m", "xapisim.live.guest", "--name", name, "--listen", f"{ip}:{GUEST_PORT}",
+                "--disk", f"{disk}/{export}", "--nic", "eth0"]
+        proc = self.ns.spawn(g, argv, log_path=self._log(f"guest-{name}"), env=self._env())
+        self.guests[vm] = LiveGuest(vm, name, uuid, g, ip, mac, host, disk, export, proc)
+
+    def _stop_guest(self, vm: str, hard: bool) -> None:
+        guest = self.guests.get(vm)
+        if guest is None:
+            return
+        guest.stopping = True
+        if not hard and guest.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(guest.proc.pid, signal.SIGCONT)  # a paused guest must run to stop cleanly
+                os.killpg(guest.proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                guest.proc.wait(STOP_GRACE)
+        self._remove_guest(vm)
+
+    def _remove_guest(self, vm: str) -> None:
+        guest = self.guests.pop(vm, None)
+        if guest is None:
+            return
+        guest.stopping = True
+        self.ns.delete_namespaces([guest.namespace])  # SIGKILLs what is left, and the veth goes with it
+        guest.proc.poll()
+        guests = dict(self.have.guests)
+        guests.pop(vm, None)
+        self.have = World(self.have.hosts, guests)
+
+    # -- faults the pool's records do not hold ---------------------------------------------------------------
+
+    def set_link(self, host: str, link: str, up: bool) -> None:
+        if link not in LINKS:
+            raise ValueError(f"unknown link {link!r} (a or b)")
+        with self.engine.lock:
+            (self.link_cuts.discard if up else self.link_cuts.add)((host, link))
+        self.poke()
+        self.settle()
+
+    def set_disk(self, host: str, failed: bool) -> None:
+        with self.engine.lock:
+            (self.disk_failed.add if failed else self.disk_failed.discard)(host)
+        self.poke()
+        self.settle()
+
+    def settle(self, timeout: float = 10.0) -> None:
+        """Return once the hosts match the pool (so a fault's request answers when the fault is in force)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.reconcile()
+            if self.want().hosts == dict(self.have.hosts):
+                return
+            time.sleep(0.02)
+
+    # -- what the bed is -------------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        engine = self.engine
+        with engine.lock:
+            hosts = []
+            for host in engine.hosts:
+                have = self.have.hosts.get(host, HostState(up=False))
+                entry: dict[str, Any] = {
+                    "name": self.host_name(host),
+                    "namespace": self.ns.netns(self.host_ns[host]),
+                    "address": self.host_addr(host),
+                    "links": {link: self.link_addr(host, link) for link in LINKS},
+                    "disks": f"{self.host_addr(host)}:{DISK_PORT}",
+                    "up": have.up,
+                    "nic_up": have.nic_up,
+                    "links_cut": sorted(have.links_cut),
+                    "disk_failed": have.disk_failed,
+                    "am": None,
+                }
+                if host in self.peers:
+                    entry["am"] = {
+                        "api": f"http://{self.host_addr(host)}:{MGMT_PORT}",
+                        "nbd": f"{self.host_addr(host)}:{AM_NBD_PORT}",
+                        "peer": self.host_name(self.peers[host]),
+                        "token_file": str(self.workdir / "am" / "mgmt.token"),
+                        "config": str(self.workdir / "am" / f"{self.host_name(host)}.toml"),
+                    }
+                hosts.append(entry)
+            guests = [
+                {
+                    "vm": g.name,
+                    "uuid": g.uuid,
+                    "namespace": self.ns.netns(g.namespace),
+                    "ip": g.ip,
+                    "port": GUEST_PORT,
+                    "mac": g.mac,
+                    "host": self.host_name(g.host),
+                    "pid": g.proc.pid,
+                    "paused": g.paused,
+                    "disk": {"address": g.disk, "export": g.export},
+                }
+                for g in self.guests.values()
+            ]
+        return {
+            "prefix": self.prefix,
+            "network": f"10.{self.octet}.0.0/16",
+            "workdir": str(self.workdir),
+            "uplink": {"interface": f"{self.prefix}-up", "address": self.uplink_addr},
+            "witness": {"namespace": self.ns.netns("witness"), "url": f"http://{self.witness_addr}:{WITNESS_PORT}"},
+            "client": {"namespace": self.ns.netns("client"), "address": self.client_addr},
+            "hosts": hosts,
+            "guests": guests,
+        }
+
+    # -- stop ------------------------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Every process, namespace and nft table of the bed gone (nft tables live in the namespaces). Idempotent."""
+        self._stopping.set()
+        with self.engine.store.cond:
+            self.engine.store.cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(10)
+        if self.engine.sim_extension is not None and getattr(self.engine.sim_extension, "bed", None) is self:
+            self.engine.sim_extension = None
+        if self._hooked:
+            self.engine.power_hook = self._previous_power_hook
+            self._hooked = False
+        try:
+            self.ns.close()
+        finally:
+            if self._own_workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+            self._started = False

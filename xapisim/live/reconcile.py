@@ -1,0 +1,165 @@
+"""What the live bed must do to make the machines match the simulated pool (pure: no processes, no namespaces).
+
+The pool's records and the simulator's hardware state say what *should* run (``want``): which hosts are powered
+on, whose NIC, availability links and disk are broken, and which live guests run where, paused or not. The bed
+remembers what it made true (``have``). ``plan(want, have)`` lists the actions that take ``have`` to ``want``, in
+an order that is safe for the machines:
+
+1. guests that must stop (their VM halted, rebooted or moved, or their host lost power: then hard, as a crash);
+2. hosts that lost power (every process of the host killed), then hosts powered on (AM and disk server started);
+3. NIC, link and disk faults;
+4. guests that must start, then pause / unpause.
+
+``after(have, action)`` is the world once an action is done, so the shell can record progress action by action.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+LINKS = ("a", "b")
+
+
+@dataclass(frozen=True)
+class HostState:
+    up: bool = True  # powered on: its AM and disk server run
+    nic_up: bool = True  # the NIC (eth0) passes traffic
+    links_cut: frozenset[str] = frozenset()  # availability links cut at this host
+    disk_failed: bool = False
+
+
+@dataclass(frozen=True)
+class GuestState:
+    host: str
+    domid: int = 0  # a new domain (a reboot, a migration) is a new guest process
+    paused: bool = False
+
+
+@dataclass(frozen=True)
+class World:
+    hosts: Mapping[str, HostState] = field(default_factory=dict)
+    guests: Mapping[str, GuestState] = field(default_factory=dict)  # VM ref -> where its guest runs
+
+
+# -- actions -----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StopGuest:
+    vm: str
+    hard: bool  # SIGKILL at once (its host died), not a clean stop
+
+
+@dataclass(frozen=True)
+class CrashHost:
+    host: str
+
+
+@dataclass(frozen=True)
+class BootHost:
+    host: str
+    disk_failed: bool
+
+
+@dataclass(frozen=True)
+class SetNic:
+    host: str
+    up: bool
+
+
+@dataclass(frozen=True)
+class SetLink:
+    host: str
+    link: str
+    up: bool
+
+
+@dataclass(frozen=True)
+class SetDisk:
+    host: str
+    failed: bool
+
+
+@dataclass(frozen=True)
+class StartGuest:
+    vm: str
+    host: str
+    domid: int = 0
+
+
+@dataclass(frozen=True)
+class PauseGuest:
+    vm: str
+    paused: bool
+
+
+Action = StopGuest | CrashHost | BootHost | SetNic | SetLink | SetDisk | StartGuest | PauseGuest
+
+
+def plan(want: World, have: World) -> list[Action]:
+    actions: list[Action] = []
+    down = {h for h, s in want.hosts.items() if not s.up}
+    kept: dict[str, GuestState] = {}
+    for vm, now in have.guests.items():
+        target = want.guests.get(vm)
+        if target is None or (target.host, target.domid) != (now.host, now.domid):
+            actions.append(StopGuest(vm, hard=now.host in down))
+        else:
+            kept[vm] = now
+
+    for host, target in want.hosts.items():
+        now = have.hosts.get(host, HostState(up=False))
+        if now.up and not target.up:
+            actions.append(CrashHost(host))
+    for host, target in want.hosts.items():
+        now = have.hosts.get(host, HostState(up=False))
+        if target.up and not now.up:
+            actions.append(BootHost(host, target.disk_failed))
+
+    for host, target in want.hosts.items():
+        now = have.hosts.get(host, HostState(up=False))
+        if target.nic_up != now.nic_up:
+            actions.append(SetNic(host, target.nic_up))
+        for link in LINKS:
+            if (link in target.links_cut) != (link in now.links_cut):
+                actions.append(SetLink(host, link, link not in target.links_cut))
+        # A booting host starts with the wanted disk state; a running one is told.
+        if target.up and now.up and target.disk_failed != now.disk_failed:
+            actions.append(SetDisk(host, target.disk_failed))
+
+    for vm, target in want.guests.items():
+        if not want.hosts.get(target.host, HostState(up=False)).up:
+            continue  # never start a guest on a host without power (want should not ask for it)
+        now_guest = kept.get(vm)
+        if now_guest is None:
+            actions.append(StartGuest(vm, target.host, target.domid))
+            if target.paused:
+                actions.append(PauseGuest(vm, True))
+        elif now_guest.paused != target.paused:
+            actions.append(PauseGuest(vm, target.paused))
+    return actions
+
+
+def after(have: World, action: Action) -> World:
+    """The world once ``action`` is done."""
+    hosts, guests = dict(have.hosts), dict(have.guests)
+    if isinstance(action, StopGuest):
+        guests.pop(action.vm, None)
+    elif isinstance(action, CrashHost):
+        hosts[action.host] = replace(hosts.get(action.host, HostState()), up=False)
+    elif isinstance(action, BootHost):
+        hosts[action.host] = replace(hosts.get(action.host, HostState()), up=True, disk_failed=action.disk_failed)
+    elif isinstance(action, SetNic):
+        hosts[action.host] = replace(hosts.get(action.host, HostState(up=False)), nic_up=action.up)
+    elif isinstance(action, SetLink):
+        now = hosts.get(action.host, HostState(up=False))
+        cut = now.links_cut - {action.link} if action.up else now.links_cut | {action.link}
+        hosts[action.host] = replace(now, links_cut=frozenset(cut))
+    elif isinstance(action, SetDisk):
+        hosts[action.host] = replace(hosts.get(action.host, HostState()), disk_failed=action.failed)
+    elif isinstance(action, StartGuest):
+        guests[action.vm] = GuestState(action.host, action.domid)
+    elif isinstance(action, PauseGuest):
+        guests[action.vm] = replace(guests[action.vm], paused=action.paused)
+    return World(hosts, guests)
