@@ -360,6 +360,11 @@ class LiveConsumer(AsyncWebsocketConsumer):
         pool_uuid, classes = event.get("pool"), event.get("classes")
         if pool_uuid in self.focus or pool_uuid not in self.pools or not isinstance(classes, dict):
             return
+        if "resync" in classes:
+            # Read again from scratch (its first sync, a reconnect): hosts may have come or gone, which labels
+            # cannot show.
+            await self.inventory_resync({"pool": pool_uuid})
+            return
         self._queue(pool_uuid, {cls: {f"summary-{op}": str(op) for op in ops if isinstance(op, str)}
                                 for cls, ops in classes.items() if isinstance(ops, list)})
 

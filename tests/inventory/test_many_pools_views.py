@@ -447,3 +447,24 @@ def test_a_rename_between_the_render_and_the_socket_makes_the_page_resync(viewer
         await communicator.disconnect()
 
     run(scenario)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_pool_shown_by_its_labels_only_that_is_read_again_from_scratch_makes_the_page_resync(
+    viewer, two_demo_pools
+):
+    """Its first sync, or a reconnect: hosts may have come or gone, which label updates cannot show."""
+    from eac.realtime import inventory_resync
+
+    cookie = session_cookie(viewer)
+    lab = two_demo_pools[1]["pool"]
+
+    async def scenario():
+        communicator, _ = await connect([ORIGIN, cookie])
+        await communicator.send_to(text_data=json.dumps(await hello_for(viewer, "/")))
+        assert await communicator.receive_nothing(timeout=0.3)
+        await deliver(inventory_resync(pool=lab.uuid))  # the home page follows it by its summary only
+        await receive_until(communicator, lambda t: t == RESYNC)
+        await communicator.disconnect()
+
+    run(scenario)
