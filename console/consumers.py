@@ -1,16 +1,14 @@
 """Live updates of the console: one WebSocket per open page, at ``/ws/live/``.
 
-The consumer refuses anonymous users and users who may see no pool. Of each pool the user may see
-(``pools_visible_to``) it follows one of two groups, by what the page shows of it:
-
-- ``pool.<uuid>`` for the pools whose VMs the page shows (the *focus*: the pool of the object shown, the pools
-  of the VM table, the pools of open tree nodes that list VMs). The watcher emits ``inventory.change`` (the objects
-  a batch added, modified or deleted) and ``inventory.resync`` (the pool was read again from scratch) there after
-  commit, protection emits ``protection.change`` (a VM's protection changed). Each message carries its sender's
-  stream and sequence number (``eac.realtime``): a number that skips means the channel layer dropped one, and the
-  page resyncs rather than show that pool stale.
-- ``poolsum.<uuid>`` for the others, shown only by their labels (header chip, folded tree node, home card, the
-  summary's counts): ``inventory.summary``, at most twice a second per pool, says that it changed.
+The consumer refuses anonymous users and users who may see no pool. Of the pools the user may see
+(``pools_visible_to``) it follows in detail those whose VMs the page shows (the *focus*: the pool of the object
+shown, the pools of the VM table, the pools of open tree nodes that list VMs) by their groups ``pool.<uuid>``:
+the watcher emits ``inventory.change`` (the objects a batch added, modified or deleted) and ``inventory.resync``
+(the pool was read again from scratch) there after commit, protection emits ``protection.change`` (a VM's
+protection changed). Each message carries its sender's stream and sequence number (``eac.realtime``): a number
+that skips means the channel layer dropped one, and the page resyncs rather than show that pool stale. The other
+pools are shown only by their labels (header chip, folded tree node, home card, the summary's counts): for them,
+``pools.summary`` brings ``inventory.summary``, which pools changed lately, at most twice a second per sender.
 
 So a page that shows one pool of twenty is not sent the changes of the other nineteen, which under load would
 overflow its channel (channels_redis drops what exceeds a channel's capacity). It also joins ``pools.all``, where
@@ -57,9 +55,9 @@ from eac.realtime import (
     ALERTS_GROUP,
     CLOSE_FORBIDDEN,
     POOLS_GROUP,
+    SUMMARY_GROUP,
     client_message,
     pool_group,
-    pool_summary_group,
     user_group,
 )
 from inventory.models import VM, Host, Pool
@@ -157,7 +155,7 @@ class LiveConsumer(AsyncWebsocketConsumer):
         self.can_view_protection, self.can_change = await database_sync_to_async(_roles)(user)
         # user.<pk>: access.change when the user's rights change while the page is open. Until the page says
         # what it shows, every pool is followed in detail: the pools it shows are then never joined late.
-        groups = [pool_group(uuid) for uuid in pools] + [ALERTS_GROUP, user_group(user.pk)]
+        groups = [pool_group(uuid) for uuid in pools] + [SUMMARY_GROUP, ALERTS_GROUP, user_group(user.pk)]
         for group in groups:
             await self.channel_layer.group_add(group, self.channel_name)
         self.joined += groups
@@ -277,7 +275,8 @@ class LiveConsumer(AsyncWebsocketConsumer):
             await self._unfollow(uuid)
         entering = wanted - self.focus
         for uuid in entering:
-            await self._move(pool_summary_group(uuid), pool_group(uuid))
+            await self.channel_layer.group_add(pool_group(uuid), self.channel_name)
+            self.joined.append(pool_group(uuid))
         self.focus |= entering
         return bool(catch_up and entering) and await database_sync_to_async(self._changed_lately)(entering)
 
@@ -285,17 +284,11 @@ class LiveConsumer(AsyncWebsocketConsumer):
         """Follow a pool the page no longer shows by its summary only."""
         self.lingering.pop(pool_uuid, None)
         self.focus.discard(pool_uuid)
-        await self._move(pool_group(pool_uuid), pool_summary_group(pool_uuid))
+        await self.channel_layer.group_discard(pool_group(pool_uuid), self.channel_name)
+        self.joined.remove(pool_group(pool_uuid))
         self.pending.pop(pool_uuid, None)
         for key in [k for k in self.sequences if k[0] == pool_uuid]:
             del self.sequences[key]  # not followed meanwhile: its numbers will skip
-
-    async def _move(self, old: str, new: str) -> None:
-        await self.channel_layer.group_add(new, self.channel_name)
-        self.joined.append(new)
-        await self.channel_layer.group_discard(old, self.channel_name)
-        if old in self.joined:
-            self.joined.remove(old)
 
     def _in_sequence(self, event: dict) -> bool:
         """False when the channel layer dropped a message of this pool's group before this one."""
@@ -355,18 +348,21 @@ class LiveConsumer(AsyncWebsocketConsumer):
         await self.inventory_change({**event, "changes": {"protection": {str(event.get("vm")): "mod"}}})
 
     async def inventory_summary(self, event: dict) -> None:
-        """A pool the page shows only by its labels changed: read its labels again (and its summary counts when
-        the change may move them). The classes come as pseudo-objects, which match no VM."""
-        pool_uuid, classes = event.get("pool"), event.get("classes")
-        if pool_uuid in self.focus or pool_uuid not in self.pools or not isinstance(classes, dict):
+        """Pools changed lately: of those the page shows only by their labels, read the labels again (and the
+        summary counts when the change may move them). The classes come as pseudo-objects, which match no VM."""
+        pools = event.get("pools")
+        if not isinstance(pools, dict):
             return
-        if "resync" in classes:
-            # Read again from scratch (its first sync, a reconnect): hosts may have come or gone, which labels
-            # cannot show.
-            await self.inventory_resync({"pool": pool_uuid})
-            return
-        self._queue(pool_uuid, {cls: {f"summary-{op}": str(op) for op in ops if isinstance(op, str)}
-                                for cls, ops in classes.items() if isinstance(ops, list)})
+        for pool_uuid, classes in pools.items():
+            if pool_uuid in self.focus or pool_uuid not in self.pools or not isinstance(classes, dict):
+                continue
+            if "resync" in classes:
+                # Read again from scratch (its first sync, a reconnect): hosts may have come or gone, which labels
+                # cannot show.
+                await self.inventory_resync({"pool": pool_uuid})
+                return
+            self._queue(pool_uuid, {cls: {f"summary-{op}": str(op) for op in ops if isinstance(op, str)}
+                                    for cls, ops in classes.items() if isinstance(ops, list)})
 
     async def inventory_resync(self, event: dict) -> None:
         if event.get("pool") in self.pools:
@@ -386,14 +382,10 @@ class LiveConsumer(AsyncWebsocketConsumer):
             # (inventory.change of class "pool"): its labels are read again there, and a new name or removal
             # state rebuilds the page (``_identity_changed``).
             return
-        for uuid in pools.keys() - self.pools.keys():
-            await self.channel_layer.group_add(pool_summary_group(uuid), self.channel_name)
-            self.joined.append(pool_summary_group(uuid))
         for uuid in self.pools.keys() - pools.keys():
-            for group in (pool_summary_group(uuid), pool_group(uuid)):
-                await self.channel_layer.group_discard(group, self.channel_name)
-                if group in self.joined:
-                    self.joined.remove(group)
+            if uuid in self.focus:
+                await self.channel_layer.group_discard(pool_group(uuid), self.channel_name)
+                self.joined.remove(pool_group(uuid))
             self.focus.discard(uuid)
             self.lingering.pop(uuid, None)
             self.pending.pop(uuid, None)

@@ -43,7 +43,7 @@ async def deliver(*messages: Message) -> None:
         await layer.group_send(group, event)
         if group == pool_group(event.get("pool", "")):
             classes = {cls: sorted(ops) for cls, ops in classes_changed(event).items()}
-            await layer.group_send(*inventory_summary(pool=event["pool"], classes=classes))
+            await layer.group_send(*inventory_summary(pools={event["pool"]: classes}))
 
 
 async def receive_until(communicator, predicate, timeout=5.0) -> str:

@@ -382,7 +382,7 @@ def test_a_page_showing_one_pool_gets_only_the_labels_of_the_others_and_only_fro
                                                                uuid=lab["pool"].uuid))  # fmt: skip
         assert await communicator.receive_nothing(timeout=0.3)
         # ...its summary is, and the labels that changed go.
-        await get_channel_layer().group_send(*inventory_summary(pool=lab["pool"].uuid, classes={"pool": ["mod"]}))
+        await get_channel_layer().group_send(*inventory_summary(pools={lab["pool"].uuid: {"pool": ["mod"]}}))
         html = await receive_until(communicator, lambda t: f'id="hdr-pool-{lab["pool"].uuid}"' in t)
         assert "conn-unreachable" in element(html, f"hdr-pool-{lab['pool'].uuid}")
         assert f"tree-vm-{lab_vm.uuid}" not in html
