@@ -125,9 +125,12 @@ TEMPLATES = [
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'eac.sqlite3'}")}
 DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("CONN_MAX_AGE", default=0))
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
-    # The demo runs web, worker and watcher on one SQLite file: wait for locks, use WAL.
+    # The demo runs web, worker, beat and watcher on one SQLite file: wait for locks, use WAL. Transactions take
+    # the write lock when they begin: one that would upgrade a read lock later fails at once with "database is
+    # locked" (no waiting is possible then), as beat's first write did while the watcher synced.
     DATABASES["default"].setdefault("OPTIONS", {}).update(
-        {"timeout": 20, "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"}
+        {"timeout": 20, "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+         "transaction_mode": "IMMEDIATE"}
     )
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -252,6 +255,15 @@ EAC_WORKFLOW_LEASE = env.float("EAC_WORKFLOW_LEASE", default=120.0)
 EAC_WORKFLOW_MAX_CLAIMS = env.int("EAC_WORKFLOW_MAX_CLAIMS", default=5)
 EAC_WORKFLOW_STEP_RETRIES = env.int("EAC_WORKFLOW_STEP_RETRIES", default=5)
 EAC_WORKFLOW_RETRY_DELAY = env.float("EAC_WORKFLOW_RETRY_DELAY", default=1.0)
+# The hosts' Availability Managers (Level 2, docs/level2.md): one management token for every AM of a pool,
+# as a file holding it (EAC_AM_TOKEN_FILE, read at each use so it can be rotated) or inline (EAC_AM_TOKEN).
+# It goes in the Authorization header only: never in a log line, a page or an API answer.
+EAC_AM_TOKEN_FILE = env("EAC_AM_TOKEN_FILE", default="")
+EAC_AM_TOKEN = env("EAC_AM_TOKEN", default="")
+EAC_AM_TIMEOUT = env.float("EAC_AM_TIMEOUT", default=10.0)  # seconds, per management API call
+# How long a Level 2 protection waits for a disk's initial copy to the secondary before it gives up.
+EAC_AM_SYNC_TIMEOUT = env.float("EAC_AM_SYNC_TIMEOUT", default=3600.0)
+EAC_AM_POLL_INTERVAL = env.float("EAC_AM_POLL_INTERVAL", default=0.5)
 # A protected VM not restarted this long after its host was lost raises "VM failed to restart".
 EAC_RESTART_GRACE = env.float("EAC_RESTART_GRACE", default=120.0)
 EAC_MAIL_RETRY_DELAY = env.float("EAC_MAIL_RETRY_DELAY", default=5.0)

@@ -2,9 +2,14 @@
 
 Starts xapisim with the demo preset, registers its pool, and runs the watcher,
 a Celery worker, Celery beat and the ASGI web server until Ctrl-C stops them all.
+As root, xapisim runs its live test bed (``--live``: hosts as network namespaces with
+their Availability Managers, a few VMs as real guests), so that Level 2 can be dialled
+and things crashed from the browser; elsewhere, or with ``--no-live``, the pool is
+simulated records only. The banner says which.
 """
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,8 +35,9 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--port", type=int, default=int(os.environ.get("EAC_PORT", 8000)))
         parser.add_argument("--xapisim-port", type=int, default=int(os.environ.get("EAC_XAPISIM_PORT", 8086)))
+        parser.add_argument("--no-live", action="store_true", help="simulated records only, even as root")
 
-    def handle(self, *args, port: int, xapisim_port: int, **options):
+    def handle(self, *args, port: int, xapisim_port: int, no_live: bool = False, **options):
         self._check_redis()
         call_command("migrate", interactive=False, verbosity=0)
         call_command("collectstatic", interactive=False, verbosity=0)
@@ -40,8 +46,11 @@ class Command(BaseCommand):
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
         try:
             sim_password = self._local_secret("xapisim_password")
-            self._start("xapisim", [sys.executable, "-m", "xapisim", "--preset", "demo", "--port", str(xapisim_port),
-                                    "--user", "root", "--password", sim_password], wait_for_line="xapisim listening")
+            sim = [sys.executable, "-m", "xapisim", "--preset", "demo", "--port", str(xapisim_port),
+                   "--user", "root", "--password", sim_password]
+            live = self._live_bed(sim, no_live)
+            if not live:
+                self._start("xapisim", sim, wait_for_line="xapisim listening")
             self._register_pool(f"http://127.0.0.1:{xapisim_port}", sim_password)
             manage = [sys.executable, str(settings.BASE_DIR / "manage.py")]
             self._start("watcher", [*manage, "watch_pools"])
@@ -56,6 +65,7 @@ class Command(BaseCommand):
                 f"The simulated pool (xapisim) answers at http://127.0.0.1:{xapisim_port}/ "
                 f"(fault API under /sim/, see xapisim/README.md). Ctrl-C stops everything.\n"
             ))
+            self.stdout.write(self.live_note + "\n")
             self._supervise()
         except KeyboardInterrupt:
             self.stdout.write("\nStopping…")
@@ -95,6 +105,36 @@ class Command(BaseCommand):
             pool_create(name="Demo pool", url=url, username="root", password=password, verify_tls=False)
         elif pool.url != url or pool.password != password:
             pool_update(pool=pool, url=url, username="root", password=password)
+
+    def _live_bed(self, sim: list[str], no_live: bool) -> bool:
+        """Start xapisim with its live test bed when this machine can run it; say why not otherwise."""
+        if no_live:
+            self.live_note = "Live test bed: off (--no-live)."
+            return False
+        if os.geteuid() != 0 or not (shutil.which("ip") or os.path.exists("/usr/sbin/ip")):
+            self.live_note = ("Live test bed: off (it needs root and iproute2 for its network namespaces): the pool "
+                              "is simulated records, Level 2 cannot be dialled.")
+            return False
+        live_dir = settings.VAR_DIR / "live"
+        if live_dir.exists():
+            shutil.rmtree(live_dir)  # the images and configs of an earlier demo: this one starts afresh
+        try:
+            self._start("xapisim", [*sim, "--live", "--live-dir", str(live_dir)], wait_for_line="xapisim listening")
+        except CommandError:
+            for name, proc in self.children:
+                if name == "xapisim" and proc.poll() is None:
+                    proc.terminate()  # it cleans up what it built
+                    proc.wait(30)
+            self.children = [(name, proc) for name, proc in self.children if name != "xapisim"]
+            self.live_note = (f"Live test bed: off (it did not start here; see {live_dir}): the pool is simulated "
+                              "records, Level 2 cannot be dialled.")
+            return False
+        # The worker drives the hosts' Availability Managers with the bed's token (docs/level2.md).
+        os.environ["EAC_AM_TOKEN_FILE"] = str(live_dir / "am" / "mgmt.token")
+        self.live_note = ("Live test bed: on — each host is a network namespace with its Availability Manager, and "
+                          "web-01, web-02, vpn-gw and backup-proxy run as real guests (xapisim/README.md, “Live "
+                          "mode”).")
+        return True
 
     def _start(self, name: str, argv: list[str], wait_for_line: str | None = None) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
