@@ -5,13 +5,14 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import re
 import time
 from pathlib import Path
 
 import aiohttp
 
-from am import roles, sync, wire
+from am import hooks, roles, sync, wire
 from am.config import Config
 from am.nbd import NBDServer
 from am.peer import PeerLinks
@@ -22,6 +23,23 @@ from am.witness_client import WitnessClient, WitnessError
 
 log = logging.getLogger("am.agent")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def sr_image(sr_root: Path | None, sr: str | None, vdi: str | None) -> Path:
+    """Where a VDI's image is: ``<sr_root>/<sr>/<vdi>.img``. Only uuids are taken (no path of the caller's
+    reaches the file system), and only for an SR this host has. Raises RequestError."""
+    if sr_root is None:
+        raise RequestError(400, "this agent has no [disks] sr_root: give an image path instead of sr and vdi")
+    if sr is None or vdi is None:
+        raise RequestError(400, "sr and vdi go together")
+    for what, value in (("sr", sr), ("vdi", vdi)):
+        if not isinstance(value, str) or not UUID.fullmatch(value):
+            raise RequestError(400, f"{what} must be a uuid (lowercase, 8-4-4-4-12 hexadecimal digits)")
+    directory = sr_root / sr
+    if not directory.is_dir():
+        raise RequestError(404, f"no storage repository {sr} on this host")
+    return directory / f"{vdi}.img"
 
 
 class RequestError(Exception):
@@ -204,7 +222,8 @@ class Agent:
         return res
 
     async def create(self, *, name: str, role: str, size: int | None, image: str | None,
-                     peer: str | None) -> Resource:
+                     peer: str | None, sr: str | None = None, vdi: str | None = None,
+                     vm: str | None = None) -> Resource:
         if not isinstance(name, str) or not NAME.fullmatch(name):
             raise RequestError(400, "name must be 1-64 letters, digits, '.', '_' or '-', starting with a letter "
                                     "or digit")
@@ -214,7 +233,14 @@ class Agent:
             raise RequestError(400, "role must be 'primary' or 'secondary'")
         if peer is not None and peer != self.cfg.peer:
             raise RequestError(400, f"this agent's peer is {self.cfg.peer}, not {peer}")
-        path = Path(image) if image else self.cfg.data_dir / f"{name}.img"
+        if vm is not None and (not isinstance(vm, str) or not UUID.fullmatch(vm)):
+            raise RequestError(400, "vm must be a uuid (lowercase, 8-4-4-4-12 hexadecimal digits)")
+        if (sr is not None or vdi is not None) and image is not None:
+            raise RequestError(400, "give either image or sr and vdi, not both")
+        if sr is not None or vdi is not None:
+            path = sr_image(self.cfg.sr_root, sr, vdi)
+        else:
+            path = Path(image) if image else self.cfg.data_dir / f"{name}.img"
         if not path.is_absolute():
             raise RequestError(400, "image must be an absolute path")
         exists = path.exists()
@@ -246,7 +272,7 @@ class Agent:
                 raise RequestError(409, f"the witness refused the primary role: {answer.reason}")
         meta = Meta(name=name, size=size, image=str(path), role=str(Role.SECONDARY),
                     disk=str(Disk.UP_TO_DATE if role == "primary" else Disk.INCONSISTENT),
-                    gen=new_gen() if role == "primary" else "")
+                    gen=new_gen() if role == "primary" else "", sr=sr or "", vdi=vdi or "", vm=vm or "")
         if role == "primary":
             meta.role, meta.epoch, meta.unclean = str(Role.PRIMARY), answer.epoch, False
         save_meta(self._paths(name)[0], meta)
@@ -258,6 +284,33 @@ class Agent:
             res.attached = False
             self.links.send(res.attach_message())
         return res
+
+    def on_promote(self, res: Resource) -> None:
+        """A takeover made ``res`` primary here: run ``[vm] on_promote`` for its VM, in the background."""
+        if not self.cfg.on_promote:
+            return
+        if not res.meta.vm:
+            log.info("%s: no VM recorded for this resource: on_promote not run", res.name)
+            return
+        self.spawn(self._on_promote(res.name, res.meta.vm))
+
+    async def _on_promote(self, name: str, vm: str) -> None:
+        started = time.monotonic()
+        log.info("%s: running on_promote for VM %s: %s", name, vm, " ".join(self.cfg.on_promote))
+        try:
+            result = await hooks.run_hook(self.cfg.on_promote, hooks.hook_env(os.environ, name, vm),
+                                          self.cfg.on_promote_timeout_s)
+        except Exception as exc:  # never let the hook take the agent down
+            log.exception("%s: on_promote failed to run", name)
+            result = hooks.HookResult(None, "", f"failed: {exc}")
+        took = time.monotonic() - started
+        line = hooks.summary(result)
+        if result.ok:
+            log.info("%s: on_promote for VM %s done in %.2f s: %s", name, vm, took, line)
+        else:
+            log.error("%s: on_promote for VM %s failed after %.2f s: %s", name, vm, took, line)
+        self.event("on-promote", name, {"vm": vm, "status": result.status, "ok": result.ok, "why": result.why,
+                                        "seconds": round(took, 3)})
 
     async def delete(self, name: str) -> None:
         res = self.get(name)

@@ -27,6 +27,9 @@ class CreateBody(msgspec.Struct, forbid_unknown_fields=True):
     size: int | None = None
     image: str | None = None
     peer: str | None = None
+    sr: str | None = None  # with vdi, instead of image: <disks.sr_root>/<sr>/<vdi>.img
+    vdi: str | None = None
+    vm: str | None = None  # the VM on this replica's side (told to [vm] on_promote)
 
 
 class FaultBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -85,7 +88,7 @@ async def resources(request: web.Request) -> web.Response:
 async def create(request: web.Request) -> web.Response:
     body = await _body(request, CreateBody)
     res = await request.app[AGENT].create(name=body.name, role=body.role, size=body.size, image=body.image,
-                                          peer=body.peer)
+                                          peer=body.peer, sr=body.sr, vdi=body.vdi, vm=body.vm)
     return web.json_response(res.status(), status=201)
 
 

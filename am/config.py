@@ -66,6 +66,15 @@ class Disk(msgspec.Struct, forbid_unknown_fields=True):
     resync_window: int = 16  # regions in flight during a resync
 
 
+class Disks(msgspec.Struct, forbid_unknown_fields=True):
+    sr_root: str = ""  # the storage repositories' images: <sr_root>/<SR uuid>/<VDI uuid>.img
+
+
+class VM(msgspec.Struct, forbid_unknown_fields=True):
+    on_promote: list[str] = []  # argv run after a takeover, with EAC_AM_RESOURCE and EAC_AM_VM in its environment
+    on_promote_timeout_s: float = 10.0  # a command still running then is killed
+
+
 class Testbed(msgspec.Struct, forbid_unknown_fields=True):
     fault_injection: bool = False  # lets the management API fail a local disk (tests and demos only)
 
@@ -80,6 +89,8 @@ class File(msgspec.Struct, forbid_unknown_fields=True):
     witness: Witness
     timers: Timers = msgspec.field(default_factory=Timers)
     disk: Disk = msgspec.field(default_factory=Disk)
+    disks: Disks = msgspec.field(default_factory=Disks)
+    vm: VM = msgspec.field(default_factory=VM)
     testbed: Testbed = msgspec.field(default_factory=Testbed)
 
 
@@ -97,6 +108,9 @@ class Config(msgspec.Struct):
     timers: Timers
     disk: Disk
     fault_injection: bool
+    sr_root: Path | None = None
+    on_promote: list[str] = []
+    on_promote_timeout_s: float = 10.0
 
 
 def _secret(value: str, path: str, what: str, base: Path) -> str:
@@ -134,6 +148,10 @@ def load(path: str | Path) -> Config:
         raise ConfigError("timers.link_timeout_ms must be at least twice timers.heartbeat_ms (and heartbeats ≥ 10 ms)")
     if f.disk.bitmap_region_kib < 4 or f.disk.bitmap_region_kib & (f.disk.bitmap_region_kib - 1):
         raise ConfigError("disk.bitmap_region_kib must be a power of two of at least 4")
+    if f.vm.on_promote and not all(f.vm.on_promote):
+        raise ConfigError("vm.on_promote must be a list of non-empty strings (the command and its arguments)")
+    if not 0 < f.vm.on_promote_timeout_s <= 300:
+        raise ConfigError("vm.on_promote_timeout_s must be between 0 and 300 seconds")
     base = path.parent
     return Config(
         node=f.node,
@@ -149,4 +167,7 @@ def load(path: str | Path) -> Config:
         timers=f.timers,
         disk=f.disk,
         fault_injection=f.testbed.fault_injection,
+        sr_root=(base / f.disks.sr_root).resolve() if f.disks.sr_root else None,
+        on_promote=list(f.vm.on_promote),
+        on_promote_timeout_s=f.vm.on_promote_timeout_s,
     )

@@ -393,7 +393,9 @@ class Resource:
                 raise LocalDiskError(5, "the replica failed earlier")
             if msg.op in (wire.Op.WRITE, wire.Op.SYNC) and msg.data:
                 self.image.write(msg.offset, msg.data)
-            elif msg.op in (wire.Op.ZERO, wire.Op.SYNC):
+            elif msg.op == wire.Op.SYNC:
+                self.image.zero(msg.offset, msg.length, keep_holes=True)  # a sparse replica stays sparse
+            elif msg.op == wire.Op.ZERO:
                 self.image.zero(msg.offset, msg.length)
             elif msg.op == wire.Op.VERIFY:
                 digest = self.digest(msg.offset, msg.length)
@@ -555,6 +557,9 @@ class Resource:
             "name": self.name,
             "size": self.size,
             "image": self.meta.image,
+            "sr": self.meta.sr or None,
+            "vdi": self.meta.vdi or None,
+            "vm": self.meta.vm or None,
             "role": str(self.role),
             "disk": str(self.disk),
             "connection": str(self.conn),

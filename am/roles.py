@@ -71,6 +71,7 @@ async def lease_loop(res: Resource) -> None:
                                         new_gen_=True)
                         res.crashed = False
                         res.save()
+                        res.agent.on_promote(res)
                 elif resume and not answer.ok:
                     log.info("%s: not resuming as primary: %s", res.name, answer.reason)
                     res.meta.unclean = res.crashed

@@ -18,6 +18,7 @@ from am.store import LocalDiskError
 from am.witness_client import WitnessError
 
 log = logging.getLogger("am.sync")
+ZERO_RUN = 1024  # zero regions one SYNC op may cover (64 MiB with 64 KiB regions)
 
 
 class Refused(Exception):
@@ -181,36 +182,63 @@ async def push(res: Resource, kind: decide.SyncKind) -> None:
     sent = 0
     log.info("%s: %s resync of %d regions to the peer", res.name, kind.value, len(regions))
 
-    async def one(index: int) -> None:
-        try:
-            offset = index * bitmap.region
-            length = min(bitmap.region, res.size - offset)
+    def take(index: int, following: list[int]) -> tuple[list[int], bytes]:
+        """Read region ``index`` (synchronously: what is read is what the op carries, at its place in the stream);
+        a zero region takes the zero regions that follow it into one op (``following``: the next dirty
+        ones, in order), so that the sparse part of a disk costs a few ops, not one per region."""
+        offset = index * bitmap.region
+        length = min(bitmap.region, res.size - offset)
+        if not res.image.is_hole(offset, length):
             try:
                 data = res.image.read(offset, length)
             except LocalDiskError as exc:
                 res.local_failed(exc)
                 raise
-            if not any(data):
-                data = b""  # sparse: the peer zeroes the region
-            nonlocal sent
-            sent += len(data)
-            p = res.queue_op(wire.Op.SYNC, offset, length, data)
+            if any(data):
+                return [index], data
+        run = [index]
+        for nxt in following[:ZERO_RUN - 1]:
+            if nxt != run[-1] + 1:
+                break
+            offset = nxt * bitmap.region
+            try:
+                if not res.image.is_zero(offset, min(bitmap.region, res.size - offset)):
+                    break
+            except LocalDiskError:
+                break  # read again (and failed properly) as the next op
+            run.append(nxt)
+        return run, b""
+
+    async def one(p, run: list[int]) -> None:
+        try:
             await p.done.wait()
             if p.acked and not p.error:
-                bitmap.clear(index)
-                res.sync_done += 1
+                for index in run:
+                    bitmap.clear(index)
+                res.sync_done += len(run)
         finally:
             window.release()
 
     while regions:  # a region whose copy was not acknowledged is copied again while the peer is there
-        for index in regions:
+        at = 0
+        while at < len(regions):
             await window.acquire()
             if not res.peer_replicating():
                 window.release()
                 return
-            inflight.append(asyncio.create_task(one(index)))
+            try:
+                run, data = take(regions[at], regions[at + 1:at + ZERO_RUN])
+            except LocalDiskError:
+                window.release()
+                raise
+            at += len(run)
+            offset = run[0] * bitmap.region
+            length = min(len(run) * bitmap.region, res.size - offset)
+            sent += len(data)  # sparse: the zeroes cost nothing, the peer keeps or makes a hole
+            p = res.queue_op(wire.Op.SYNC, offset, length, data)
+            inflight.append(asyncio.create_task(one(p, run)))
             elapsed = time.monotonic() - res.sync_started
-            ahead = sent / rate - elapsed  # bytes sent: the zeroes of a sparse region cost nothing
+            ahead = sent / rate - elapsed
             if ahead > 0:
                 await asyncio.sleep(ahead)
         await asyncio.gather(*inflight)

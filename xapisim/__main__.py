@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     bed = None
     if args.live:
         try:
-            bed = LiveBed(sim.engine, args.live_dir).start()
+            bed = LiveBed(sim.engine, args.live_dir, xapi_port=sim.port).start()
+            sim.listen_as_master(bed.uplink_addr)
         except Exception as e:
             sim.stop()
             print(f"xapisim: the live bed failed: {e}", file=sys.stderr)

@@ -107,6 +107,9 @@ class Engine:
         # Set by the live test bed (xapisim.live): answers the /sim/ routes the core does not know, with
         # ``route(method, parts, raw) -> (status, body) | None``.
         self.sim_extension: Any = None
+        # Set by the live test bed: called with ("created", vdi_ref, copy_of_ref | None) once a VDI exists and
+        # with ("destroyed", vdi_ref, None) just before it goes (engine lock held), so that the images follow.
+        self.storage_hook: Any = None
         self.stopped = threading.Event()
 
     # -- pool helpers -----------------------------------------------------

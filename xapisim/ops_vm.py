@@ -280,6 +280,8 @@ def _copy_vm(engine: Engine, vm_ref: str, name: str, *, sr: str = NULL_REF, snap
         is_default_template=False,
         snapshot_of=NULL_REF,
         snapshot_time=src["snapshot_time"],
+        # A copy of a snapshot is a template, not a snapshot (xapi: set is_a_template false to start it).
+        is_a_snapshot=False,
     )
     if snapshot:
         values.update(is_a_snapshot=True, is_a_template=True, snapshot_of=vm_ref, snapshot_time=now(), parent=vm_ref)
@@ -293,7 +295,9 @@ def _copy_vm(engine: Engine, vm_ref: str, name: str, *, sr: str = NULL_REF, snap
             extra: dict[str, Any] = {"name_description": d["name_description"], "sm_config": d["sm_config"]}
             if snapshot:
                 extra.update(is_a_snapshot=True, snapshot_of=b["VDI"], snapshot_time=now())
-            disk = new_vdi(engine, target_sr, d["name_label"], d["virtual_size"], vtype=d["type"], **extra)
+            disk = new_vdi(
+                engine, target_sr, d["name_label"], d["virtual_size"], vtype=d["type"], copy_of=b["VDI"], **extra
+            )
             if snapshot:
                 s.set_add(b["VDI"], "snapshots", disk)
         skip_b = {"uuid", "VM", "VDI", "currently_attached", "current_operations", "allowed_operations", "metrics"}

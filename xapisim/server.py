@@ -55,9 +55,11 @@ class _HostServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], engine: Engine, host: str) -> None:
+    def __init__(self, address: tuple[str, int], engine: Engine, host: str | None) -> None:
         self.engine = engine
-        self.host = host
+        # None: an extra address that answers as the pool's master, whichever host that is (the live bed's
+        # uplink, where the hosts' own tools reach XAPI as a real host reaches its pool's).
+        self.fixed_host = host
         self.connections: set[socket.socket] = set()
         # Connections carrying a /sim/ request: a host crashed through its own
         # control API must still answer that request.
@@ -74,6 +76,10 @@ class _HostServer(ThreadingHTTPServer):
         with self.connections_lock:
             self.connections.discard(request)
         super().shutdown_request(request)
+
+    @property
+    def host(self) -> str:
+        return self.fixed_host if self.fixed_host is not None else self.engine.master()
 
     def drop_connections(self) -> None:
         """A crashed host's open connections die with it."""
@@ -182,7 +188,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _call(self, method: str, params: list[Any]) -> tuple[Any, XapiError | None]:
         start = time.monotonic()
         try:
-            value = self.server.engine.call(self.server.host, method, params)
+            host = self.server.host
+            if self.server.fixed_host is None and not self.server.engine.is_up(host):
+                # the master crashed and no new one is elected yet: nobody answers for the pool
+                raise XapiError("HOST_OFFLINE", host)
+            value = self.server.engine.call(host, method, params)
             error = None
         except XapiError as e:
             value, error = None, e
@@ -319,6 +329,20 @@ class Simulator:
             )
             self._servers[host] = server
             self._threads[host] = t
+        t.start()
+
+    def listen_as_master(self, address: str) -> None:
+        """Serve XAPI on one more address, answering as the pool's current master (``--live``: the bed's
+        uplink, so that a host's tools reach XAPI from the host's namespace)."""
+        with self._lock:
+            if address in self._servers:
+                return
+            server = _HostServer((address, self.port), self.engine, None)
+            t = threading.Thread(
+                target=server.serve_forever, kwargs={"poll_interval": 0.05}, name=f"xapisim-{address}", daemon=True
+            )
+            self._servers[address] = server
+            self._threads[address] = t
         t.start()
 
     def _unlisten(self, host: str) -> None:

@@ -14,7 +14,10 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 
-def new_vdi(engine: Engine, sr: str, name: str, size: int, *, vtype: str = "user", **extra: Any) -> str:
+def new_vdi(
+    engine: Engine, sr: str, name: str, size: int, *, vtype: str = "user", copy_of: str | None = None, **extra: Any
+) -> str:
+    """A new VDI on ``sr``; ``copy_of``: the VDI whose content it starts with (a copy or a snapshot)."""
     s = engine.store
     vdi = s.create(
         "VDI",
@@ -38,11 +41,15 @@ def new_vdi(engine: Engine, sr: str, name: str, size: int, *, vtype: str = "user
             "physical_utilisation": srec["physical_utilisation"] + size,
         },
     )
+    if engine.storage_hook is not None:
+        engine.storage_hook("created", vdi, copy_of)
     return vdi
 
 
 def destroy_vdi(engine: Engine, vdi: str) -> None:
     s = engine.store
+    if engine.storage_hook is not None:
+        engine.storage_hook("destroyed", vdi, None)
     rec = s.tables["VDI"][vdi]
     sr = s.tables["SR"].get(rec["SR"])
     if sr is not None:

@@ -100,9 +100,29 @@ url = "http://{bed.addr('witness', 'lan')}:{WITNESS_PORT}"
 token_file = "witness.token"
 [disk]
 resync_rate_mib = 16
+[disks]
+sr_root = "{host}/srs"
+[vm]
+on_promote = {json.dumps(self.hook_argv(host))}
+on_promote_timeout_s = 5
 [testbed]
 fault_injection = true
 """)
+
+    def hook_argv(self, host: str) -> list[str]:
+        """``[vm] on_promote``: appends its environment's EAC_AM_* to ``<host>-promoted.jsonl``, or hangs for a
+        VM whose uuid starts with ``dead``."""
+        script = ("import json, os, sys, time\n"
+                  "env = {k: v for k, v in os.environ.items() if k.startswith('EAC_AM_')}\n"
+                  "open(sys.argv[1], 'a').write(json.dumps(env) + '\\n')\n"
+                  "print('hook ran for', env.get('EAC_AM_VM'))\n"
+                  "if env.get('EAC_AM_VM', '').startswith('dead'): time.sleep(3600)\n")
+        return [sys.executable, "-c", script, str(self.workdir / f"{host}-promoted.jsonl")]
+
+    def promoted(self, host: str) -> list[dict]:
+        """What ``on_promote`` ran with on ``host`` (see ``hook_argv``)."""
+        path = self.workdir / f"{host}-promoted.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
     # -- processes ----------------------------------------------------------------------------------
     def _env(self) -> dict[str, str]:

@@ -138,7 +138,8 @@ def alive(pid: int) -> bool:
 
 def records_on_disk(bed: dict, export: str) -> list[bytes]:
     """The guest's log read straight from its image, as a restarted guest would read it."""
-    data = (Path(bed["workdir"]) / "disks" / f"{export}.img").open("rb").read(1 << 20)
+    image = next((Path(bed["workdir"]) / "srs").glob(f"*/{export}.img"))  # <sr_root>/<SR uuid>/<VDI uuid>.img
+    data = image.open("rb").read(1 << 20)
     scanner = LogScanner(len(data))
     while (want := scanner.want()) is not None:
         scanner.feed(data[want[0] : want[0] + want[1]])

@@ -48,7 +48,7 @@ def converge(want: World, have: World) -> World:
 
 
 def test_a_new_bed_boots_every_powered_host_then_starts_its_guests():
-    guests = {"vm1": GuestState("h1", 5), "vm2": GuestState("h2", 6, paused=True)}
+    guests = {"vm1": GuestState("h1", 5), "vm2": GuestState("h2", 6)}
     want = World({"h1": UP, "h2": UP, "h3": DOWN}, guests)
     actions = plan(want, World())
     assert actions == [
@@ -56,9 +56,15 @@ def test_a_new_bed_boots_every_powered_host_then_starts_its_guests():
         BootHost("h2", False),
         StartGuest("vm1", "h1", 5),
         StartGuest("vm2", "h2", 6),
-        PauseGuest("vm2", True),
     ]
     assert converge(want, World()) == World({"h1": UP, "h2": UP}, want.guests)
+
+
+def test_a_vm_started_paused_runs_no_guest_until_it_is_unpaused():
+    started_paused = World({"h1": UP}, {"vm1": GuestState("h1", 5, paused=True)})
+    assert plan(started_paused, World({"h1": UP})) == []
+    unpaused = World({"h1": UP}, {"vm1": GuestState("h1", 5)})
+    assert plan(unpaused, converge(started_paused, World({"h1": UP}))) == [StartGuest("vm1", "h1", 5)]
 
 
 def test_a_host_crash_kills_its_guests_hard_before_the_host():

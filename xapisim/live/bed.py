@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import secrets
@@ -40,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +76,13 @@ log = logging.getLogger("xapisim.live")
 # other_config keys of a VM: the flag that asks for a live guest, and the address the bed gave it.
 LIVE_GUEST_KEY = "xapisim_live_guest"
 LIVE_IP_KEY = "xapisim_live_ip"
+# Host other_config keys that say where a host's AM is (docs/level2.md), and the VDI other_config key that routes
+# a disk through its host's AM.
+AM_URL_KEY = "eac_am_url"
+AM_PEER_KEY = "eac_am_peer"
+AM_RESOURCE_KEY = "eac_am_resource"
+# VDI types that are disks of a guest: the bed keeps an image for each.
+IMAGE_TYPES = ("user", "system")
 # The small VMs of the demo preset that get a live guest in live mode (backup-proxy starts Halted).
 DEMO_LIVE_GUESTS = ("web-01", "web-02", "vpn-gw", "backup-proxy")
 
@@ -96,8 +105,38 @@ class LiveGuest:
     disk: str  # "address:port" of its NBD server
     export: str
     proc: subprocess.Popen
+    endpoint_file: Path  # where the guest reads its disk's endpoint (rewritten while it is paused)
     paused: bool = False
     stopping: bool = False
+
+
+def copy_sparse(source: Path, target: Path) -> None:
+    """Copy the data of a sparse image, not its holes: a copied VDI of many GiB costs what its guest wrote."""
+    with source.open("rb") as src, target.open("wb") as dst:
+        size = os.fstat(src.fileno()).st_size
+        at = 0
+        while at < size:
+            try:
+                at = os.lseek(src.fileno(), at, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after ``at``
+                break
+            end = os.lseek(src.fileno(), at, os.SEEK_HOLE)
+            src.seek(at)
+            dst.seek(at)
+            while at < end:
+                chunk = src.read(min(1 << 20, end - at))
+                if not chunk:
+                    break
+                dst.write(chunk)
+                at += len(chunk)
+        dst.truncate(size)
+
+
+def write_endpoint(path: Path, endpoint: str) -> None:
+    """Replace a guest's endpoint file at once: the guest reads either the old endpoint or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(endpoint + "\n")
+    os.replace(tmp, path)
 
 
 def _root_routes() -> str:
@@ -125,8 +164,12 @@ class LiveBed:
     """The machines of one simulated pool. ``start()`` builds them and starts following the pool; ``stop()``
     removes every namespace, process and nft table it made (also run at exit)."""
 
-    def __init__(self, engine: Engine, workdir: str | os.PathLike | None = None, prefix: str | None = None) -> None:
+    def __init__(self, engine: Engine, workdir: str | os.PathLike | None = None, prefix: str | None = None,
+                 xapi_port: int | None = None) -> None:
         self.engine = engine
+        # The port the simulator also serves on the uplink address (``Simulator.listen_as_master``): the AMs'
+        # on_promote hook reaches XAPI there. None: no hook.
+        self.xapi_port = xapi_port
         self.prefix = prefix or free_prefix("xs")
         self.ns = Namespaces(self.prefix)
         self.octet = _free_octet(self.prefix)
@@ -146,6 +189,7 @@ class LiveBed:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._previous_power_hook: Any = None
+        self._previous_storage_hook: Any = None
         self._hooked = False
         self._started = False
 
@@ -175,6 +219,21 @@ class LiveBed:
     def host_name(self, host: str) -> str:
         return self.engine.store.tables["host"][host]["name_label"]
 
+    @property
+    def sr_root(self) -> Path:
+        """The storage repositories' images: ``<sr_root>/<SR uuid>/<VDI uuid>.img`` (every AM's ``sr_root``)."""
+        return self.workdir / "srs"
+
+    def image_of(self, vdi: str) -> Path:
+        """A VDI's image (call with the engine's lock held)."""
+        store = self.engine.store
+        rec = store.tables["VDI"][vdi]
+        return self.sr_root / store.tables["SR"][rec["SR"]]["uuid"] / f"{rec['uuid']}.img"
+
+    @property
+    def hook_credentials(self) -> Path:
+        return self.workdir / "xapi" / "hook.json"
+
     # -- start ---------------------------------------------------------------------------------------------
 
     def start(self) -> LiveBed:
@@ -183,10 +242,13 @@ class LiveBed:
         started = time.monotonic()
         try:
             self._build()
+            self._images()
+            self._advertise_ams()
             self._mark_live_guests()
             self._start_witness()
             self._hook()
             self.reconcile()
+            self._wait_for_ams()
         except BaseException:
             self.stop()
             raise
@@ -199,8 +261,16 @@ class LiveBed:
 
     def _build(self) -> None:
         engine, p, n = self.engine, self.prefix, self.ns.netns
-        for sub in ("disks", "am", "logs"):
+        for sub in ("srs", "am", "logs", "guests", "xapi"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
+        (self.workdir / "xapi").chmod(0o700)
+        if self.xapi_port is not None:
+            # The hook's XAPI credentials, readable by root only (as a host's own xapi is root's).
+            fd = os.open(self.hook_credentials, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)  # a file left by an earlier run keeps its mode otherwise
+            with os.fdopen(fd, "w") as f:
+                json.dump({"url": f"http://{self.uplink_addr}:{self.xapi_port}", "user": engine.config.user,
+                           "password": engine.config.password}, f)
         (self.workdir / "am" / "mgmt.token").write_text(self.token)
         (self.workdir / "am" / "witness.token").write_text(secrets.token_hex(16))
         for i, host in enumerate(engine.hosts):
@@ -274,9 +344,63 @@ b = "{self.link_addr(peer, 'b')}:{LINK_PORT}"
 [witness]
 url = "http://{self.witness_addr}:{WITNESS_PORT}"
 token_file = "witness.token"
-[testbed]
+[disks]
+sr_root = "{self.sr_root}"
+{self._vm_section()}[testbed]
 fault_injection = true
 """)
+
+    def _vm_section(self) -> str:
+        if self.xapi_port is None:
+            return ""
+        argv = [sys.executable, "-m", "xapisim.live.hook", "--credentials", str(self.hook_credentials)]
+        return f"[vm]\non_promote = {json.dumps(argv)}\n"
+
+    def _images(self) -> None:
+        """An image for every guest disk of the pool (sparse: free until written), and the storage hook that
+        keeps them following the VDIs: a copy or a snapshot starts with its source's data."""
+        store = self.engine.store
+        with self.engine.lock:
+            for sr in store.tables["SR"].values():
+                (self.sr_root / sr["uuid"]).mkdir(exist_ok=True)
+            for vdi, rec in store.tables["VDI"].items():
+                if rec["type"] in IMAGE_TYPES and store.exists("SR", rec["SR"]):
+                    self._make_image(vdi, None)
+            self._previous_storage_hook = self.engine.storage_hook
+            self.engine.storage_hook = self._storage_changed
+
+    def _storage_changed(self, event: str, vdi: str, copy_of: str | None) -> None:
+        store = self.engine.store
+        rec = store.tables["VDI"].get(vdi)
+        if rec is None or rec["type"] not in IMAGE_TYPES or not store.exists("SR", rec["SR"]):
+            return
+        try:
+            if event == "created":
+                self._make_image(vdi, copy_of)
+            elif event == "destroyed":
+                self.image_of(vdi).unlink(missing_ok=True)
+        except OSError:  # the pool's records never depend on the images
+            log.exception("live bed: the image of VDI %s", rec["uuid"])
+
+    def _make_image(self, vdi: str, copy_of: str | None) -> None:
+        store = self.engine.store
+        image = self.image_of(vdi)
+        image.parent.mkdir(exist_ok=True)
+        if image.exists():
+            return
+        source = self.image_of(copy_of) if copy_of and store.exists("VDI", copy_of) else None
+        if source is not None and source.exists():
+            copy_sparse(source, image)
+        with image.open("ab") as f:
+            f.truncate(int(store.tables["VDI"][vdi]["virtual_size"]))
+
+    def _advertise_ams(self) -> None:
+        """Host other_config: where each host's AM is and which host is its peer (docs/level2.md)."""
+        store = self.engine.store
+        with self.engine.lock:
+            for host, peer in self.peers.items():
+                store.map_put(host, "other_config", AM_URL_KEY, f"http://{self.host_addr(host)}:{MGMT_PORT}")
+                store.map_put(host, "other_config", AM_PEER_KEY, store.tables["host"][peer]["uuid"])
 
     def _mark_live_guests(self) -> None:
         store = self.engine.store
@@ -292,9 +416,12 @@ fault_injection = true
                 if rec["other_config"].get(LIVE_GUEST_KEY) == "true" and not rec["is_a_template"]]
 
     def _guest_ip(self, vm: str) -> str:
-        """The VM's address, given once and shown in its other_config (call with the engine's lock held)."""
-        ip = self.guest_ips.get(vm)
-        if ip is None:
+        """The VM's address, given once and shown in its other_config (call with the engine's lock held). A VM
+        whose other_config names one already (a copy of a VM: the same guest elsewhere) keeps it."""
+        ip = self.guest_ips.get(vm) or self.engine.store.tables["VM"][vm]["other_config"].get(LIVE_IP_KEY)
+        if ip is not None:
+            self.guest_ips[vm] = ip
+        else:
             n = len(self.guest_ips) + 1
             ip = f"10.{self.octet}.{1 + n // 250}.{n % 250 + 1}"
             self.guest_ips[vm] = ip
@@ -315,6 +442,26 @@ fault_injection = true
             sys.executable, "-m", "am.witness", "--listen", f"{self.witness_addr}:{WITNESS_PORT}",
             "--token-file", str(am / "witness.token"), "--state", str(am / "witness.json"),
         ], log_path=self._log("witness"), env=self._env())
+
+    def _wait_for_ams(self, timeout: float = 20.0) -> None:
+        """Return once every AM answers and sees its peer on both links (a bed is ready when a console could
+        protect a VM at once); a warning, not a failure, if one does not in time."""
+        deadline = time.monotonic() + timeout
+        waiting = set(self.peers)
+        while waiting and time.monotonic() < deadline:
+            for host in sorted(waiting):
+                request = urllib.request.Request(f"http://{self.host_addr(host)}:{MGMT_PORT}/v1/status",
+                                                 headers={"Authorization": f"Bearer {self.token}"})
+                with contextlib.suppress(OSError, ValueError, KeyError, TypeError), urllib.request.urlopen(
+                    request, timeout=1
+                ) as response:
+                    if json.loads(response.read())["peer"]["state"] == "connected":
+                        waiting.discard(host)
+            if waiting:
+                time.sleep(0.05)
+        if waiting:
+            log.warning("live bed: the AMs of %s do not see their peers yet", ", ".join(
+                self.host_name(h) for h in sorted(waiting)))
 
     # -- following the pool --------------------------------------------------------------------------------
 
@@ -446,15 +593,13 @@ fault_injection = true
         elif isinstance(action, StartGuest):
             self._start_guest(action.vm, action.host)
         elif isinstance(action, PauseGuest):
-            guest = self.guests[action.vm]
-            os.killpg(guest.proc.pid, signal.SIGSTOP if action.paused else signal.SIGCONT)
-            guest.paused = action.paused
+            self._pause_guest(action.vm, action.paused)
 
     def _boot(self, host: str, disk_failed: bool) -> None:
         h, name = self.host_ns[host], self.host_name(host)
         procs = {}
         argv = [sys.executable, "-m", "xapisim.live.disks", "--listen", f"{self.host_addr(host)}:{DISK_PORT}",
-                "--dir", str(self.workdir / "disks")]
+                "--dir", str(self.sr_root)]
         procs["disks"] = self.ns.spawn(h, [*argv, *(["--failed"] if disk_failed else [])],
                                        log_path=self._log(f"{name}-disks"), env=self._env())
         if host in self.peers:
@@ -488,35 +633,38 @@ fault_injection = true
     def disk_endpoint(self, vm: str, host: str) -> tuple[str, str]:
         """Where the guest of ``vm`` running on ``host`` finds its disk: ("address:port", export name).
 
-        The one place that decides it. Today: the VM's first VDI, an image of the bed's storage served by the
-        host's disk server, unmirrored. Level 2 will answer here with the host AM's NBD address and the name of
-        the VM's mirrored resource (and the guest will then follow the resource's primary).
+        The one place that decides it: the VM's first disk VDI, either routed through the host's AM (its
+        other_config ``eac_am_resource`` names the resource: ``<host>:10809/<resource>``, docs/level2.md) or
+        served unmirrored by the host's disk server (``<host>:10810/<VDI uuid>``, its image in the SR's
+        directory).
         """
         store = self.engine.store
         with self.engine.lock:
             for vbd in store.tables["VM"][vm]["VBDs"]:
                 rec = store.tables["VBD"][vbd]
                 if rec["type"] == "Disk" and not rec["empty"] and store.exists("VDI", rec["VDI"]):
-                    vdi = store.tables["VDI"][rec["VDI"]]
-                    export, size = vdi["uuid"], int(vdi["virtual_size"])
+                    vdi = rec["VDI"]
                     break
             else:
                 raise NetnsError(f"VM {store.tables['VM'][vm]['name_label']} has no disk")
-        image = self.workdir / "disks" / f"{export}.img"
-        if not image.exists():
-            with image.open("wb") as f:
-                f.truncate(size)  # sparse: the guest writes a few sectors of it
-        return f"{self.host_addr(host)}:{DISK_PORT}", export
+            resource = store.tables["VDI"][vdi]["other_config"].get(AM_RESOURCE_KEY)
+            if resource:
+                return f"{self.host_addr(host)}:{AM_NBD_PORT}", resource
+            if not self.image_of(vdi).exists():
+                self._make_image(vdi, None)
+            return f"{self.host_addr(host)}:{DISK_PORT}", store.tables["VDI"][vdi]["uuid"]
 
     def _start_guest(self, vm: str, host: str) -> None:
         store = self.engine.store
         with self.engine.lock:
             rec = store.tables["VM"][vm]
             name, uuid, domid = rec["name_label"], rec["uuid"], int(rec["domid"])
-            vifs = sorted(rec["VIFs"], key=lambda v: store.tables["VIF"][v]["device"])
+            vifs = sorted(rec["VIFs"], key=lambda v: int(store.tables["VIF"][v]["device"] or 0))
             mac = store.tables["VIF"][vifs[0]]["MAC"] if vifs else f"02:00:00:{secrets.token_hex(3)}"
             ip = self._guest_ip(vm)
         disk, export = self.disk_endpoint(vm, host)
+        endpoint_file = self.workdir / "guests" / f"{uuid}.endpoint"
+        write_endpoint(endpoint_file, f"{disk}/{export}")
         g, h, n = f"g{uuid[:8]}", self.host_ns[host], self.ns.netns
         vif = f"vif{domid}.0" if 0 < domid < 10**9 else f"vif{secrets.token_hex(3)}"
         self.ns.delete_namespaces([g])  # a leftover of an interrupted stop
@@ -527,9 +675,23 @@ fault_injection = true
             h: [f"link set {vif} master xenbr0", f"link set {vif} up"],
         })
         argv = [sys.executable, "-m", "xapisim.live.guest", "--name", name, "--listen", f"{ip}:{GUEST_PORT}",
-                "--disk", f"{disk}/{export}", "--nic", "eth0"]
+                "--endpoint-file", str(endpoint_file), "--nic", "eth0"]
         proc = self.ns.spawn(g, argv, log_path=self._log(f"guest-{name}"), env=self._env())
-        self.guests[vm] = LiveGuest(vm, name, uuid, g, ip, mac, host, disk, export, proc)
+        self.guests[vm] = LiveGuest(vm, name, uuid, g, ip, mac, host, disk, export, proc, endpoint_file=endpoint_file)
+
+    def _pause_guest(self, vm: str, paused: bool) -> None:
+        guest = self.guests[vm]
+        if not paused:
+            # Its disk may have been routed (or unrouted) through the AM while it was stopped: it reads its
+            # endpoint again before its next request (xapisim.live.guest), so that no write of it reaches the
+            # image by the old way once the new one is in place.
+            disk, export = self.disk_endpoint(vm, guest.host)
+            if (disk, export) != (guest.disk, guest.export):
+                log.info("live bed: guest %s continues on %s/%s", guest.name, disk, export)
+                write_endpoint(guest.endpoint_file, f"{disk}/{export}")
+                guest.disk, guest.export = disk, export
+        os.killpg(guest.proc.pid, signal.SIGSTOP if paused else signal.SIGCONT)
+        guest.paused = paused
 
     def _stop_guest(self, vm: str, hard: bool) -> None:
         guest = self.guests.get(vm)
@@ -550,6 +712,7 @@ fault_injection = true
             return
         guest.stopping = True
         self.ns.delete_namespaces([guest.namespace])  # SIGKILLs what is left, and the veth goes with it
+        guest.endpoint_file.unlink(missing_ok=True)
         guest.proc.poll()
         guests = dict(self.have.guests)
         guests.pop(vm, None)
@@ -649,6 +812,13 @@ fault_injection = true
         if self._hooked:
             self.engine.power_hook = self._previous_power_hook
             self._hooked = False
+        if self.engine.storage_hook == self._storage_changed:
+            self.engine.storage_hook = self._previous_storage_hook
+        with self.engine.lock:  # the AMs go with the bed
+            for host in self.peers:
+                if self.engine.store.exists("host", host):
+                    self.engine.store.map_del(host, "other_config", AM_URL_KEY)
+                    self.engine.store.map_del(host, "other_config", AM_PEER_KEY)
         try:
             self.ns.close()
         finally:

@@ -1,12 +1,13 @@
 """``python -m xapisim.live.disks``: a simulated host's local disk server, for the guests' unmirrored disks.
 
-    python -m xapisim.live.disks --listen 10.X.0.11:10810 --dir DIR [--failed]
+    python -m xapisim.live.disks --listen 10.X.0.11:10810 --dir SR_ROOT [--failed]
 
-Serves every ``DIR/<name>.img`` as the NBD export ``<name>`` (am.nbd's server over its ``FileExport``): the bed
-keeps one image per VDI in DIR, the simulated storage every host reaches. SIGUSR1 makes the host's disk fail
+Serves every ``SR_ROOT/<SR uuid>/<VDI uuid>.img`` as the NBD export ``<VDI uuid>`` (am.nbd's server over its
+``FileExport``): the bed keeps one image per VDI in its SR's directory, the simulated storage every host reaches
+(the AMs' ``sr_root`` is the same directory). SIGUSR1 makes the host's disk fail
 (every request then gets EIO, as from a dying disk), SIGUSR2 repairs it; ``--failed`` starts it failed (a host
-that boots with its disk still broken). A Level 2 disk will be an export of the host's AM instead: the bed names
-a guest's disk by address and export only, so the switch is in the bed, not in the guest.
+that boots with its disk still broken). A Level 2 disk is an export of the host's AM instead (the VDI's
+``eac_am_resource``): the bed names a guest's disk by address and export only, so the switch is in the bed.
 """
 
 from __future__ import annotations
@@ -39,14 +40,15 @@ class HostDisk:
         if not NAME.match(name) or name.startswith("."):
             return None
         if name not in self.exports:
-            path = self.directory / f"{name}.img"
-            if not path.is_file():
+            found = [p for p in self.directory.glob(f"*/{name}.img") if p.is_file()]
+            if len(found) != 1:
                 return None
+            path = found[0]
             self.exports[name] = FailingExport(FileExport(name, path), self)
         return self.exports[name]
 
     def names(self) -> list[str]:
-        return sorted(p.stem for p in self.directory.glob("*.img"))
+        return sorted(p.stem for p in self.directory.glob("*/*.img"))
 
 
 class FailingExport:
@@ -110,7 +112,7 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m xapisim.live.disks", description="A simulated host's disk server.")
     p.add_argument("--listen", required=True, metavar="IP:PORT")
-    p.add_argument("--dir", required=True, help="the images, one <export>.img each")
+    p.add_argument("--dir", required=True, help="the SRs' directories, one <export>.img per VDI in them")
     p.add_argument("--failed", action="store_true", help="start with the disk failed")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

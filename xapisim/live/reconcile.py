@@ -8,7 +8,7 @@ an order that is safe for the machines:
 1. guests that must stop (their VM halted, rebooted or moved, or their host lost power: then hard, as a crash);
 2. hosts that lost power (every process of the host killed), then hosts powered on (AM and disk server started);
 3. NIC, link and disk faults;
-4. guests that must start, then pause / unpause.
+4. guests that must start (a VM started paused starts none until it is unpaused), then pause / unpause.
 
 ``after(have, action)`` is the world once an action is done, so the shell can record progress action by action.
 """
@@ -133,9 +133,10 @@ def plan(want: World, have: World) -> list[Action]:
             continue  # never start a guest on a host without power (want should not ask for it)
         now_guest = kept.get(vm)
         if now_guest is None:
-            actions.append(StartGuest(vm, target.host, target.domid))
-            if target.paused:
-                actions.append(PauseGuest(vm, True))
+            # A VM started paused runs nothing yet (its memory is reserved in XAPI): its guest starts, from its
+            # disk, when it is unpaused. A running guest that is paused keeps its process, stopped.
+            if not target.paused:
+                actions.append(StartGuest(vm, target.host, target.domid))
         elif now_guest.paused != target.paused:
             actions.append(PauseGuest(vm, target.paused))
     return actions
