@@ -8,6 +8,7 @@ so that the console's packages (and ``tests.support``) import after it.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 import statistics
@@ -143,7 +144,8 @@ def median_and_worst(times: list[float]) -> tuple[float, float]:
 def pct(values: list[float], p: float) -> float:
     """The ``p``-th percentile by nearest rank: a value that was measured, never an interpolation."""
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
+    # The rank is rounded up (round() would take 2.5 to 2: the 2nd of 5 values as their median).
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))]
 
 
 def verdict(ok: bool, missed: str = "OVER BUDGET") -> str:

@@ -9,110 +9,24 @@ the crash to the first acknowledged write on the secondary is printed (``-s`` sh
 from __future__ import annotations
 
 import contextlib
-import json
-import socket
-import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
-import XenAPI
 
-from tests.support import wait_for, xapi_login
-from tests.xapisim.test_live import Conn, Live, alive, start_live
+from tests.support import wait_for
+from tests.xapisim.level2_support import (
+    AM,
+    RESOURCE_KEY,
+    Writer,
+    bed_state,
+    connect,
+    copy_for_secondary,
+    first_disk,
+    master_session,
+)
+from tests.xapisim.test_live import Live, alive, start_live
 from tests.xapisim.test_live import pytestmark as pytestmark  # root, ip and nft, as the live bed's tests
-
-RESOURCE_KEY = "eac_am_resource"
-
-
-class AM:
-    """One host's AM management API, from the simulator's namespace (the bed's uplink)."""
-
-    def __init__(self, url: str, token: str) -> None:
-        self.url, self.token = url, token
-
-    def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(self.url + path, data=data, method=method,
-                                         headers={"Authorization": f"Bearer {self.token}",
-                                                  "Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=5) as response:
-                text = response.read()
-                return response.status, json.loads(text) if text else None
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"null")
-
-    def peer_state(self) -> str | None:
-        with contextlib.suppress(OSError):
-            code, body = self.call("GET", "/v1/status")
-            return body["peer"]["state"] if code == 200 else None
-        return None
-
-    def resource(self, name: str) -> dict | None:
-        with contextlib.suppress(OSError):
-            code, body = self.call("GET", f"/v1/resources/{name}")
-            return body if code == 200 else None
-        return None
-
-
-class Writer(threading.Thread):
-    """A client in the client namespace PUTting numbered records to one address, reconnecting whenever its
-    connection fails; ``acked`` maps each acknowledged sequence number to its record."""
-
-    def __init__(self, live: Live, ip: str) -> None:
-        super().__init__(name="level2-writer", daemon=True)
-        self.live, self.ip = live, ip
-        self.acked: dict[int, str] = {}
-        self.acked_at: list[float] = []  # monotonic time of each acknowledgement
-        self.errors: list[str] = []
-        self.halt = threading.Event()
-        self.n = 0
-
-    def run(self) -> None:
-        with self.live.ns.in_ns("client"):
-            while not self.halt.is_set():
-                try:
-                    sock = socket.create_connection((self.ip, 7000), timeout=0.5)
-                except OSError:
-                    time.sleep(0.02)
-                    continue
-                try:
-                    self._write(sock)
-                except OSError:
-                    pass
-                finally:
-                    sock.close()
-
-    def _write(self, sock: socket.socket) -> None:
-        sock.settimeout(1.0)  # an answer slower than that: the connection is dead (its host crashed)
-        buffer = b""
-        while not self.halt.is_set():
-            self.n += 1
-            record = f"record-{self.n}"
-            sock.sendall(f"PUT {record}\n".encode())
-            while b"\n" not in buffer:
-                data = sock.recv(4096)
-                if not data:
-                    raise ConnectionError("closed")
-                buffer += data
-            line, _, buffer = buffer.partition(b"\n")
-            words = line.decode().split()
-            if words[:1] == ["OK"]:
-                self.acked[int(words[1])] = record
-                self.acked_at.append(time.monotonic())
-            else:
-                self.errors.append(line.decode())
-            time.sleep(0.005)
-
-    def count(self) -> int:
-        return len(self.acked)
-
-    def stop(self) -> None:
-        self.halt.set()
-        self.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -127,44 +41,6 @@ def bed(tmp_path_factory):
             with contextlib.suppress(Exception):
                 live.session.xenapi.session.logout()
         cmd.stop()
-
-
-def master_session(live: Live, hosts: int = 4):
-    """(a XenAPI session, its URL) with the pool's master of now (host 1, the first master, may have crashed);
-    None while no master answers (one is elected after the HA timeout)."""
-    base, port = live.cmd.url.rsplit(":", 1)
-    prefix = base.rsplit(".", 1)[0]
-    for i in range(1, hosts + 1):
-        url = f"{prefix}.{i}:{port}"
-        try:
-            return xapi_login(url), url
-        except XenAPI.Failure as exc:
-            if exc.details[0] == "HOST_IS_SLAVE":
-                with contextlib.suppress(OSError, XenAPI.Failure):
-                    url = f"http://{exc.details[1]}:{port}"
-                    return xapi_login(url), url
-        except OSError:
-            continue
-    return None
-
-
-def bed_state(url: str) -> dict:
-    with urllib.request.urlopen(url + "/sim/live", timeout=5) as response:
-        return json.loads(response.read())
-
-
-def connect(live: Live, ip: str) -> Conn:
-    def attempt():
-        with contextlib.suppress(OSError):
-            return Conn(live.in_client(lambda: socket.create_connection((ip, 7000), timeout=1)))
-        return None
-
-    return wait_for(attempt, timeout=10, message=f"a guest to accept a connection on {ip}")
-
-
-def first_disk(api, vm: str) -> str:
-    return next(api.VBD.get_VDI(b) for b in sorted(api.VM.get_VBDs(vm), key=api.VBD.get_userdevice)
-                if api.VBD.get_type(b) == "Disk" and not api.VBD.get_empty(b))
 
 
 def test_a_routed_guest_rides_out_a_dropped_disk_connection_and_is_unrouted_while_paused(bed):
@@ -252,7 +128,9 @@ def test_a_crash_of_the_primary_host_leaves_the_secondary_vm_serving_every_ackno
     assert body["image"] == str(Path(info["workdir"]) / "srs" / sr_uuid / f"{vdi_uuid}.img")
     api.VDI.add_to_other_config(vdi, RESOURCE_KEY, name)
     api.VM.unpause(vm)
-    assert live.guest("web-01")["disk"] == {"address": f"{info['hosts'][0]['address']}:10809", "export": name}
+    # XAPI answers once the record says Running; the bed continues the guest, on its new endpoint, just after.
+    routed = {"address": f"{info['hosts'][0]['address']}:10809", "export": name}
+    wait_for(lambda: live.guest("web-01")["disk"] == routed, timeout=10, message="the guest on its AM's export")
     conn = live.connect("web-01")
     try:  # the guest's next request goes to its new endpoint
         assert conn.ask("PUT through the AM, alone").startswith("OK ")  # no replica on host 2 yet
@@ -263,19 +141,7 @@ def test_a_crash_of_the_primary_host_leaves_the_secondary_vm_serving_every_ackno
     # The secondary VM: a copy (through a snapshot: xapi copies only a halted VM or a snapshot) on host 2's
     # local SR, with the primary's MACs.
     local2 = api.SR.get_by_name_label("Local storage xcp-host-2")[0]
-    snap = api.VM.snapshot(vm, "web-01 (eAC seed)")
-    copy = api.VM.copy(snap, "web-01 (eAC secondary)", local2)
-    seed_disks = [api.VBD.get_VDI(b) for b in api.VM.get_VBDs(snap) if not api.VBD.get_empty(b)]
-    api.VM.destroy(snap)
-    for disk in seed_disks:
-        api.VDI.destroy(disk)
-    api.VM.set_is_a_template(copy, False)
-    for vif in api.VM.get_VIFs(copy):
-        api.VIF.destroy(vif)
-    for vif in api.VM.get_VIFs(vm):
-        record = api.VIF.get_record(vif)
-        api.VIF.create({key: record[key] for key in ("device", "network", "MAC", "MTU", "other_config",
-                                                      "qos_algorithm_type", "qos_algorithm_params")} | {"VM": copy})
+    copy = copy_for_secondary(api, vm, "web-01", local2)
     assert sorted(api.VIF.get_MAC(v) for v in api.VM.get_VIFs(copy)) == sorted(
         api.VIF.get_MAC(v) for v in api.VM.get_VIFs(vm))
     assert api.VM.get_other_config(copy)["xapisim_live_ip"] == ip
