@@ -353,8 +353,12 @@ fault_injection = true
     def _vm_section(self) -> str:
         if self.xapi_port is None:
             return ""
-        argv = [sys.executable, "-m", "xapisim.live.hook", "--credentials", str(self.hook_credentials)]
-        return f"[vm]\non_promote = {json.dumps(argv)}\n"
+        # A crash of the pool's master leaves XAPI silent until HA elects another (the pool's HA timeout): the
+        # hook waits that long and more, or the VM would stay paused after a master's crash.
+        wait = self.engine.config.ha_timeout + 10.0
+        argv = [sys.executable, "-m", "xapisim.live.hook", "--credentials", str(self.hook_credentials),
+                "--timeout", f"{wait:g}"]
+        return f"[vm]\non_promote = {json.dumps(argv)}\non_promote_timeout_s = {wait + 5.0:g}\n"
 
     def _images(self) -> None:
         """An image for every guest disk of the pool (sparse: free until written), and the storage hook that
