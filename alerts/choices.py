@@ -9,6 +9,12 @@ class Condition(models.TextChoices):
     PLAN_OVERCOMMITTED = "plan_overcommitted", "Failover plan overcommitted"
     WORKFLOW_FAILED = "workflow_failed", "Protection workflow failed"
     POOL_UNREACHABLE = "pool_unreachable", "Pool unreachable"
+    # Level 2: one alert per component of a protection (a disk replica, a NIC, a link, the peer, the
+    # witness, an AM), keyed by ``alerts.keys.component_key``.
+    REDUNDANCY_LOST = "redundancy_lost", "Level 2 redundancy lost"
+    VALIDATION_MISMATCH = "validation_mismatch", "Level 2 validation mismatch"
+    FAILOVER_DONE = "failover_done", "Level 2 failover done"
+    FAILOVER_FAILED = "failover_failed", "Level 2 failover failed"
     TEST = "test", "Test alert"
 
 
@@ -22,6 +28,10 @@ SEVERITY = {
     Condition.PLAN_OVERCOMMITTED: "warning",
     Condition.WORKFLOW_FAILED: "warning",
     Condition.POOL_UNREACHABLE: "critical",
+    Condition.REDUNDANCY_LOST: "warning",
+    Condition.VALIDATION_MISMATCH: "critical",
+    Condition.FAILOVER_DONE: "warning",
+    Condition.FAILOVER_FAILED: "critical",
     Condition.TEST: "info",
 }
 

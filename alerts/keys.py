@@ -15,3 +15,9 @@ def alert_key(obj: Pool | Host | VM) -> str:
     # A pool registered but never read has no uuid yet: its key is its id until then.
     ident = obj.uuid or (f"{obj.pk}" if kind == "pool" else "")
     return f"{kind}:{ident}"
+
+
+def component_key(vm: VM, component: str) -> str:
+    """A Level 2 component of a protected VM: ``vm:<uuid>/<component id>`` (``disk:xvda@<host uuid>``,
+    ``link:a``, ``peer``…), so that each component's loss of redundancy is raised and cleared on its own."""
+    return f"{alert_key(vm)}/{component}"

@@ -18,3 +18,4 @@ class AuditAction(models.TextChoices):
     VM_POWER_REFUSED = "vm_power_refused", "Power action refused"
     POOL_REMOVE = "pool_remove", "Pool removal requested"
     POOL_REMOVED = "pool_removed", "Pool removed"
+    LEVEL2_ACTION = "level2_action", "Level 2 action requested"

@@ -264,6 +264,13 @@ EAC_AM_TIMEOUT = env.float("EAC_AM_TIMEOUT", default=10.0)  # seconds, per manag
 # How long a Level 2 protection waits for a disk's initial copy to the secondary before it gives up.
 EAC_AM_SYNC_TIMEOUT = env.float("EAC_AM_SYNC_TIMEOUT", default=3600.0)
 EAC_AM_POLL_INTERVAL = env.float("EAC_AM_POLL_INTERVAL", default=0.5)
+# Level 2 component health: how often the beat reads every protection's two AMs, and the timeout of those
+# reads (short: a dead host's AM must not hold the poll of the others); how long after a primary host's loss
+# the secondary may take to take over before "failover failed"; how often the replicas are validated.
+EAC_AM_HEALTH_INTERVAL = env.float("EAC_AM_HEALTH_INTERVAL", default=5.0)
+EAC_AM_HEALTH_TIMEOUT = env.float("EAC_AM_HEALTH_TIMEOUT", default=3.0)
+EAC_L2_FAILOVER_GRACE = env.float("EAC_L2_FAILOVER_GRACE", default=30.0)
+EAC_AM_VERIFY_INTERVAL = env.float("EAC_AM_VERIFY_INTERVAL", default=86_400.0)
 # A protected VM not restarted this long after its host was lost raises "VM failed to restart".
 EAC_RESTART_GRACE = env.float("EAC_RESTART_GRACE", default=120.0)
 EAC_MAIL_RETRY_DELAY = env.float("EAC_MAIL_RETRY_DELAY", default=5.0)
@@ -275,6 +282,14 @@ CELERY_BEAT_SCHEDULE = {
     "protection-sweep": {
         "task": "protection.tasks.protection_sweep",
         "schedule": env.float("EAC_SWEEP_INTERVAL", default=15.0),
+    },
+    "protection-level2-health": {
+        "task": "protection.tasks.level2_poll_all",
+        "schedule": EAC_AM_HEALTH_INTERVAL,
+    },
+    "protection-level2-validate": {
+        "task": "protection.tasks.level2_validate_all",
+        "schedule": EAC_AM_VERIFY_INTERVAL,
     },
     "alerts-delivery-sweep": {
         "task": "alerts.tasks.delivery_sweep",

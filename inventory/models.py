@@ -93,6 +93,10 @@ class Host(XapiObject):
     memory_free = models.BigIntegerField(default=0)
     cpu_count = models.IntegerField(default=0)
     metrics_ref = models.CharField(max_length=80, blank=True, db_index=True)
+    # The host's Availability Manager, from its other_config (eac_am_url / eac_am_peer, docs/level2.md):
+    # where its management API listens ("" = no AM), and the uuid of the host whose AM is its peer.
+    am_url = models.CharField(max_length=255, blank=True)
+    am_peer = models.CharField(max_length=64, blank=True)
 
     class Meta(XapiObject.Meta):
         constraints = _keys("host")
@@ -167,6 +171,7 @@ class VM(XapiObject):
     resident_on = models.ForeignKey(Host, null=True, blank=True, on_delete=models.SET_NULL, related_name="resident_vms")
     affinity = models.ForeignKey(Host, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     memory_static_max = models.BigIntegerField(default=0)
+    memory_dynamic_min = models.BigIntegerField(default=0)
     memory_dynamic_max = models.BigIntegerField(default=0)
     # What XAPI reserves on top of memory_static_max (shadow memory, etc.): HA plans count both.
     memory_overhead = models.BigIntegerField(default=0)

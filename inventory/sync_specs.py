@@ -42,7 +42,8 @@ EVENT_CLASSES: list[str] = list(XAPI_CLASSES)
 RECORD_FIELDS: dict[str, tuple[str, ...]] = {
     "pool": ("uuid", "name_label", "master", "ha_enabled", "ha_host_failures_to_tolerate", "ha_plan_exists_for",
              "ha_overcommitted", "ha_allow_overcommit", "ha_configuration"),
-    "host": ("uuid", "name_label", "name_description", "address", "hostname", "enabled", "cpu_info", "metrics"),
+    "host": ("uuid", "name_label", "name_description", "address", "hostname", "enabled", "cpu_info", "metrics",
+             "other_config"),
     "host_metrics": ("uuid", "live", "memory_total", "memory_free", "last_updated"),
     "sr": ("uuid", "name_label", "name_description", "type", "content_type", "shared", "physical_size",
            "physical_utilisation"),
@@ -51,8 +52,9 @@ RECORD_FIELDS: dict[str, tuple[str, ...]] = {
     "pif": ("uuid", "host", "network", "device", "MAC", "IP", "management", "currently_attached", "metrics"),
     "pif_metrics": ("uuid", "carrier"),
     "vm": ("uuid", "name_label", "name_description", "power_state", "resident_on", "affinity", "memory_static_max",
-           "memory_dynamic_max", "memory_overhead", "VCPUs_max", "is_a_template", "is_control_domain", "is_a_snapshot",
-           "ha_restart_priority", "order", "start_delay", "current_operations", "metrics"),
+           "memory_dynamic_min", "memory_dynamic_max", "memory_overhead", "VCPUs_max", "is_a_template",
+           "is_control_domain", "is_a_snapshot", "ha_restart_priority", "order", "start_delay", "current_operations",
+           "metrics"),
     "vdi": ("uuid", "name_label", "name_description", "SR", "virtual_size", "physical_utilisation", "type",
             "sharable", "read_only"),
     "vbd": ("uuid", "VM", "VDI", "device", "userdevice", "type", "mode", "bootable", "currently_attached"),
@@ -117,6 +119,7 @@ class Spec:
 
 def _host_values(m: PoolMirror, ref: str, r: dict) -> dict[str, Any]:
     live, total, free, heard = m.host_metrics.get(r.get("metrics", ""), (False, 0, 0, None))
+    other_config = to_map(r.get("other_config"))
     return {
         "name_label": to_str(r.get("name_label")),
         "name_description": to_str(r.get("name_description")),
@@ -130,6 +133,9 @@ def _host_values(m: PoolMirror, ref: str, r: dict) -> dict[str, Any]:
         "memory_free": free,
         "cpu_count": to_int(to_map(r.get("cpu_info")).get("cpu_count")),
         "metrics_ref": to_str(r.get("metrics")),
+        # Written by whoever installs the AM (docs/level2.md); only these two keys are kept.
+        "am_url": to_str(other_config.get("eac_am_url")),
+        "am_peer": to_str(other_config.get("eac_am_peer")),
     }
 
 
@@ -184,6 +190,7 @@ def _vm_values(m: PoolMirror, ref: str, r: dict) -> dict[str, Any]:
         "resident_on_id": m.resolve("host", r.get("resident_on"), "vm", ref, "resident_on_id"),
         "affinity_id": m.resolve("host", r.get("affinity"), "vm", ref, "affinity_id"),
         "memory_static_max": to_int(r.get("memory_static_max")),
+        "memory_dynamic_min": to_int(r.get("memory_dynamic_min")),
         "memory_dynamic_max": to_int(r.get("memory_dynamic_max")),
         "memory_overhead": to_int(r.get("memory_overhead")),
         "vcpus_max": to_int(r.get("VCPUs_max")),

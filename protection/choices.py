@@ -8,11 +8,10 @@ class Level(models.IntegerChoices):
     SYSTEM_FT = 3, "Level 3 — system fault tolerance"
 
 
-# Only Level 1 can be dialled until the Availability Manager agents exist.
-AVAILABLE_LEVELS = frozenset({Level.BASIC_RESTART})
+# Level 3 waits for the AMs' checkpointing (epoch mirroring, the checkpoint source).
+AVAILABLE_LEVELS = frozenset({Level.BASIC_RESTART, Level.COMPONENT_FT})
 UNAVAILABLE_REASON = {
-    Level.COMPONENT_FT: "Needs the Availability Manager agents on the hosts, which are not released yet.",
-    Level.SYSTEM_FT: "Needs the Availability Manager agents and checkpointing, which are not released yet.",
+    Level.SYSTEM_FT: "Needs checkpointing in the Availability Manager agents, which is not released yet.",
 }
 
 # What each level protects against (the comparison table of the original product).
@@ -49,6 +48,23 @@ class Health(models.TextChoices):
     DEGRADED = "degraded", "Degraded"
     FAILED = "failed", "Failed"
     UNPROTECTED = "unprotected", "Unprotected"
+
+
+class ComponentState(models.TextChoices):
+    """The state of one Level 2 component (a disk replica, a NIC, a link, the peer, the witness, an AM)."""
+
+    OK = "ok", "OK"
+    DEGRADED = "degraded", "Degraded"
+    FAILED = "failed", "Failed"
+    UNKNOWN = "unknown", "Unknown"
+
+
+class Level2Action(models.TextChoices):
+    """What an administrator can ask of a Level 2 protection's AMs (REST actions, the VM page)."""
+
+    VALIDATE = "validate", "Validate the replicas"
+    SWAP = "swap", "Swap roles (planned)"
+    REPAIR = "repair", "Disk repaired: resync it"
 
 
 class SummaryGroup(models.TextChoices):

@@ -22,9 +22,10 @@ from django.db.models import F, Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from alerts import selectors as alert_reads
 from alerts import services as alerts
 from alerts.choices import Condition
-from alerts.keys import alert_key
+from alerts.keys import alert_key, component_key
 from eac.audit import AuditAction, audit_record
 from eac.realtime import emit, protection_change, protection_progress
 from inventory.models import Pool
@@ -32,8 +33,9 @@ from inventory.selectors import xapi_error_describe
 from inventory.xapi import XapiError, pool_client
 
 from . import selectors
-from .choices import RUNNING_STATES, ProtectionStatus, RunKind, RunState, StepState
-from .models import Protection, WorkflowRun, WorkflowStep
+from .am_client import AMClient, AMError
+from .choices import RUNNING_STATES, Level, ProtectionStatus, RunKind, RunState, StepState
+from .models import ProtectedDisk, Protection, WorkflowRun, WorkflowStep
 from .workflows import StepFailed, step_named
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,70 @@ class StepContext:
         plan = selectors.pool_planner(self.pool, add_vm=vm)
         return selectors.plan_blockers_text(plan, target)
 
+    # -- Level 2: the AMs, the protection's rows, earlier steps' findings --------------------------------
+
+    @property
+    def vm(self):
+        vm = self.run.vm
+        if vm is None:
+            raise StepFailed("VM_GONE", "The VM no longer exists in the pool.")
+        return vm
+
+    @property
+    def protection(self) -> Protection:
+        protection = self.run.protection
+        if protection is None:
+            raise StepFailed("PROTECTION_GONE", "The protection this workflow works for no longer exists.")
+        return protection
+
+    def am(self, url: str) -> AMClient:
+        """The client of the AM at ``url`` (one per run, closed with the run)."""
+        return self.engine.am(url)
+
+    def result_of(self, step_name: str) -> dict:
+        """What an earlier step of this run found (its ``result``)."""
+        row = WorkflowStep.objects.filter(run=self.run, name=step_name).values_list("result", flat=True).first()
+        return row or {}
+
+    def protection_save(self, **fields) -> None:
+        with transaction.atomic():
+            self.engine.renew()
+            for key, value in fields.items():
+                setattr(self.protection, key, value)
+            Protection.objects.filter(pk=self.protection.pk).update(**fields)
+
+    def disks(self) -> list[ProtectedDisk]:
+        return list(ProtectedDisk.objects.filter(protection=self.protection).order_by("userdevice", "resource"))
+
+    def disk_save(self, disk: ProtectedDisk, **fields) -> None:
+        """Record on the disk's row what was just done (fenced by the lease, like every write of a step)."""
+        with transaction.atomic():
+            self.engine.renew()
+            for key, value in fields.items():
+                setattr(disk, key, value)
+            disk.save(update_fields=[*fields, "updated_at"])
+
+    def disks_discover(self, *, primary_am: str, secondary_am: str) -> list[ProtectedDisk]:
+        """One row per disk of the VM as XAPI has it now (made once; a re-run finds the rows it made)."""
+        protection = self.protection
+        hosts = {h.uuid: h for h in protection.pool.hosts.filter(
+            uuid__in=[self.params["primary_host"], self.params["secondary_host"]])}
+        for vbd in self.call("VM.get_VBDs", self.vm_ref):
+            record = self.call("VBD.get_record", vbd)
+            if record.get("type") != "Disk" or record.get("empty") or record.get("VDI") in ("", "OpaqueRef:NULL"):
+                continue
+            vdi = self.call("VDI.get_record", record["VDI"])
+            with transaction.atomic():
+                self.engine.renew()
+                ProtectedDisk.objects.get_or_create(
+                    protection=protection, resource=f"vdi-{vdi['uuid']}",
+                    defaults={"userdevice": str(record.get("userdevice", "")), "primary_vdi_uuid": vdi["uuid"],
+                              "primary_host": hosts.get(self.params["primary_host"]),
+                              "secondary_host": hosts.get(self.params["secondary_host"]),
+                              "primary_am_url": primary_am, "secondary_am_url": secondary_am,
+                              "size": int(vdi.get("virtual_size") or 0)})
+        return self.disks()
+
     def previous_settings(self) -> dict | None:
         """What the VM had before it was protected, or None if protecting never changed it."""
         return self.params.get("previous") or None
@@ -99,6 +165,7 @@ class Engine:
         self.run = run
         self.worker = worker
         self._client = None
+        self._ams: dict[str, AMClient] = {}
         self.lease = timedelta(seconds=settings.EAC_WORKFLOW_LEASE)
 
     def client(self):
@@ -106,10 +173,18 @@ class Engine:
             self._client = pool_client(self.run.pool)
         return self._client
 
+    def am(self, url: str) -> AMClient:
+        if url not in self._ams:
+            self._ams[url] = AMClient(url)
+        return self._ams[url]
+
     def drop_client(self) -> None:
         if self._client is not None:
             self._client.logout()
             self._client = None
+        for am in self._ams.values():
+            am.close()
+        self._ams.clear()
 
     def _fenced(self) -> Q:
         return Q(pk=self.run.pk, claimed_by=self.worker, state=RunState.RUNNING)
@@ -187,7 +262,7 @@ def workflow_run_execute(*, run_id: int, worker: str) -> str:
 
 def _step_execute(engine: Engine, step: WorkflowStep) -> tuple[str, str, list] | None:
     """Run one step with retries of transient XAPI errors. None if done, else (code, sentence, params)."""
-    impl = step_named(engine.run.kind, step.name)
+    impl = step_named(engine.run.kind, step.name, int((engine.run.params or {}).get("level", Level.BASIC_RESTART)))
     retries = settings.EAC_WORKFLOW_STEP_RETRIES
     base = settings.EAC_WORKFLOW_RETRY_DELAY
     attempt = 0
@@ -206,6 +281,14 @@ def _step_execute(engine: Engine, step: WorkflowStep) -> tuple[str, str, list] |
             raise
         except StepFailed as exc:
             return exc.code, exc.message, exc.params
+        except AMError as exc:
+            if exc.transient and attempt <= retries:
+                delay = min(base * 2 ** (attempt - 1), 30.0)
+                engine.step_update(step, message=f"{exc.sentence} Retrying in {delay:g} s (attempt {attempt + 1}).")
+                engine.drop_client()
+                time.sleep(delay)
+                continue
+            return "AM_ERROR" if exc.status is None else f"AM_HTTP_{exc.status}", exc.sentence, []
         except Exception as exc:
             if not isinstance(exc, XapiError):
                 log.exception("workflow %s step %s: unexpected error", engine.run.pk, step.name)
@@ -287,6 +370,8 @@ def _after_run(run: WorkflowRun, failed: tuple[str, str, list] | None) -> None:
             protection.save()
             audit_record(user=None, action=AuditAction.PROTECTED, pool=run.pool, vm=vm, detail={"run": run.pk})
         elif run.kind == RunKind.UNPROTECT and protection is not None:
+            if vm is not None and protection.level == Level.COMPONENT_FT:
+                _level2_alerts_clear(vm)
             protection.delete()
             audit_record(user=None, action=AuditAction.UNPROTECTED, pool=run.pool, vm=vm, detail={"run": run.pk})
         alerts.alert_clear(condition=Condition.WORKFLOW_FAILED, object_key=object_key,
@@ -306,3 +391,14 @@ def runs_to_resume() -> list[int]:
     resumed = WorkflowRun.objects.filter(state=RunState.RUNNING, lease_until__lt=now).values_list("pk", flat=True)
     lost = WorkflowRun.objects.filter(state=RunState.PENDING, created_at__lt=stale_pending).values_list("pk", flat=True)
     return [*resumed, *lost]
+
+
+def _level2_alerts_clear(vm) -> None:
+    """Unprotected: the Level 2 components of the VM are gone, so are their open alerts (cleared once)."""
+    prefix = component_key(vm, "")
+    for condition in (Condition.REDUNDANCY_LOST, Condition.VALIDATION_MISMATCH, Condition.FAILOVER_DONE,
+                      Condition.FAILOVER_FAILED):
+        for key in alert_reads.open_object_keys(condition=condition, pool=vm.pool):
+            if key.startswith(prefix):
+                alerts.alert_clear(condition=condition, object_key=key, new_state="unprotected",
+                                   message=f"{vm.name_label} is no longer protected at Level 2.")

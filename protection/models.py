@@ -35,6 +35,24 @@ class Protection(models.Model):
     observed_host = models.ForeignKey(Host, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     observed_power_state = models.CharField(max_length=16, blank=True)
 
+    # Level 2 settings: the host whose AM holds the replicas and runs the secondary VM (paused), and the
+    # memory reserved there for it; the secondary VM, once made (what unprotect destroys).
+    secondary_host = models.ForeignKey(Host, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    secondary_memory = models.BigIntegerField(null=True, blank=True, help_text="Bytes reserved for the secondary VM")
+    secondary_vm_uuid = models.CharField(max_length=64, blank=True)
+    # Level 2 component health, as the last poll of both AMs found it (``protection/health.py``): a list of
+    # {"id", "kind", "name", "host", "host_name", "state" (ComponentState), "detail", "repair", "since",
+    # "progress"?}. A JSON list rather than a table: it is always read and written whole, by one poller, and
+    # each component's alert (keyed by its id) is what keeps its history.
+    components = models.JSONField(default=list, blank=True)
+    components_checked_at = models.DateTimeField(null=True, blank=True)
+    # The last active validation (POST …/verify on the primary AM, each disk): {"at", "ok", "mismatches",
+    # "disks": {resource: {"ok", "mismatches", "chunks", "seconds"} | {"error"}}, "message"}.
+    last_verify = models.JSONField(default=dict, blank=True)
+    # After a Level 2 failover: the host the VM runs on now (the secondary's), and when the console saw it.
+    failed_over_to = models.ForeignKey(Host, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    failed_over_at = models.DateTimeField(null=True, blank=True)
+
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -45,6 +63,41 @@ class Protection(models.Model):
 
     def __str__(self) -> str:
         return f"{self.vm} (Level {self.level}, {self.get_status_display()})"
+
+
+class ProtectedDisk(models.Model):
+    """One disk of a Level 2 VM: its AM resource on both hosts, and how far each part of it was done.
+
+    Written by the protect workflow before and after each thing it does, so that unprotect (or a failed
+    protect's cleanup) undoes exactly what exists, and nothing else.
+    """
+
+    protection = models.ForeignKey(Protection, on_delete=models.CASCADE, related_name="disks")
+    resource = models.CharField(max_length=80, help_text="AM resource name, vdi-<primary VDI uuid>")
+    userdevice = models.CharField(max_length=16, blank=True)
+    primary_vdi_uuid = models.CharField(max_length=64)
+    replica_vdi_uuid = models.CharField(max_length=64, blank=True)
+    primary_host = models.ForeignKey(Host, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    secondary_host = models.ForeignKey(Host, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    # The AMs' addresses when the resources were made: where to delete them, even if a host row changed.
+    primary_am_url = models.CharField(max_length=255, blank=True)
+    secondary_am_url = models.CharField(max_length=255, blank=True)
+    size = models.BigIntegerField(default=0, help_text="Bytes (the VDI's virtual size)")
+    # What the workflow did (True) and has not undone yet.
+    primary_resource = models.BooleanField(default=False)
+    routed = models.BooleanField(default=False, help_text="eac_am_resource set on the primary VDI")
+    replica_tagged = models.BooleanField(default=False, help_text="eac_am_resource set on the replica VDI")
+    secondary_resource = models.BooleanField(default=False)
+    sync_state = models.CharField(max_length=32, blank=True, help_text="The replica's disk state, as its AM says")
+    sync_progress = models.FloatField(default=0.0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["protection", "userdevice", "resource"]
+        constraints = [models.UniqueConstraint(fields=["protection", "resource"], name="protecteddisk_resource")]
+
+    def __str__(self) -> str:
+        return self.resource
 
 
 class WorkflowRun(models.Model):

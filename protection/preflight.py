@@ -1,15 +1,18 @@
 """The wizard's preflight: what must hold before a VM can be protected, each check in words."""
 from __future__ import annotations
 
-from django.db.models import Count, Q, QuerySet
+from dataclasses import dataclass
 
-from inventory.models import SR, VIF, VM, Host, Pool
+from django.db.models import Count, F, Q, QuerySet
+
+from inventory.models import SR, VDI, VIF, VM, Host, Pool
 
 from .choices import ACTIVE_RUN_STATES, AVAILABLE_LEVELS, RUNNING_STATES, UNAVAILABLE_REASON, Level, RestartPriority
 from .models import WorkflowRun
 from .selectors import plan_blockers_text, pool_planner
 
 GIB = 2**30
+MIB = 2**20
 
 
 def vm_agility_problems(vm: VM) -> list[str]:
@@ -47,18 +50,179 @@ def heartbeat_sr_candidates(pool: Pool) -> QuerySet[SR]:
     )
 
 
+# -- Level 2 ----------------------------------------------------------------------------------------
+
+
+def vm_disk_vdis(vm: VM) -> QuerySet[VDI]:
+    """The VDIs of the VM's disks (not CDs): what Level 2 mirrors, one AM resource each."""
+    return VDI.objects.filter(vbds__vm=vm, vbds__type="Disk").distinct().order_by("uuid")
+
+
+def secondary_sr_candidates(host: Host) -> QuerySet[SR]:
+    """Local SRs attached to ``host`` (where the secondary VM's replicas go), the most free space first."""
+    return (
+        SR.objects.filter(pool=host.pool, shared=False, pbds__host=host, pbds__currently_attached=True)
+        .exclude(content_type="iso")
+        .annotate(free=F("physical_size") - F("physical_utilisation"))
+        .order_by("-free", "name_label")
+    )
+
+
+def vm_default_footprint(vm: VM) -> int:
+    """The memory the secondary reserves unless told otherwise: what the VM runs with."""
+    return vm.memory_dynamic_max or vm.memory_static_max
+
+
+def vm_minimum_footprint(vm: VM) -> int:
+    return vm.memory_dynamic_min or vm_default_footprint(vm)
+
+
+@dataclass(frozen=True)
+class Level2Choice:
+    """The Level 2 settings of one VM, defaults filled in: the pair of hosts, the footprint, the SR."""
+
+    primary: Host | None
+    secondary: Host | None
+    secondary_given: str  # what was asked for ("" = the suggestion)
+    footprint: int
+    sr: SR | None
+
+
+def level2_choice(vm: VM, settings: dict) -> Level2Choice:
+    primary = vm.resident_on
+    given = str(settings.get("secondary_host") or "")
+    uuid = given or (primary.am_peer if primary else "")
+    secondary = Host.objects.filter(pool=vm.pool, uuid=uuid).first() if uuid else None
+    footprint = settings.get("secondary_memory")
+    footprint = int(footprint) if footprint not in (None, "") else vm_default_footprint(vm)
+    sr = secondary_sr_candidates(secondary).first() if secondary else None
+    return Level2Choice(primary, secondary, given, footprint, sr)
+
+
+def level2_setting_problems(vm: VM, choice: Level2Choice) -> dict[str, str]:
+    """What is wrong with the chosen secondary and footprint themselves ({field: sentence}): bad input,
+    refused with a 400 by the service, shown by the wizard's preflight."""
+    problems: dict[str, str] = {}
+    primary, secondary = choice.primary, choice.secondary
+    if choice.secondary_given and secondary is None:
+        problems["secondary_host"] = "No host of the VM's pool has this uuid."
+    elif secondary is not None and primary is not None:
+        if secondary.pk == primary.pk:
+            problems["secondary_host"] = f"The secondary must be another host than the one the VM runs on ({primary})."
+        elif not secondary.am_url:
+            problems["secondary_host"] = f"{secondary} has no Availability Manager (no eac_am_url in its other_config)."
+        elif primary.am_url and primary.am_peer != secondary.uuid:
+            peer = Host.objects.filter(pool=vm.pool, uuid=primary.am_peer).first()
+            problems["secondary_host"] = (f"{secondary} is not the AM peer of {primary}"
+                                          + (f" (its peer is {peer})." if peer else "."))
+    low, high = vm_minimum_footprint(vm), max(vm.memory_static_max, vm_default_footprint(vm))
+    if choice.footprint < low:
+        problems["secondary_memory"] = (f"{choice.footprint // MIB} MiB is below the VM's dynamic minimum "
+                                        f"({low // MIB} MiB).")
+    elif choice.footprint > high:
+        problems["secondary_memory"] = (f"{choice.footprint // MIB} MiB is more than the VM's memory "
+                                        f"({high // MIB} MiB).")
+    return problems
+
+
+def level2_secondary_candidates(vm: VM) -> list[dict]:
+    """The pool's other hosts with an AM, for the wizard's choice; the primary's AM peer is suggested."""
+    primary = vm.resident_on
+    out = []
+    for host in Host.objects.filter(pool=vm.pool).exclude(am_url="").order_by("name_label"):
+        if primary is not None and host.pk == primary.pk:
+            continue
+        out.append({"uuid": host.uuid, "name_label": host.name_label, "memory_free": host.memory_free,
+                    "suggested": bool(primary and primary.am_peer == host.uuid)})
+    out.sort(key=lambda h: (not h["suggested"], h["name_label"]))
+    return out
+
+
+def _level2_checks(vm: VM, settings: dict, check) -> dict:
+    choice = level2_choice(vm, settings)
+    primary, secondary = choice.primary, choice.secondary
+    problems = level2_setting_problems(vm, choice)
+    check("level", True, "Level 2: the AMs of two hosts mirror every disk of the VM; a paused copy of it on "
+                         "the secondary host takes over if the VM, its host, a disk or a NIC fails.")
+    running = vm.power_state == "Running"
+    check("power", running, "The VM is running." if running else
+          f"The VM is {vm.get_power_state_display().lower()}: Level 2 protects a running VM (start it first).")
+    disks = list(vm_disk_vdis(vm))
+    check("disks", bool(disks), f"{len(disks)} disk(s) to mirror: "
+          + ", ".join(f"{d.name_label or d.uuid} ({d.virtual_size / GIB:.1f} GiB)" for d in disks) + "."
+          if disks else "The VM has no disk: there is nothing for Level 2 to mirror.")
+    if primary is None:
+        check("am", False, "The VM runs on no host: its host's Availability Manager cannot be found.")
+    elif not primary.am_url:
+        check("am", False, f"{primary} has no Availability Manager (no eac_am_url in its other_config).")
+    else:
+        check("am", True, f"{primary} has an Availability Manager at {primary.am_url}.")
+    if "secondary_host" in problems:
+        check("secondary", False, problems["secondary_host"])
+    elif secondary is None:
+        check("secondary", False, "Choose the secondary host: the VM's host has no AM peer to suggest.")
+    elif not (secondary.live and secondary.enabled):
+        check("secondary", False, f"{secondary} is {'not live' if not secondary.live else 'disabled'}.")
+    else:
+        check("secondary", True, f"{secondary}, the AM peer of {primary}, holds the replicas and the paused "
+                                 f"secondary VM{'' if choice.secondary_given else ' (suggested)'}.")
+    default = vm_default_footprint(vm)
+    if "secondary_memory" in problems:
+        check("footprint", False, problems["secondary_memory"])
+    elif choice.footprint < default:
+        check("footprint", False, f"The secondary reserves {choice.footprint // MIB} MiB, less than the VM's "
+              f"{default // MIB} MiB: after a failover the VM restarts with less memory.", blocking=False)
+    else:
+        check("footprint", True, f"The secondary reserves the VM's memory, {choice.footprint // MIB} MiB.")
+    if secondary is not None:
+        need = choice.footprint + vm.memory_overhead
+        check("memory", secondary.memory_free >= need,
+              f"{secondary} has {secondary.memory_free / GIB:.1f} GiB free; the secondary VM needs "
+              f"{need / GIB:.1f} GiB (its footprint and overhead).")
+        size = sum(d.virtual_size for d in disks)
+        if choice.sr is None:
+            check("storage", False, f"{secondary} has no local SR for the replicas.")
+        else:
+            free = choice.sr.physical_size - choice.sr.physical_utilisation
+            check("storage", free >= size, f"Local SR “{choice.sr.name_label}” of {secondary} has "
+                  f"{free / GIB:.1f} GiB free; the replicas need {size / GIB:.1f} GiB.")
+    check("links", True, "Both AMs, both availability links and the witness are checked by the first step "
+                         "(the console talks to the AMs from its workers only).", blocking=False)
+    return {
+        "secondary_host": secondary.uuid if secondary else "",
+        "secondary_hosts": level2_secondary_candidates(vm),
+        "secondary_memory": choice.footprint,
+        "memory_default": default,
+        "memory_minimum": vm_minimum_footprint(vm),
+        "secondary_sr": choice.sr.uuid if choice.sr else "",
+    }
+
+
 def protection_preflight(*, vm: VM, level: int, settings: dict | None = None) -> dict:
-    """What the wizard shows before it can go on: level, agility, capacity and plan, HA state."""
+    """What the wizard shows before it can go on: level, agility, capacity and plan, HA state (Level 1);
+    the pair of hosts, the VM's state and disks, memory and storage on the secondary (Level 2)."""
     settings = settings or {}
     pool = vm.pool
     checks = []
 
     titles = {"level": "Level", "vm": "VM", "agility": "Agility", "plan": "Failover plan", "capacity": "Capacity",
-              "ha": "High availability", "busy": "Workflow"}
+              "ha": "High availability", "busy": "Workflow", "power": "Power state", "disks": "Disks",
+              "am": "Availability Manager", "secondary": "Secondary host", "footprint": "Secondary memory",
+              "memory": "Memory on the secondary", "storage": "Storage on the secondary", "links": "AM links"}
 
     def check(name: str, ok: bool, message: str, blocking: bool = True) -> None:
         checks.append({"name": name, "title": titles[name], "ok": ok, "message": message,
                        "blocking": blocking and not ok})
+
+    if level == Level.COMPONENT_FT:
+        if not vm.is_ordinary:
+            check("vm", False, "Only ordinary VMs can be protected (not templates, snapshots or control domains).")
+        level2 = _level2_checks(vm, settings, check)
+        _busy(vm, check)
+        return {"vm": vm.pk, "level": level, "can_proceed": not any(c["blocking"] for c in checks),
+                "checks": checks, "ha_enabled": pool.ha_enabled, "failures_to_tolerate":
+                pool.ha_host_failures_to_tolerate, "max_failures_with_vm": 0, "heartbeat_srs": [],
+                "level2": level2}
 
     if level not in AVAILABLE_LEVELS:
         check("level", False, UNAVAILABLE_REASON.get(Level(level), "This level is not available."))
@@ -95,9 +259,7 @@ def protection_preflight(*, vm: VM, level: int, settings: dict | None = None) ->
     else:
         check("ha", True, "High availability is off: it will be turned on with the heartbeat SR you choose.",
               blocking=False)
-    active = WorkflowRun.objects.filter(vm=vm, state__in=ACTIVE_RUN_STATES).first()
-    if active:
-        check("busy", False, f"A {active.get_kind_display().lower()} workflow is already running for this VM.")
+    _busy(vm, check)
     return {
         "vm": vm.pk,
         "level": level,
@@ -107,4 +269,11 @@ def protection_preflight(*, vm: VM, level: int, settings: dict | None = None) ->
         "failures_to_tolerate": target,
         "max_failures_with_vm": best,
         "heartbeat_srs": candidates,
+        "level2": None,
     }
+
+
+def _busy(vm: VM, check) -> None:
+    active = WorkflowRun.objects.filter(vm=vm, state__in=ACTIVE_RUN_STATES).first()
+    if active:
+        check("busy", False, f"A {active.get_kind_display().lower()} workflow is already running for this VM.")

@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 from django.db import models
 from django.db.models import Case, Count, Exists, F, OuterRef, Q, QuerySet, Value, When
+from django.db.models.functions import Coalesce
+from django.utils.dateparse import parse_datetime
 
 from eac.audit import AuditAction, AuditEntry
 from inventory.models import VBD, VM, Host, Pool
@@ -24,7 +26,9 @@ from . import planner
 from .choices import (
     ACTIVE_RUN_STATES,
     RUNNING_STATES,
+    ComponentState,
     Health,
+    Level,
     ProtectionStatus,
     RestartPriority,
     SummaryGroup,
@@ -78,8 +82,8 @@ def vm_annotate_protection(qs: QuerySet[VM]) -> QuerySet[VM]:
             default=Value(SummaryGroup.CANDIDATE),
             output_field=models.CharField(),
         ),
-        # Level 1 has no secondary host (Level 2/3 will fill this in).
-        prot_secondary=Value("", output_field=models.CharField()),
+        # Level 1 has no secondary host: "".
+        prot_secondary=Coalesce(F(f"{p}secondary_host__name_label"), Value(""), output_field=models.CharField()),
     )
 
 
@@ -155,7 +159,8 @@ def vm_active_run(vm: VM) -> WorkflowRun | None:
 
 
 def protection_list(*, pool: Pool | None = None) -> QuerySet[Protection]:
-    qs = Protection.objects.select_related("vm", "pool", "vm__resident_on")
+    qs = Protection.objects.select_related("vm", "pool", "vm__resident_on", "secondary_host").prefetch_related(
+        "disks__primary_host", "disks__secondary_host")
     return qs.filter(pool=pool) if pool is not None else qs
 
 
@@ -299,6 +304,9 @@ class Component:
     health: str
     since: dt.datetime | None = None
     detail: str = ""
+    host: str = ""  # Level 2: the host the component belongs to (its name)
+    repair: str = ""  # Level 2: what to do when it is not well
+    progress: float | None = None  # Level 2: a disk being synced, 0..1
 
 
 @dataclass(frozen=True)
@@ -323,6 +331,14 @@ class ProtectionInfo:
     start_delay: int
     active_run: int | None
     active_run_label: str
+    # Level 2
+    secondary_host: str = ""
+    runs_on: str = ""  # after a failover: the host the VM runs on now
+    failed_over_at: dt.datetime | None = None
+    components_checked_at: dt.datetime | None = None
+    last_verify: dict | None = None
+    last_verify_at: dt.datetime | None = None
+    failed_disks: tuple[str, ...] = ()
 
     @property
     def can_unprotect(self) -> bool:
@@ -330,7 +346,7 @@ class ProtectionInfo:
 
 
 def vm_protection_info(vm: VM) -> ProtectionInfo | None:
-    protection = Protection.objects.filter(vm=vm).first()
+    protection = Protection.objects.filter(vm=vm).select_related("secondary_host", "failed_over_to").first()
     if protection is None:
         return None
     run = vm_active_run(vm)
@@ -346,6 +362,14 @@ def vm_protection_info(vm: VM) -> ProtectionInfo | None:
         start_delay=protection.start_delay,
         active_run=run.pk if run else None,
         active_run_label=run.get_kind_display() if run else "",
+        secondary_host=protection.secondary_host.name_label if protection.secondary_host else "",
+        runs_on=protection.failed_over_to.name_label if protection.failed_over_to else "",
+        failed_over_at=protection.failed_over_at,
+        components_checked_at=protection.components_checked_at,
+        last_verify=protection.last_verify or None,
+        last_verify_at=parse_datetime(protection.last_verify["at"]) if protection.last_verify.get("at") else None,
+        failed_disks=tuple(c["name"] for c in protection.components or []
+                           if c.get("kind") == "Disk replica" and c.get("state") == ComponentState.FAILED),
     )
 
 
@@ -354,6 +378,8 @@ def vm_protection_components(vm: VM) -> list[Component]:
     protection = Protection.objects.filter(vm=vm).select_related("pool").first()
     if protection is None:
         return []  # not protected: no component to show
+    if protection.level == Level.COMPONENT_FT:
+        return level2_components(protection)
     out = []
     host = vm.resident_on
     if host is not None:
@@ -371,11 +397,40 @@ def vm_protection_components(vm: VM) -> list[Component]:
     return out
 
 
+_COMPONENT_HEALTH = {ComponentState.OK: Health.GOOD, ComponentState.DEGRADED: Health.DEGRADED,
+                     ComponentState.FAILED: Health.FAILED, ComponentState.UNKNOWN: "unknown"}
+
+
+def level2_components(protection: Protection) -> list[Component]:
+    """A Level 2 protection's components as its AMs were last read (``Protection.components``), each with
+    the health class of its icon: the drill-down list of the VM page."""
+    out = []
+    for c in protection.components or []:
+        if not isinstance(c, dict):
+            continue
+        out.append(Component(
+            kind=c.get("kind", ""), name=c.get("name", ""),
+            health=_COMPONENT_HEALTH.get(c.get("state"), "unknown"),
+            since=parse_datetime(c["since"]) if c.get("since") else None,
+            detail=c.get("detail", ""), host=c.get("host_name", ""), repair=c.get("repair", ""),
+            progress=c.get("progress"),
+        ))
+    return out
+
+
 def vm_events(vm: VM, *, limit: int = 20) -> list[VMEvent]:
     """What happened to the VM's protection, newest first: failovers and protection changes."""
     events = []
+    level2 = Protection.objects.filter(vm=vm, level=Level.COMPONENT_FT).exists()
     for e in FailoverEvent.objects.filter(vm_uuid=vm.uuid, pool=vm.pool).order_by("-detected_at")[:limit]:
-        if e.state == FailoverEvent.State.RESTARTED:
+        if level2 and e.state == FailoverEvent.State.RESTARTED:
+            text = (f"Failed over to {e.to_host_name} (its AM took over the disks) after {e.from_host_name} was "
+                    f"lost ({e.downtime_seconds or 0:.1f} s)")
+        elif level2 and e.state == FailoverEvent.State.FAILED:
+            text = f"Not failed over after {e.from_host_name} was lost"
+        elif level2:
+            text = f"Down with {e.from_host_name}; waiting for the secondary's AM to take over"
+        elif e.state == FailoverEvent.State.RESTARTED:
             text = (f"Restarted by HA on {e.to_host_name} after {e.from_host_name} was lost "
                     f"({e.downtime_seconds or 0:.1f} s down)")
         elif e.state == FailoverEvent.State.FAILED:

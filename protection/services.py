@@ -10,30 +10,37 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from django.conf import settings as django_settings
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
+from django.utils import timezone
 
+from alerts import selectors as alert_reads
+from alerts import services as alerts
+from alerts.choices import Condition
+from alerts.keys import component_key
 from eac.audit import AuditAction, audit_record
 from eac.errors import Conflict
 from eac.permissions import user_can_change_protection
 from eac.realtime import emit, protection_change
 from inventory.models import VM, Host, Pool
 
-from . import selectors
+from . import health, selectors, tasks
 from .choices import (
     ACTIVE_RUN_STATES,
     AVAILABLE_LEVELS,
     ORDER_MAX,
     START_DELAY_MAX,
     UNAVAILABLE_REASON,
+    ComponentState,
     Level,
+    Level2Action,
     ProtectionStatus,
     RestartPriority,
     RunKind,
 )
-from .models import Protection, WorkflowRun, WorkflowStep
-from .preflight import heartbeat_sr_candidates, protection_preflight
-from .tasks import workflow_run as workflow_run_task
+from .models import FailoverEvent, Protection, WorkflowRun, WorkflowStep
+from .preflight import heartbeat_sr_candidates, level2_choice, level2_setting_problems, protection_preflight
 from .workflows import steps_for
 
 log = logging.getLogger(__name__)
@@ -87,6 +94,42 @@ def _clean_settings(vm: VM, raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _clean_level2(vm: VM, raw: dict[str, Any]) -> dict[str, Any]:
+    """Level 2 settings: the secondary host (default: the AM peer of the VM's host) and the memory it
+    reserves for the secondary VM in bytes (default: the VM's; not below its dynamic minimum)."""
+    errors: dict[str, str] = {}
+    wanted: dict[str, Any] = {"secondary_host": str(raw.get("secondary_host") or "")}
+    memory = raw.get("secondary_memory")
+    if memory not in (None, ""):
+        try:
+            wanted["secondary_memory"] = int(memory)
+        except (TypeError, ValueError):
+            errors["secondary_memory"] = "Must be a whole number of bytes."
+        else:
+            if wanted["secondary_memory"] <= 0:
+                errors["secondary_memory"] = "Must be a positive number of bytes."
+    if errors:
+        raise ValidationError(errors)
+    choice = level2_choice(vm, wanted)
+    errors = level2_setting_problems(vm, choice)
+    if not errors and choice.secondary is None:
+        primary = choice.primary
+        errors["secondary_host"] = (
+            f"{primary} has no Availability Manager: Level 2 needs one on the VM's host and on its peer."
+            if primary is not None and not primary.am_url
+            else "Choose the secondary host: the VM's host has no AM peer to suggest."
+        )
+    if errors:
+        raise ValidationError(errors)
+    return {
+        "level": int(Level.COMPONENT_FT),
+        "primary_host": choice.primary.uuid if choice.primary else "",
+        "secondary_host": choice.secondary.uuid,
+        "secondary_memory": choice.footprint,
+        "secondary_sr": choice.sr.uuid if choice.sr else "",
+    }
+
+
 def protection_start(
     *,
     vm: VM,
@@ -111,7 +154,8 @@ def protection_start(
         raise ValidationError({"level": f"Level {level.value} is not available yet. {UNAVAILABLE_REASON[level]}"})
     if not vm.is_ordinary:
         raise ValidationError({"vm": "Only ordinary VMs can be protected (not templates, snapshots or dom0)."})
-    clean = _clean_settings(vm, settings or {})
+    level2 = level == Level.COMPONENT_FT
+    clean = _clean_level2(vm, settings or {}) if level2 else _clean_settings(vm, settings or {})
     with transaction.atomic():
         vm = VM.objects.select_for_update().select_related("pool").get(pk=vm.pk)
         pool = vm.pool
@@ -120,6 +164,11 @@ def protection_start(
         if WorkflowRun.objects.filter(vm=vm, state__in=ACTIVE_RUN_STATES).exists():
             raise Conflict("A workflow is already running for this VM: wait for it to finish.")
         existing = Protection.objects.filter(vm=vm).first()
+        if existing and (existing.level != level or level2):
+            # A change of level (or of a Level 2 pair) is an unprotect, then a protect: each level undoes
+            # only what it did.
+            raise Conflict(f"The VM has a Level {existing.level} protection ({existing.get_status_display().lower()})"
+                           f": unprotect it first, then protect it at Level {level.value}.")
         if existing and existing.status in (ProtectionStatus.PROTECTED, ProtectionStatus.DEGRADED) and all(
             getattr(existing, k) == clean[k] for k in ("restart_priority", "order", "start_delay")
         ) and existing.level == level:
@@ -129,10 +178,10 @@ def protection_start(
             blocking = [c["message"] for c in check["checks"] if c["blocking"]]
             if blocking:
                 raise Conflict("The VM cannot be protected as things stand.", blocking)
-            if not pool.ha_enabled and not clean.get("heartbeat_sr"):
+            if not level2 and not pool.ha_enabled and not clean.get("heartbeat_sr"):
                 raise ValidationError({"heartbeat_sr": "High availability is off on this pool: choose the shared "
                                                        "SR for its heartbeat."})
-        if not pool.ha_enabled:
+        if not pool.ha_enabled and not level2:
             clean.setdefault("failures_to_tolerate", 1)
         if existing is None:
             existing = Protection(vm=vm, pool=pool, created_by=requested_by)
@@ -141,8 +190,12 @@ def protection_start(
         existing.level = level
         existing.status = ProtectionStatus.PROTECTING
         existing.status_reason = ""
-        for key in ("restart_priority", "order", "start_delay"):
-            setattr(existing, key, clean[key])
+        if level2:
+            existing.secondary_host = Host.objects.get(pool=pool, uuid=clean["secondary_host"])
+            existing.secondary_memory = clean["secondary_memory"]
+        else:
+            for key in ("restart_priority", "order", "start_delay"):
+                setattr(existing, key, clean[key])
         existing.save()
         run = _run_create(kind=RunKind.PROTECT, pool=pool, vm=vm, protection=existing, params=clean,
                           requested_by=requested_by, remote_addr=remote_addr)
@@ -155,18 +208,23 @@ def protection_start(
 def protection_stop(
     *, protection: Protection, requested_by, via: str = "api", remote_addr: str | None = None
 ) -> WorkflowRun:
-    """Unprotect: undo exactly what protecting did (restart priority, order, delay; HA if ours)."""
+    """Unprotect: undo exactly what protecting did (Level 1: restart priority, order, delay, HA if ours;
+    Level 2: the secondary VM, its replicas and the disks' routing through the AM)."""
     _require_administrator(requested_by)
     with transaction.atomic():
         protection = Protection.objects.select_for_update().select_related("vm", "pool").get(pk=protection.pk)
         vm = protection.vm
         if WorkflowRun.objects.filter(vm=vm, state__in=ACTIVE_RUN_STATES).exists():
             raise Conflict("A workflow is already running for this VM: wait for it to finish.")
-        params = {
-            # None: the protection never got as far as changing the VM, so there is nothing to undo.
-            "previous": protection.previous_settings or None,
-            "ha_enabled_by_console": protection.ha_enabled_by_console,
-        }
+        if protection.level == Level.COMPONENT_FT:
+            # What to undo is in the protection's disk rows and its secondary VM's uuid.
+            params = {"level": int(Level.COMPONENT_FT)}
+        else:
+            params = {
+                # None: the protection never got as far as changing the VM, so there is nothing to undo.
+                "previous": protection.previous_settings or None,
+                "ha_enabled_by_console": protection.ha_enabled_by_console,
+            }
         protection.status = ProtectionStatus.UNPROTECTING
         protection.status_reason = ""
         protection.save(update_fields=["status", "status_reason", "updated_at"])
@@ -222,8 +280,262 @@ def _run_create(*, kind: str, pool: Pool, vm: VM | None, protection: Protection 
         params=params, created_by=requested_by if getattr(requested_by, "is_authenticated", False) else None,
         remote_addr=remote_addr or None,
     )
+    steps = steps_for(kind, params.get("level", Level.BASIC_RESTART))
     WorkflowStep.objects.bulk_create(
-        WorkflowStep(run=run, position=i, name=step.name, label=step.label) for i, step in enumerate(steps_for(kind))
+        WorkflowStep(run=run, position=i, name=step.name, label=step.label) for i, step in enumerate(steps)
     )
-    workflow_run_task.delay_on_commit(run.pk)
+    tasks.workflow_run.delay_on_commit(run.pk)
     return run
+
+
+# -- Level 2: component health, failover, validation, actions -------------------------------------------
+
+# The statuses in which the AMs' word decides a Level 2 protection's status (a workflow owns the others).
+LEVEL2_WATCHED = (ProtectionStatus.PROTECTED, ProtectionStatus.DEGRADED, ProtectionStatus.FAILING_OVER,
+                  ProtectionStatus.FAILED)
+_BAD = (ComponentState.DEGRADED, ComponentState.FAILED)
+
+
+def _alerting(component: dict) -> bool:
+    """A component whose state is a loss of redundancy: degraded or failed, or an AM that does not answer
+    (unknown because of it). Other unknowns (what only a silent AM could tell) neither raise nor clear."""
+    return component["state"] in _BAD or (component["kind"] == "AM" and component["state"] == ComponentState.UNKNOWN)
+
+
+def _pair_words(protection: Protection, reading: health.Reading) -> str:
+    return f"pool {protection.pool.name}, hosts {reading.primary.host_name} and {reading.secondary.host_name}"
+
+
+def _component_alerts(protection: Protection, reading: health.Reading, components: list[dict],
+                      previous: dict[str, dict]) -> None:
+    vm, pool = protection.vm, protection.pool
+    prefix = component_key(vm, "")
+    open_keys = {k for k in alert_reads.open_object_keys(condition=Condition.REDUNDANCY_LOST, pool=pool)
+                 if k.startswith(prefix)}
+    seen = set()
+    for c in components:
+        key = component_key(vm, c["id"])
+        seen.add(key)
+        what = f"{c['kind']} {c['name']}" + (f" on {c['host_name']}" if c["kind"] not in ("AM", "Witness") and
+                                             c["host"] else "")
+        if _alerting(c) and key not in open_keys:
+            alerts.alert_raise(
+                condition=Condition.REDUNDANCY_LOST, object_key=key, pool=pool, vm_name=vm.name_label,
+                host_name=c["host_name"], old_state=(previous.get(c["id"]) or {}).get("state", "ok"),
+                new_state=c["state"],
+                message=(f"Level 2 redundancy of {vm.name_label} lost ({_pair_words(protection, reading)}): "
+                         f"{what}: {c['detail']}" + (f" To repair: {c['repair']}" if c["repair"] else "")),
+                details={"component": c["id"], "kind": c["kind"], "host": c["host"], "repair": c["repair"]},
+            )
+        elif c["state"] == ComponentState.OK and key in open_keys:
+            alerts.alert_clear(condition=Condition.REDUNDANCY_LOST, object_key=key, new_state="ok",
+                               message=f"Level 2 redundancy of {vm.name_label} is back "
+                                       f"({_pair_words(protection, reading)}): {what} is OK again.")
+    for key in open_keys - seen:  # a component that is no more (a disk unprotected)
+        alerts.alert_clear(condition=Condition.REDUNDANCY_LOST, object_key=key, new_state="gone",
+                           message=f"{vm.name_label}: this Level 2 component is no longer part of its protection.")
+
+
+def _failover(protection: Protection, reading: health.Reading, now) -> tuple[str, str] | None:
+    """Follow a failover: the status and reason it imposes, or None when there is none under way."""
+    vm, pool = protection.vm, protection.pool
+    primary, secondary = reading.primary.host, reading.secondary.host
+    from_name, to_name = reading.primary.host_name, reading.secondary.host_name
+    key = component_key(vm, "failover")
+    events = {e.state: e for e in FailoverEvent.objects.select_for_update().filter(
+        pool=pool, vm_uuid=vm.uuid, state__in=[FailoverEvent.State.DOWN, FailoverEvent.State.FAILED])}
+    if health.took_over(reading):
+        if protection.failed_over_to_id != (secondary.pk if secondary else None):
+            event = events.get(FailoverEvent.State.DOWN) or events.get(FailoverEvent.State.FAILED) or FailoverEvent(
+                pool=pool, vm=vm, vm_uuid=vm.uuid, vm_name=vm.name_label, from_host=primary,
+                from_host_name=from_name, detected_at=min(primary.last_heard_at or now, now) if primary else now)
+            event.state = FailoverEvent.State.RESTARTED
+            event.to_host, event.to_host_name, event.restarted_at = secondary, to_name, now
+            event.downtime_seconds = max(0.0, (now - event.detected_at).total_seconds())
+            event.save()
+            protection.failed_over_to, protection.failed_over_at = secondary, now
+            alerts.alert_clear(condition=Condition.FAILOVER_FAILED, object_key=key, new_state=f"running on {to_name}",
+                               downtime_seconds=event.downtime_seconds,
+                               message=f"{vm.name_label} runs again, on {to_name} (its secondary).")
+            alerts.alert_raise(
+                condition=Condition.FAILOVER_DONE, object_key=key, pool=pool, vm_name=vm.name_label,
+                host_name=to_name, old_state=f"running on {from_name}", new_state=f"running on {to_name}",
+                downtime_seconds=event.downtime_seconds,
+                message=(f"Level 2 failover of {vm.name_label} done ({_pair_words(protection, reading)}): the AM on "
+                         f"{to_name} took over its disks after {from_name} was lost; the VM runs on {to_name}."),
+                details={"from_host": primary.uuid if primary else "", "to_host": secondary.uuid if secondary else "",
+                         "event": event.pk},
+            )
+        return None
+    if not health.primary_host_dead(reading) or protection.failed_over_to_id is not None:
+        return None
+    event = events.get(FailoverEvent.State.FAILED)
+    if event is None:
+        event = events.get(FailoverEvent.State.DOWN) or FailoverEvent.objects.create(
+            pool=pool, vm=vm, vm_uuid=vm.uuid, vm_name=vm.name_label, from_host=primary, from_host_name=from_name,
+            detected_at=min(primary.last_heard_at or now, now))
+    grace = django_settings.EAC_L2_FAILOVER_GRACE
+    if event.state == FailoverEvent.State.DOWN and (now - event.detected_at).total_seconds() <= grace:
+        return (ProtectionStatus.FAILING_OVER,
+                f"Host {from_name} was lost; waiting for the AM on {to_name} to take over and start the VM.")
+    if event.state == FailoverEvent.State.DOWN:
+        event.state = FailoverEvent.State.FAILED
+        event.save(update_fields=["state"])
+        down = (now - event.detected_at).total_seconds()
+        alerts.alert_raise(
+            condition=Condition.FAILOVER_FAILED, object_key=key, pool=pool, vm_name=vm.name_label,
+            host_name=from_name, old_state=f"running on {from_name}", new_state="not running",
+            downtime_seconds=down,
+            message=(f"Level 2 failover of {vm.name_label} failed ({_pair_words(protection, reading)}): host "
+                     f"{from_name} was lost {down:.0f} s ago and no copy runs on {to_name}."),
+            details={"from_host": primary.uuid if primary else "", "event": event.pk},
+        )
+    return (ProtectionStatus.FAILED,
+            f"Host {from_name} was lost and the VM was not started on {to_name} within {grace:g} s: check the AM "
+            f"on {to_name} and the witness, or start the secondary VM by hand.")
+
+
+def protection_health_record(*, reading: health.Reading) -> bool:
+    """Record what one reading of a Level 2 protection's AMs says: its components (each with the time its
+    state began), the alerts of each loss and return of redundancy, a failover, and the protection's status
+    with a reason. Emits protection.change after commit when anything shown changed. Returns that."""
+    components = health.components_of(reading)
+    now = timezone.now()
+    with transaction.atomic():
+        protection = (Protection.objects.select_for_update(of=("self",))
+                      .select_related("vm", "pool").filter(pk=reading.protection.pk).first())
+        if protection is None or protection.level != Level.COMPONENT_FT or protection.status not in LEVEL2_WATCHED:
+            return False
+        if protection.status == ProtectionStatus.FAILED and not protection.components:
+            return False  # failed by its workflow: only a new workflow changes that
+        previous = {c["id"]: c for c in protection.components if isinstance(c, dict) and "id" in c}
+        for c in components:
+            old = previous.get(c["id"]) or {}
+            c["since"] = old.get("since") if old.get("state") == c["state"] and old.get("since") else now.isoformat()
+        _component_alerts(protection, reading, components, previous)
+        before = (protection.status, protection.status_reason, protection.failed_over_to_id,
+                  [{k: v for k, v in c.items() if k != "since"} for c in protection.components])
+        forced = _failover(protection, reading, now)
+        moved = ""
+        if protection.failed_over_to_id is not None:
+            moved = (f"Failed over: the VM runs on {protection.failed_over_to.name_label} since "
+                     f"{protection.failed_over_at:%Y-%m-%d %H:%M:%S} UTC. ")
+        bad = [c for c in components if c["state"] != ComponentState.OK]
+        by_disk: dict[str, list[str]] = {}
+        for c in components:
+            if c["kind"] == "Disk replica":
+                by_disk.setdefault(c["name"], []).append(c["state"])
+        dead_disks = [n for n, states in by_disk.items() if ComponentState.FAILED in states
+                      and not ({ComponentState.OK, ComponentState.DEGRADED} & set(states))]
+        if forced:
+            status, reason = forced
+        elif dead_disks:
+            status = ProtectionStatus.FAILED
+            reason = moved + f"No usable replica of disk(s) {', '.join(dead_disks)}: " + "; ".join(
+                c["detail"] for c in bad if c["kind"] == "Disk replica")
+        elif bad:
+            status = ProtectionStatus.DEGRADED
+            reason = moved + " ".join(c["detail"] for c in bad[:6]) + (f" (and {len(bad) - 6} more)" if len(bad) > 6
+                                                                       else "")
+        else:
+            status, reason = ProtectionStatus.PROTECTED, moved.strip()
+            alerts.alert_clear(condition=Condition.FAILOVER_DONE, object_key=component_key(protection.vm, "failover"),
+                               new_state="redundant", message=f"{protection.vm.name_label} has its Level 2 "
+                                                              "redundancy back after its failover.")
+        protection.status, protection.status_reason = status, reason
+        protection.components, protection.components_checked_at = components, now
+        if reading.secondary_vm_running and protection.failed_over_to_id is not None:
+            protection.observed_host_id = protection.failed_over_to_id
+            protection.observed_power_state = "Running"
+        protection.save(update_fields=["status", "status_reason", "components", "components_checked_at",
+                                       "failed_over_to", "failed_over_at", "observed_host", "observed_power_state",
+                                       "updated_at"])
+        changed = before != (status, reason, protection.failed_over_to_id,
+                             [{k: v for k, v in c.items() if k != "since"} for c in components])
+        if changed:
+            emit(protection_change(pool=protection.pool.uuid, vm=protection.vm.uuid))
+    return changed
+
+
+def protection_verify_record(*, protection: Protection, results: dict[str, dict]) -> dict:
+    """Record an active validation (``health.protection_verify``: each disk's POST …/verify answer, or the
+    error) as ``Protection.last_verify``; a mismatch raises the validation alert, a clean one clears it."""
+    now = timezone.now()
+    mismatches = sum(len(r.get("mismatches") or []) for r in results.values())
+    errors = {name: r["error"] for name, r in results.items() if r.get("error")}
+    ok = not mismatches and not errors and bool(results)
+    if mismatches:
+        message = (f"{mismatches} chunk(s) differ between the replicas of "
+                   + ", ".join(n for n, r in results.items() if r.get("mismatches")) + ".")
+    elif errors:
+        message = "Not validated: " + " ".join(errors.values())
+    else:
+        message = f"{len(results)} disk(s) validated: the replicas are identical."
+    record = {"at": now.isoformat(), "ok": ok, "mismatches": mismatches, "disks": results, "message": message}
+    with transaction.atomic():
+        protection = Protection.objects.select_for_update(of=("self",)).select_related("vm", "pool").get(
+            pk=protection.pk)
+        vm, pool = protection.vm, protection.pool
+        key = component_key(vm, "verify")
+        hosts = ", ".join(sorted({d.primary_host.name_label for d in protection.disks.all() if d.primary_host}
+                                 | {d.secondary_host.name_label for d in protection.disks.all() if d.secondary_host}))
+        if mismatches:
+            alerts.alert_raise(
+                condition=Condition.VALIDATION_MISMATCH, object_key=key, pool=pool, vm_name=vm.name_label,
+                old_state="identical", new_state=f"{mismatches} chunk(s) differ",
+                message=f"Validation of {vm.name_label}'s Level 2 replicas (pool {pool.name}, hosts {hosts}): "
+                        f"{message} Resync the replica from the primary (resync on its AM).",
+                details={"disks": {n: r.get("mismatches") for n, r in results.items()}},
+            )
+        elif ok:
+            alerts.alert_clear(condition=Condition.VALIDATION_MISMATCH, object_key=key, new_state="identical",
+                               message=f"Validation of {vm.name_label}'s Level 2 replicas (pool {pool.name}, hosts "
+                                       f"{hosts}): the replicas are identical again.")
+        protection.last_verify = record
+        protection.save(update_fields=["last_verify", "updated_at"])
+        emit(protection_change(pool=pool.uuid, vm=vm.uuid))
+    return record
+
+
+def protection_level2_request(*, protection: Protection, action: str, disk: str = "", requested_by,
+                              via: str = "api", remote_addr: str | None = None) -> dict:
+    """Ask a Level 2 protection's AMs to validate the replicas, swap roles (planned) or resync a repaired
+    disk. Checked here, done by a worker (``tasks.level2_action``): the answer says what was queued.
+
+    Raises PermissionDenied, ValidationError (not Level 2, an unknown action or disk) or Conflict (the
+    protection's state refuses it, with why)."""
+    _require_administrator(requested_by)
+    if action not in Level2Action.values:
+        raise ValidationError({"action": f"Must be one of: {', '.join(Level2Action.values)}."})
+    if protection.level != Level.COMPONENT_FT:
+        raise ValidationError({"action": f"The VM is protected at Level {protection.level}: only a Level 2 "
+                                         "protection has Availability Managers to ask."})
+    disks = list(protection.disks.all())
+    names = {d.userdevice: d.resource for d in disks} | {d.resource: d.resource for d in disks}
+    if disk and disk not in names:
+        raise ValidationError({"disk": f"The VM has no protected disk {disk!r}: one of "
+                                       f"{', '.join(sorted(d.userdevice or d.resource for d in disks)) or 'none'}."})
+    if protection.status not in (ProtectionStatus.PROTECTED, ProtectionStatus.DEGRADED):
+        raise Conflict(f"The protection is {protection.get_status_display().lower()}: wait until it is protected "
+                       "or degraded.")
+    if WorkflowRun.objects.filter(vm=protection.vm, state__in=ACTIVE_RUN_STATES).exists():
+        raise Conflict("A workflow is running for this VM: wait for it to finish.")
+    comps = protection.components or []
+    if action == Level2Action.SWAP:
+        peer = next((c for c in comps if c.get("id") == "peer"), None)
+        if peer is None or peer.get("state") != ComponentState.OK:
+            raise Conflict("A planned swap needs both AMs connected on both links: "
+                           + ((peer or {}).get("detail") or "their state is not known yet."))
+    if action == Level2Action.REPAIR:
+        failed = [c for c in comps if c.get("kind") == "Disk replica" and c.get("state") == ComponentState.FAILED
+                  and (not disk or c.get("name") in (disk, names.get(disk)))]
+        if not failed:
+            raise Conflict("No disk replica is failed" + (f" for disk {disk}" if disk else "")
+                           + ": there is nothing to repair.")
+    resource = names.get(disk, "") if disk else ""
+    with transaction.atomic():
+        audit_record(user=requested_by, action=AuditAction.LEVEL2_ACTION, via=via, remote_addr=remote_addr,
+                     pool=protection.pool, vm=protection.vm, detail={"action": action, "disk": resource})
+        tasks.level2_action.delay_on_commit(protection.pk, action, resource)
+    return {"action": action, "disk": resource, "queued": True,
+            "message": f"{Level2Action(action).label}: asked; the VM's page shows the outcome."}

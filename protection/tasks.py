@@ -1,7 +1,14 @@
-"""Celery tasks of protection: thin wrappers over the engine and the observer."""
+"""Celery tasks of protection: thin wrappers over the engine, the observer and the Level 2 health."""
+import logging
+
 from celery import shared_task
 
-from . import engine, observe
+# services enqueues these tasks and these call services: each module uses the other only at call time.
+from . import engine, health, observe, services
+from .choices import Level, ProtectionStatus
+from .models import Protection
+
+log = logging.getLogger(__name__)
 
 
 @shared_task(bind=True, acks_late=True, reject_on_worker_lost=True)
@@ -17,3 +24,61 @@ def protection_sweep() -> dict:
     for pk in runs:
         workflow_run.delay(pk)
     return {"resumed": len(runs), "pools": observe.pools_evaluate()}
+
+
+def _level2(protection_id: int):
+    return Protection.objects.select_related("vm", "pool", "secondary_host", "observed_host").filter(
+        pk=protection_id, level=Level.COMPONENT_FT).first()
+
+
+@shared_task(ignore_result=True)
+def level2_poll(protection_id: int) -> bool:
+    """Read both AMs of one Level 2 protection and record its components (on demand, and after a batch of
+    inventory changes that touched it). True when what the console shows changed."""
+    protection = _level2(protection_id)
+    if protection is None:
+        return False
+    return services.protection_health_record(reading=health.protection_read(protection))
+
+
+@shared_task(ignore_result=True)
+def level2_poll_all() -> int:
+    """Beat (EAC_AM_HEALTH_INTERVAL): every Level 2 protection's components. A failure on one is logged
+    and the others go on."""
+    n = 0
+    for pk in Protection.objects.filter(level=Level.COMPONENT_FT).values_list("pk", flat=True):
+        try:
+            level2_poll(pk)
+            n += 1
+        except Exception:
+            log.exception("level 2 health of protection %s", pk)
+    return n
+
+
+@shared_task(ignore_result=True)
+def level2_validate_all() -> int:
+    """Beat (EAC_AM_VERIFY_INTERVAL): the active validation of every protected Level 2 VM."""
+    n = 0
+    for pk in Protection.objects.filter(level=Level.COMPONENT_FT, status__in=[
+            ProtectionStatus.PROTECTED, ProtectionStatus.DEGRADED]).values_list("pk", flat=True):
+        try:
+            level2_action(pk, "validate")
+            n += 1
+        except Exception:
+            log.exception("level 2 validation of protection %s", pk)
+    return n
+
+
+@shared_task(ignore_result=True)
+def level2_action(protection_id: int, action: str, resource: str = "") -> dict:
+    """Validate, swap or repair (``services.protection_level2_request`` checked it), then look again."""
+    protection = _level2(protection_id)
+    if protection is None:
+        return {}
+    reading = health.protection_read(protection)
+    if action == "validate":
+        out = services.protection_verify_record(protection=protection, results=health.protection_verify(reading))
+    else:
+        out = {"said": health.protection_act(reading, action, resource)}
+    level2_poll(protection_id)
+    return out

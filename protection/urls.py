@@ -11,6 +11,7 @@ urlpatterns = [
     path("runs/", views.runs, name="runs"),
     path("runs/<int:pk>/", views.run_detail, name="run_detail"),
     path("<int:pk>/unprotect/", views.unprotect, name="unprotect"),
+    path("<int:pk>/level2/<slug:action>/", views.level2_action, name="level2_action"),
     path("pools/<int:pk>/plan/", views.pool_plan, name="pool_plan"),
     path("failover-events/", views.failover_events, name="failover_events"),
     path("audit/", views.audit_log, name="audit_log"),

@@ -96,13 +96,24 @@ def wizard(request: HttpRequest) -> HttpResponse:
         priorities=RestartPriority.choices, order_max=ORDER_MAX, start_delay_max=START_DELAY_MAX,
         can_proceed=all(p["can_proceed"] for _, p in preflights),
         needs_heartbeat=any(not p.ha_enabled for p in pools.values()),
-        step_labels=[step.label for step in steps_for(RunKind.PROTECT)],
+        step_labels=[step.label for step in steps_for(RunKind.PROTECT, level)],
+        level2=level == Level.COMPONENT_FT, secondary_hosts=_secondary_choices(preflights),
+        secondary_memory_mib=(settings.get("secondary_memory") or 0) // 2**20 or "",
     )
     # The wizard's own form refreshes the preflight alone; a boosted link or form (the table's
     # selection, "Protect…") navigates to the whole page.
     refresh = request.htmx and not request.htmx.boosted and request.method == "GET"
     template = "protection/fragments/preflight.html" if refresh else "protection/wizard.html"
     return render(request, template, context, status=400 if errors else 200)
+
+
+def _secondary_choices(preflights) -> list[dict]:
+    """The hosts the wizard offers as the secondary: those with an AM, across the VMs chosen."""
+    seen: dict[str, dict] = {}
+    for _, p in preflights:
+        for host in (p.get("level2") or {}).get("secondary_hosts", []):
+            seen.setdefault(host["uuid"], host)
+    return sorted(seen.values(), key=lambda h: h["name_label"])
 
 
 @viewer_required
@@ -143,6 +154,26 @@ def unprotect(request: HttpRequest, pk: int) -> HttpResponse:
         messages.error(request, exc.message)
         return redirect("console:vm_detail", uuid=protection.vm.uuid)
     return redirect(reverse("protection:runs") + f"?ids={run.pk}")
+
+
+@login_required
+@require_POST
+def level2_action(request: HttpRequest, pk: int, action: str) -> HttpResponse:
+    """The VM page's Validate / Swap / Repair buttons: checked and queued by the service, shown by the page."""
+    if not user_can_change_protection(request.user):
+        raise PermissionDenied("Only members of the Administrators group can act on a protection.")
+    protection = get_object_or_404(Protection, pk=pk)
+    try:
+        answer = services.protection_level2_request(
+            protection=protection, action=action, disk=request.POST.get("disk", ""), requested_by=request.user,
+            via="ui", remote_addr=client_ip(request))
+    except Conflict as exc:
+        messages.error(request, exc.message)
+    except ValidationError as exc:
+        messages.error(request, validation_sentence(exc))
+    else:
+        messages.success(request, answer["message"])
+    return redirect("console:vm_detail", uuid=protection.vm.uuid)
 
 
 @viewer_required

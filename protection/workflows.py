@@ -9,11 +9,18 @@ times on each.
 """
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .choices import RestartPriority, RunKind
+from django.conf import settings
+
+from inventory.selectors import xapi_error_describe
+from inventory.xapi import XapiError
+
+from .am_client import AMError, pair_problems
+from .choices import Level, RestartPriority, RunKind
 
 if TYPE_CHECKING:
     from .engine import StepContext
@@ -184,6 +191,503 @@ class VerifyUnprotected(Step):
         return {"message": "Read back from the pool: the VM is no longer protected."}
 
 
+# -- Level 2 protect (docs/level2.md: the contract with the hosts' AMs and XAPI) ------------------------
+
+SECONDARY_SUFFIX = " (eAC secondary)"
+SEED_SUFFIX = " (eAC seed)"  # the snapshot a running VM's secondary is copied from, destroyed right after
+RESOURCE_KEY = "eac_am_resource"  # VDI other_config: this disk is served by the AM of the VM's host
+SECONDARY_OF_KEY = "eac_secondary_of"  # VM other_config of a secondary VM: the uuid of the VM it stands in for
+
+
+def _vm_record(ctx: StepContext, ref: str) -> dict:
+    return ctx.call("VM.get_record", ref)
+
+
+def _ref_by_uuid(ctx: StepContext, cls: str, uuid: str) -> str | None:
+    """The ref of the ``cls`` object with this uuid, or None when XAPI has none (it was destroyed)."""
+    if not uuid:
+        return None
+    try:
+        return ctx.call(f"{cls}.get_by_uuid", uuid)
+    except XapiError as exc:
+        if exc.code in ("UUID_INVALID", "HANDLE_INVALID"):
+            return None
+        raise
+
+
+def _secondary_vm_ref(ctx: StepContext, *, adopt_untagged: bool = False) -> str | None:
+    """The secondary VM of this protection: by the uuid recorded, else by name and its tag (a copy made
+    just before a worker died). ``adopt_untagged``: also a copy of that name not tagged yet (the worker died
+    between VM.copy and tagging it)."""
+    protection = ctx.protection
+    ref = _ref_by_uuid(ctx, "VM", protection.secondary_vm_uuid)
+    if ref:
+        return ref
+    vm = ctx.vm
+    for candidate in ctx.call("VM.get_by_name_label", vm.name_label + SECONDARY_SUFFIX):
+        other = ctx.call("VM.get_other_config", candidate)
+        if other.get(SECONDARY_OF_KEY) == vm.uuid or (adopt_untagged and SECONDARY_OF_KEY not in other
+                                                        and candidate != ctx.vm_ref):
+            return candidate
+    return None
+
+
+def _our_snapshot(ctx: StepContext) -> str | None:
+    """The snapshot the secondary VM is copied from (a running VM cannot be copied), if one is left."""
+    name = ctx.vm.name_label + SEED_SUFFIX
+    for snapshot in ctx.call("VM.get_snapshots", ctx.vm_ref):
+        if ctx.call("VM.get_name_label", snapshot) == name:
+            return snapshot
+    return None
+
+
+def _disk_vbds(ctx: StepContext, vm_ref: str) -> dict[str, dict]:
+    """{userdevice: VBD record} of the VM's disks (not CDs, not empty)."""
+    out = {}
+    for vbd in ctx.call("VM.get_VBDs", vm_ref):
+        record = ctx.call("VBD.get_record", vbd)
+        if record.get("type") == "Disk" and not record.get("empty") and record.get("VDI") not in ("", "OpaqueRef:NULL"):
+            out[str(record.get("userdevice", ""))] = record
+    return out
+
+
+def _set_vdi_key(ctx: StepContext, vdi_ref: str, value: str) -> None:
+    """VDI other_config[eac_am_resource] = value (look, then act: a key already right is left alone)."""
+    current = ctx.call("VDI.get_other_config", vdi_ref).get(RESOURCE_KEY)
+    if current == value:
+        return
+    if current is not None:
+        ctx.call("VDI.remove_from_other_config", vdi_ref, RESOURCE_KEY)
+    ctx.call("VDI.add_to_other_config", vdi_ref, RESOURCE_KEY, value)
+
+
+def _remove_vdi_key(ctx: StepContext, vdi_ref: str) -> None:
+    if RESOURCE_KEY in ctx.call("VDI.get_other_config", vdi_ref):
+        ctx.call("VDI.remove_from_other_config", vdi_ref, RESOURCE_KEY)
+
+
+class _PausedVM:
+    """Keep the protected VM paused while its disks change hands (docs/level2.md, "Routing"), resumably:
+    the step records that it paused the VM before pausing it, so a re-run after a worker died unpauses it."""
+
+    def __init__(self, ctx: StepContext) -> None:
+        self.ctx = ctx
+
+    def __enter__(self) -> _PausedVM:
+        ctx = self.ctx
+        state = ctx.call("VM.get_power_state", ctx.vm_ref)
+        if state == "Running":
+            ctx.save_result({"paused_by_us": True})
+            ctx.progress(0.1, "Pausing the VM so that no write reaches its disk behind the AM's back…")
+            ctx.call("VM.pause", ctx.vm_ref)
+        elif state == "Paused" and not ctx.step.result.get("paused_by_us"):
+            raise StepFailed("VM_PAUSED", "The VM is paused (not by this protection): unpause it and try again.")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.release()
+
+    def release(self) -> None:
+        ctx = self.ctx
+        if ctx.step.result.get("paused_by_us") and ctx.call("VM.get_power_state", ctx.vm_ref) == "Paused":
+            ctx.call("VM.unpause", ctx.vm_ref)
+        if ctx.step.result.get("paused_by_us"):
+            ctx.save_result({"paused_by_us": False})
+
+
+class CheckAMs(Step):
+    """Both hosts' AMs answer, are each other's peers, and see both links up and the witness."""
+
+    def run(self, ctx):
+        primary, secondary = ctx.params["primary_host"], ctx.params["secondary_host"]
+        found = {}
+        for role, uuid in (("primary", primary), ("secondary", secondary)):
+            ref = _ref_by_uuid(ctx, "host", uuid)
+            if ref is None:
+                raise StepFailed("HOST_GONE", f"The {role} host is no longer in the pool.")
+            other = ctx.call("host.get_other_config", ref)
+            name = ctx.call("host.get_name_label", ref)
+            url = other.get("eac_am_url", "")
+            if not url:
+                raise StepFailed("NO_AM", f"Host {name} has no Availability Manager (no eac_am_url in its "
+                                          "other_config).")
+            found[role] = {"ref": ref, "name": name, "url": url, "peer": other.get("eac_am_peer", "")}
+        if found["primary"]["peer"] != secondary:
+            raise StepFailed("NOT_AM_PEERS", f"{found['secondary']['name']} is not the AM peer of "
+                                             f"{found['primary']['name']}: a Level 2 pair must be AM peers.")
+        vm_host = ctx.call("VM.get_resident_on", ctx.vm_ref)
+        if vm_host != found["primary"]["ref"]:
+            raise StepFailed("VM_MOVED", f"The VM no longer runs on {found['primary']['name']}: protect it again "
+                                         "from where it runs now.")
+        for i, role in enumerate(("primary", "secondary")):
+            info = found[role]
+            ctx.progress(0.2 + 0.4 * i, f"Asking the AM of {info['name']} how its pair is doing…")
+            status = ctx.am(info["url"]).status()
+            problems = pair_problems(status)
+            if problems:
+                raise StepFailed("AM_PAIR_NOT_READY", f"The AM of {info['name']} says: " + "; ".join(problems)
+                                 + ". Level 2 needs both links up and the witness reachable.")
+        return {"primary_am": found["primary"]["url"], "secondary_am": found["secondary"]["url"],
+                "message": f"The AMs of {found['primary']['name']} and {found['secondary']['name']} are peers, "
+                           "both links are up and the witness is reachable."}
+
+
+class RouteDisks(Step):
+    """Create each disk's primary resource on the primary's AM and route the disk through it, VM paused."""
+
+    def run(self, ctx):
+        checked = ctx.result_of("check_ams")
+        am = ctx.am(checked["primary_am"])
+        disks = ctx.disks_discover(primary_am=checked["primary_am"], secondary_am=checked["secondary_am"])
+        if not disks:
+            raise StepFailed("NO_DISK", "The VM has no disk: there is nothing for Level 2 to mirror.")
+
+        def look() -> None:
+            for disk in disks:
+                res = am.resource_or_none(disk.resource)
+                if res is not None and not disk.primary_resource:
+                    if res.get("role") != "Primary":
+                        raise StepFailed("AM_RESOURCE_CLASH", f"The primary's AM already has {disk.resource} as "
+                                                              f"{res.get('role')}: it is not this protection's.")
+                    ctx.disk_save(disk, primary_resource=True)
+                vdi_ref = ctx.call("VDI.get_by_uuid", disk.primary_vdi_uuid)
+                if ctx.call("VDI.get_other_config", vdi_ref).get(RESOURCE_KEY) == disk.resource and not disk.routed:
+                    ctx.disk_save(disk, routed=True)
+
+        look()
+        todo = [d for d in disks if not (d.primary_resource and d.routed)]
+        paused = _PausedVM(ctx)
+        if not todo:
+            paused.release()  # a worker died after routing, before unpausing
+            return {"message": f"{len(disks)} disk(s) already served by the primary's AM."}
+        with paused:
+            for i, disk in enumerate(todo):
+                ctx.progress(0.2 + 0.7 * i / len(todo), f"Routing disk {disk.userdevice} through the AM…")
+                vdi_ref = ctx.call("VDI.get_by_uuid", disk.primary_vdi_uuid)
+                if not disk.primary_resource:
+                    sr_uuid = ctx.call("SR.get_uuid", ctx.call("VDI.get_SR", vdi_ref))
+                    am.resource_create(name=disk.resource, role="primary", sr=sr_uuid, vdi=disk.primary_vdi_uuid,
+                                       vm=ctx.vm.uuid)
+                    ctx.disk_save(disk, primary_resource=True)
+                _set_vdi_key(ctx, vdi_ref, disk.resource)
+                ctx.disk_save(disk, routed=True)
+        return {"message": f"{len(disks)} disk(s) now served by the primary's AM; the VM runs on."}
+
+
+class CreateSecondaryVM(Step):
+    """VM.copy to the secondary's local SR, the primary's MACs on its VIFs, the memory reserved, the replica
+    VDIs tagged with their resources."""
+
+    def run(self, ctx):
+        vm = ctx.vm
+        copy = _secondary_vm_ref(ctx, adopt_untagged=bool(ctx.step.result.get("copying")))
+        if copy is None:
+            sr_ref = _ref_by_uuid(ctx, "SR", ctx.params["secondary_sr"])
+            if sr_ref is None:
+                raise StepFailed("SR_GONE", "The secondary host's local SR chosen for the replicas is gone.")
+            ctx.progress(0.1, "Copying the VM to the secondary host's local storage…")
+            copy = self._copy(ctx, sr_ref)
+        self._drop_snapshot(ctx)
+        if ctx.call("VM.get_is_a_template", copy):
+            ctx.call("VM.set_is_a_template", copy, False)
+        other = ctx.call("VM.get_other_config", copy)
+        if SECONDARY_OF_KEY not in other:
+            ctx.call("VM.add_to_other_config", copy, SECONDARY_OF_KEY, vm.uuid)
+        copy_uuid = ctx.call("VM.get_uuid", copy)
+        if ctx.protection.secondary_vm_uuid != copy_uuid:
+            ctx.protection_save(secondary_vm_uuid=copy_uuid)
+        ctx.save_result({"copying": False})
+
+        # The guest's other_config (its address on the test bed) travels with it.
+        ctx.progress(0.4, "Giving the secondary VM the primary's identity (other_config, MACs)…")
+        primary_other = ctx.call("VM.get_other_config", ctx.vm_ref)
+        for key, value in primary_other.items():
+            if key not in other and key != SECONDARY_OF_KEY:
+                ctx.call("VM.add_to_other_config", copy, key, value)
+
+        # The same MACs as the primary: the same identity on the network after a failover.
+        primary_vifs = [ctx.call("VIF.get_record", v) for v in ctx.call("VM.get_VIFs", ctx.vm_ref)]
+        want = {str(v["MAC"]).lower(): v for v in primary_vifs}
+        copy_vifs = {v: ctx.call("VIF.get_record", v) for v in ctx.call("VM.get_VIFs", copy)}
+        have = set()
+        for ref, record in copy_vifs.items():
+            mac = str(record["MAC"]).lower()
+            if mac in want and mac not in have:
+                have.add(mac)
+            else:
+                ctx.call("VIF.destroy", ref)
+        for mac, record in want.items():
+            if mac not in have:
+                ctx.call("VIF.create", {
+                    "device": record["device"], "network": record["network"], "VM": copy, "MAC": record["MAC"],
+                    "MTU": record.get("MTU", "1500"), "other_config": record.get("other_config", {}),
+                    "qos_algorithm_type": record.get("qos_algorithm_type", ""),
+                    "qos_algorithm_params": record.get("qos_algorithm_params", {}),
+                })
+
+        footprint = int(ctx.params["secondary_memory"])
+        ctx.progress(0.7, "Setting the secondary VM's memory…")
+        if int(ctx.call("VM.get_memory_dynamic_max", copy)) != footprint:
+            ctx.call("VM.set_memory_dynamic_range", copy, str(footprint), str(footprint))
+
+        copy_disks = _disk_vbds(ctx, copy)
+        for disk in ctx.disks():
+            vbd = copy_disks.get(disk.userdevice)
+            if vbd is None:
+                raise StepFailed("REPLICA_MISSING", f"The secondary VM has no disk {disk.userdevice}: its copy is "
+                                                    "incomplete. Unprotect, then protect again.")
+            replica_uuid = ctx.call("VDI.get_uuid", vbd["VDI"])
+            if replica_uuid == disk.primary_vdi_uuid:
+                raise StepFailed("REPLICA_IS_PRIMARY", "The secondary VM's disk is the primary's own VDI.")
+            if disk.replica_vdi_uuid != replica_uuid:
+                ctx.disk_save(disk, replica_vdi_uuid=replica_uuid)
+            _set_vdi_key(ctx, vbd["VDI"], disk.resource)
+            if not disk.replica_tagged:
+                ctx.disk_save(disk, replica_tagged=True)
+        return {"secondary_vm": copy_uuid, "message": f"Secondary VM “{vm.name_label}{SECONDARY_SUFFIX}” made, "
+                                                       f"with the primary's MACs and {footprint // 2**20} MiB."}
+
+    @staticmethod
+    def _copy(ctx: StepContext, sr_ref: str) -> str:
+        """VM.copy (docs/level2.md, "The secondary VM"). XAPI copies only a halted VM or a snapshot: a running
+        one is copied from a snapshot of it (the seed). The data copied does not matter (the AM's full resync
+        fills the replica); the disks' shape does."""
+        name = ctx.vm.name_label + SECONDARY_SUFFIX
+        if ctx.call("VM.get_power_state", ctx.vm_ref) == "Halted":
+            ctx.save_result({"copying": True})
+            return ctx.call("VM.copy", ctx.vm_ref, name, sr_ref)
+        snapshot = _our_snapshot(ctx)
+        if snapshot is None:
+            snapshot = ctx.call("VM.snapshot", ctx.vm_ref, ctx.vm.name_label + SEED_SUFFIX)
+        ctx.save_result({"copying": True})
+        return ctx.call("VM.copy", snapshot, name, sr_ref)
+
+    @staticmethod
+    def _drop_snapshot(ctx: StepContext) -> None:
+        snapshot = _our_snapshot(ctx)
+        if snapshot is None:
+            return
+        disks = [ctx.call("VDI.get_uuid", ctx.call("VBD.get_VDI", vbd)) for vbd in ctx.call("VM.get_VBDs", snapshot)
+                 if ctx.call("VBD.get_type", vbd) == "Disk"]
+        ctx.call("VM.destroy", snapshot)
+        for uuid in disks:  # XAPI leaves a destroyed snapshot's disks behind
+            vdi = _ref_by_uuid(ctx, "VDI", uuid)
+            if vdi is not None and not ctx.call("VDI.get_VBDs", vdi):
+                ctx.call("VDI.destroy", vdi)
+
+
+class CreateSecondaryResources(Step):
+    def run(self, ctx):
+        disks = ctx.disks()
+        vm_uuid = ctx.protection.secondary_vm_uuid
+        for i, disk in enumerate(disks):
+            am = ctx.am(disk.secondary_am_url)
+            ctx.progress(0.1 + 0.8 * i / len(disks), f"Creating the replica of disk {disk.userdevice}…")
+            res = am.resource_or_none(disk.resource)
+            if res is None:
+                vdi_ref = ctx.call("VDI.get_by_uuid", disk.replica_vdi_uuid)
+                sr_uuid = ctx.call("SR.get_uuid", ctx.call("VDI.get_SR", vdi_ref))
+                # The size too: on a host where the replica's image does not exist yet, the AM makes it.
+                am.resource_create(name=disk.resource, role="secondary", sr=sr_uuid, vdi=disk.replica_vdi_uuid,
+                                   vm=vm_uuid, size=disk.size or None)
+            elif res.get("role") != "Secondary":
+                raise StepFailed("AM_RESOURCE_CLASH", f"The secondary's AM has {disk.resource} as {res.get('role')}, "
+                                                      "not as a secondary replica.")
+            if not disk.secondary_resource:
+                ctx.disk_save(disk, secondary_resource=True)
+        return {"message": f"{len(disks)} replica(s) created on the secondary's AM."}
+
+
+def _sync_fraction(status: dict) -> float:
+    if status.get("disk") == "UpToDate":
+        return 1.0
+    resync = status.get("resync") or {}
+    total = resync.get("total") or 0
+    return min(1.0, (resync.get("done") or 0) / total) if total else 0.0
+
+
+class InitialSync(Step):
+    """Wait, with progress, until every replica is UpToDate (bounded by EAC_AM_SYNC_TIMEOUT)."""
+
+    def run(self, ctx):
+        disks = ctx.disks()
+        timeout = settings.EAC_AM_SYNC_TIMEOUT
+        deadline = time.monotonic() + timeout
+        while True:
+            fractions = []
+            for disk in disks:
+                status = ctx.am(disk.secondary_am_url).resource(disk.resource)
+                if status.get("split_brain") or status.get("needs_operator"):
+                    raise StepFailed("AM_NEEDS_OPERATOR", f"The replica {disk.resource} needs an operator "
+                                                          "(split brain): the protection stops here.")
+                fraction = _sync_fraction(status)
+                fractions.append(fraction)
+                if disk.sync_state != status.get("disk") or abs(disk.sync_progress - fraction) >= 0.01:
+                    ctx.disk_save(disk, sync_state=str(status.get("disk", "")), sync_progress=fraction)
+            done = sum(fractions) / len(fractions)
+            if all(f >= 1.0 for f in fractions):
+                return {"message": f"{len(disks)} disk(s) copied to the secondary: every replica is UpToDate."}
+            if time.monotonic() > deadline:
+                raise StepFailed("SYNC_TIMEOUT", f"The initial copy to the secondary did not finish within "
+                                                 f"{timeout:g} s ({done:.0%} done).")
+            ctx.progress(done, f"Copying the disks to the secondary: {done:.0%}.")
+            time.sleep(settings.EAC_AM_POLL_INTERVAL)
+
+
+class StartSecondaryPaused(Step):
+    """VM.start_on(secondary, start_paused=True): its memory is held on the secondary host, nothing runs."""
+
+    def run(self, ctx):
+        copy = _secondary_vm_ref(ctx)
+        if copy is None:
+            raise StepFailed("SECONDARY_GONE", "The secondary VM is gone: unprotect, then protect again.")
+        host_ref = ctx.call("host.get_by_uuid", ctx.params["secondary_host"])
+        host_name = ctx.call("host.get_name_label", host_ref)
+        state = ctx.call("VM.get_power_state", copy)
+        if state == "Paused" and ctx.call("VM.get_resident_on", copy) == host_ref:
+            return {"message": f"The secondary VM holds its memory on {host_name}, paused."}
+        if state != "Halted":
+            raise StepFailed("SECONDARY_STATE", f"The secondary VM is {state.lower()}, not halted: it must only "
+                                                "ever be started paused by the console.")
+        ctx.progress(0.3, f"Starting the secondary VM paused on {host_name} (reserving its memory)…")
+        try:
+            ctx.call("VM.start_on", copy, host_ref, True, False)
+        except XapiError as exc:
+            if exc.transient:
+                raise
+            raise StepFailed("SECONDARY_NOT_RESERVED", f"The secondary VM's memory could not be reserved on "
+                             f"{host_name}: {xapi_error_describe(exc, ctx.pool)[1]} The protection is aborted; "
+                             "unprotect removes what it made.", [exc.code]) from None
+        return {"message": f"The secondary VM holds its memory on {host_name}, paused."}
+
+
+class VerifyLevel2(Step):
+    def run(self, ctx):
+        problems = []
+        for disk in ctx.disks():
+            vdi_ref = ctx.call("VDI.get_by_uuid", disk.primary_vdi_uuid)
+            if ctx.call("VDI.get_other_config", vdi_ref).get(RESOURCE_KEY) != disk.resource:
+                problems.append(f"disk {disk.userdevice} is not routed through the AM")
+            primary = ctx.am(disk.primary_am_url).resource_or_none(disk.resource)
+            secondary = ctx.am(disk.secondary_am_url).resource_or_none(disk.resource)
+            if not primary or primary.get("role") != "Primary":
+                problems.append(f"the primary's AM does not serve {disk.resource} as primary")
+            if not secondary or secondary.get("disk") != "UpToDate":
+                problems.append(f"the replica {disk.resource} is not UpToDate on the secondary")
+        copy = _secondary_vm_ref(ctx)
+        if copy is None or ctx.call("VM.get_power_state", copy) != "Paused":
+            problems.append("the secondary VM is not paused on its host")
+        if problems:
+            raise StepFailed("VERIFY_MISMATCH", "Read back from the pool and the AMs: " + "; ".join(problems) + ".")
+        return {"message": "Read back from the pool and the AMs: every disk is mirrored and the secondary waits, "
+                           "paused."}
+
+
+# -- Level 2 unprotect: exactly what protecting did, undone, from what the disk rows recorded ----------
+
+
+class DestroySecondaryVM(Step):
+    def run(self, ctx):
+        copy = _secondary_vm_ref(ctx, adopt_untagged=False)
+        if copy is None:
+            return {"message": "There is no secondary VM: nothing to destroy."}
+        # Its disks are destroyed by the step after the replicas' deletion: remember them first.
+        replicas = sorted({ctx.call("VDI.get_uuid", vbd["VDI"]) for vbd in _disk_vbds(ctx, copy).values()})
+        ctx.save_result({"replica_vdis": replicas})
+        if ctx.call("VM.get_power_state", copy) != "Halted":
+            ctx.progress(0.3, "Stopping the secondary VM…")
+            ctx.call("VM.hard_shutdown", copy)
+        ctx.progress(0.7, "Destroying the secondary VM…")
+        ctx.call("VM.destroy", copy)
+        return {"replica_vdis": replicas, "message": "The secondary VM is destroyed."}
+
+
+class DeleteSecondaryResources(Step):
+    def run(self, ctx):
+        deleted = 0
+        for disk in ctx.disks():
+            if not disk.secondary_am_url:
+                continue
+            am = ctx.am(disk.secondary_am_url)
+            res = am.resource_or_none(disk.resource)
+            if res is not None:
+                if res.get("role") == "Primary":
+                    raise StepFailed("REPLICA_IS_PRIMARY", f"The secondary's AM serves {disk.resource} as primary "
+                                                           "(after a failover?): it is not deleted.")
+                am.resource_delete(disk.resource)
+                deleted += 1
+            if disk.secondary_resource:
+                ctx.disk_save(disk, secondary_resource=False, sync_state="", sync_progress=0.0)
+        return {"message": f"{deleted} replica(s) deleted on the secondary's AM."}
+
+
+class DestroyReplicaVDIs(Step):
+    def run(self, ctx):
+        disks = ctx.disks()
+        primaries = {d.primary_vdi_uuid for d in disks}
+        replicas = {d.replica_vdi_uuid for d in disks if d.replica_vdi_uuid}
+        replicas |= set(ctx.result_of("destroy_secondary_vm").get("replica_vdis", []))
+        destroyed = 0
+        for uuid in sorted(replicas - primaries):
+            ref = _ref_by_uuid(ctx, "VDI", uuid)
+            if ref is not None:
+                if ctx.call("VDI.get_VBDs", ref):
+                    raise StepFailed("REPLICA_IN_USE", f"The replica VDI {uuid} is attached to a VM: not destroyed.")
+                ctx.call("VDI.destroy", ref)
+                destroyed += 1
+        for disk in disks:
+            if disk.replica_vdi_uuid or disk.replica_tagged:
+                ctx.disk_save(disk, replica_vdi_uuid="", replica_tagged=False)
+        return {"message": f"{destroyed} replica disk(s) destroyed."}
+
+
+class UnrouteDisks(Step):
+    def run(self, ctx):
+        disks = [d for d in ctx.disks() if d.routed or d.primary_resource]
+        paused = _PausedVM(ctx)
+        if not disks:
+            paused.release()
+            return {"message": "No disk was routed through the AM: nothing to undo."}
+        with paused:
+            for i, disk in enumerate(disks):
+                ctx.progress(0.2 + 0.7 * i / len(disks), f"Giving disk {disk.userdevice} back to its host…")
+                vdi_ref = _ref_by_uuid(ctx, "VDI", disk.primary_vdi_uuid)
+                if vdi_ref is not None:
+                    _remove_vdi_key(ctx, vdi_ref)
+                if disk.routed:
+                    ctx.disk_save(disk, routed=False)
+                am = ctx.am(disk.primary_am_url)
+                if am.resource_or_none(disk.resource) is not None:
+                    try:
+                        am.resource_delete(disk.resource)
+                    except AMError as exc:
+                        # The AM deletes only a secondary replica: a primary is demoted first (am/README.md).
+                        if exc.status != 409:
+                            raise
+                        am.resource_action(disk.resource, "demote")
+                        am.resource_delete(disk.resource)
+                if disk.primary_resource:
+                    ctx.disk_save(disk, primary_resource=False)
+        return {"message": f"{len(disks)} disk(s) served by their host again; the VM runs on."}
+
+
+class VerifyUnprotectedLevel2(Step):
+    def run(self, ctx):
+        problems = []
+        for disk in ctx.disks():
+            ref = _ref_by_uuid(ctx, "VDI", disk.primary_vdi_uuid)
+            if ref is not None and RESOURCE_KEY in ctx.call("VDI.get_other_config", ref):
+                problems.append(f"disk {disk.userdevice} is still routed through the AM")
+            for url in {disk.primary_am_url, disk.secondary_am_url} - {""}:
+                if ctx.am(url).resource_or_none(disk.resource) is not None:
+                    problems.append(f"the AM at {ctx.am(url).where} still has {disk.resource}")
+        if _secondary_vm_ref(ctx) is not None:
+            problems.append("the secondary VM still exists")
+        if problems:
+            raise StepFailed("VERIFY_MISMATCH", "Read back from the pool and the AMs: " + "; ".join(problems) + ".")
+        return {"message": "Read back from the pool and the AMs: nothing of the Level 2 protection is left."}
+
+
 # -- pool settings -----------------------------------------------------------------------------
 
 
@@ -197,6 +701,25 @@ class SetFailuresToTolerate(Step):
             raise StepFailed("VERIFY_MISMATCH", f"Read back from the pool: it tolerates {got}, not {target}.")
         return {"message": f"The pool now tolerates {target} host failure(s)."}
 
+
+LEVEL2_WORKFLOWS: dict[str, list[Step]] = {
+    RunKind.PROTECT: [
+        CheckAMs("check_ams", "Check both Availability Managers and both links"),
+        RouteDisks("route_disks", "Route the VM's disks through the primary's AM"),
+        CreateSecondaryVM("create_secondary_vm", "Create the secondary VM on the secondary host"),
+        CreateSecondaryResources("create_replicas", "Create the replicas on the secondary's AM"),
+        InitialSync("initial_sync", "Copy the disks to the secondary (initial sync)"),
+        StartSecondaryPaused("start_secondary", "Start the secondary VM paused (reserve its memory)"),
+        VerifyLevel2("verify", "Read back and verify"),
+    ],
+    RunKind.UNPROTECT: [
+        DestroySecondaryVM("destroy_secondary_vm", "Stop and destroy the secondary VM"),
+        DeleteSecondaryResources("delete_replicas", "Delete the replicas on the secondary's AM"),
+        DestroyReplicaVDIs("destroy_replica_vdis", "Destroy the replica disks"),
+        UnrouteDisks("unroute_disks", "Give the disks back to their host (VM paused a moment)"),
+        VerifyUnprotectedLevel2("verify", "Read back and verify"),
+    ],
+}
 
 WORKFLOWS: dict[str, list[Step]] = {
     RunKind.PROTECT: [
@@ -217,12 +740,15 @@ WORKFLOWS: dict[str, list[Step]] = {
 }
 
 
-def steps_for(kind: str) -> list[Step]:
+def steps_for(kind: str, level: int = Level.BASIC_RESTART) -> list[Step]:
+    """The steps of a workflow: Level 2 protects and unprotects with its own; the rest are Level 1's."""
+    if int(level) == Level.COMPONENT_FT and kind in LEVEL2_WORKFLOWS:
+        return LEVEL2_WORKFLOWS[kind]
     return WORKFLOWS[kind]
 
 
-def step_named(kind: str, name: str) -> Step:
-    for step in WORKFLOWS[kind]:
+def step_named(kind: str, name: str, level: int = Level.BASIC_RESTART) -> Step:
+    for step in steps_for(kind, level):
         if step.name == name:
             return step
     raise KeyError(name)

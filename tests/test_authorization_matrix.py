@@ -130,6 +130,8 @@ ROUTES: dict[str, Route] = {
     "protection/runs/": on(GET=(PROTECTION_READ, 200)),
     "protection/runs/<pk>/": on(GET=(PROTECTION_READ, 302), pk="{run.pk}"),
     "protection/<pk>/unprotect/": on(POST=(ADMIN_WRITE, 302), pk="{protection.pk}"),
+    # Level 2 actions of the VM page: refused in a message (the world's protection is Level 1), then back.
+    "protection/<pk>/level2/<action>/": on(POST=(ADMIN_WRITE, 302), pk="{protection.pk}", action="validate"),
     "protection/pools/<pk>/plan/": on(GET=(PROTECTION_READ, 200), POST=(ADMIN_WRITE, 400), pk="{pool.pk}"),
     "protection/failover-events/": on(GET=(PROTECTION_READ, 200)),
     "protection/audit/": on(GET=(PROTECTION_READ, 200)),
@@ -157,6 +159,9 @@ ROUTES: dict[str, Route] = {
     "api/v1/protections/": on(**PROTECTION_API, POST=(ADMIN_WRITE, 400)),
     "api/v1/protections/preflight/": on(**PROTECTION_API, query="vm={vm.pk}&level=1"),
     "api/v1/protections/<pk>/": on(**PROTECTION_API, DELETE=(ADMIN_WRITE, 202), pk="{protection.pk}"),
+    # Level 2 actions: the world's protection is Level 1, so an Administrator gets the 400 sentence.
+    **{f"api/v1/protections/<pk>/{verb}/": on(POST=(ADMIN_WRITE, 400), OPTIONS=(PROTECTION_READ, 200),
+                                              pk="{protection.pk}") for verb in ("validate", "swap", "repair")},
     "api/v1/workflow-runs/": on(**PROTECTION_API),
     "api/v1/workflow-runs/<pk>/": on(**PROTECTION_API, pk="{run.pk}"),
     "api/v1/failover-events/": on(**PROTECTION_API),

@@ -164,6 +164,8 @@ class HostSerializer(serializers.ModelSerializer):
             "memory_total",
             "memory_free",
             "cpu_count",
+            "am_url",
+            "am_peer",
         ]
         read_only_fields = fields
 

@@ -6,8 +6,8 @@ from eac.filters import id_schema
 from eac.models import AuditEntry
 from inventory.models import VM
 
-from ..choices import ORDER_MAX, START_DELAY_MAX, Level, RestartPriority
-from ..models import FailoverEvent, Protection, WorkflowRun, WorkflowStep
+from ..choices import ORDER_MAX, START_DELAY_MAX, ComponentState, Level, RestartPriority
+from ..models import FailoverEvent, ProtectedDisk, Protection, WorkflowRun, WorkflowStep
 
 
 @extend_schema_field({"oneOf": [id_schema(), {"type": "string", "format": "uuid"}]})
@@ -43,6 +43,15 @@ class ProtectionSettingsSerializer(serializers.Serializer):
     failures_to_tolerate = serializers.IntegerField(
         required=False, min_value=0, help_text="Host failures to tolerate, when this turns HA on (default 1)"
     )
+    secondary_host = serializers.CharField(
+        required=False, allow_blank=True, max_length=64,
+        help_text="Level 2: UUID of the secondary host, the AM peer of the VM's host (default: that peer)",
+    )
+    secondary_memory = serializers.IntegerField(
+        required=False, min_value=1, max_value=2**52,
+        help_text="Level 2: bytes of memory reserved for the secondary VM (default: the VM's; not below its "
+                  "dynamic minimum — after a failover the VM runs with this much)",
+    )
 
 
 class ProtectionCreateSerializer(serializers.Serializer):
@@ -71,17 +80,66 @@ class WorkflowRunSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+class ProtectedDiskSerializer(serializers.ModelSerializer):
+    primary_host = serializers.SlugRelatedField(slug_field="uuid", read_only=True, allow_null=True)
+    secondary_host = serializers.SlugRelatedField(slug_field="uuid", read_only=True, allow_null=True)
+
+    class Meta:
+        model = ProtectedDisk
+        fields = ["resource", "userdevice", "primary_vdi_uuid", "replica_vdi_uuid", "primary_host",
+                  "secondary_host", "size", "primary_resource", "routed", "replica_tagged", "secondary_resource",
+                  "sync_state", "sync_progress", "updated_at"]
+        read_only_fields = fields
+
+
+class ComponentSerializer(serializers.Serializer):
+    """One Level 2 component as both AMs were last read (``protection/health.py``)."""
+
+    id = serializers.CharField(help_text="disk:<device>@<host uuid>, nic:<device>@<host uuid>, link:a, link:b, "
+                                         "peer, witness@<host uuid>, am@<host uuid>")
+    kind = serializers.CharField()
+    name = serializers.CharField()
+    host = serializers.CharField(allow_blank=True, help_text="UUID of the host it belongs to (blank: the pair)")
+    host_name = serializers.CharField(allow_blank=True)
+    state = serializers.ChoiceField(choices=ComponentState.choices)
+    detail = serializers.CharField(allow_blank=True, help_text="What is degraded, in words")
+    repair = serializers.CharField(allow_blank=True, help_text="What to repair, in words")
+    since = serializers.DateTimeField(allow_null=True, required=False)
+    progress = serializers.FloatField(required=False, help_text="A disk being synced: 0..1")
+
+
+class Level2ActionSerializer(serializers.Serializer):
+    disk = serializers.CharField(required=False, allow_blank=True, max_length=80,
+                                 help_text="repair: the device (xvda) or resource of the repaired disk; "
+                                           "default: every failed one")
+
+
+class Level2ActionAnswerSerializer(serializers.Serializer):
+    action = serializers.CharField()
+    disk = serializers.CharField(allow_blank=True)
+    queued = serializers.BooleanField()
+    message = serializers.CharField()
+
+
 class ProtectionSerializer(serializers.ModelSerializer):
     vm_uuid = serializers.CharField(source="vm.uuid", read_only=True)
     vm_name = serializers.CharField(source="vm.name_label", read_only=True)
     status_label = serializers.CharField(source="get_status_display", read_only=True)
     last_run = serializers.SerializerMethodField()
+    secondary_host = serializers.SlugRelatedField(slug_field="uuid", read_only=True, allow_null=True,
+                                                  help_text="Level 2: UUID of the secondary host")
+    disks = ProtectedDiskSerializer(many=True, read_only=True, help_text="Level 2: the mirrored disks")
+    components = ComponentSerializer(many=True, read_only=True,
+                                     help_text="Level 2: each component's state as both AMs were last read")
+    failed_over_to = serializers.SlugRelatedField(slug_field="uuid", read_only=True, allow_null=True,
+                                                  help_text="Level 2: the host the VM runs on after a failover")
 
     class Meta:
         model = Protection
         fields = ["id", "vm", "vm_uuid", "vm_name", "pool", "level", "status", "status_label", "status_reason",
-                  "restart_priority", "order", "start_delay", "ha_enabled_by_console", "created_at", "updated_at",
-                  "last_run"]
+                  "restart_priority", "order", "start_delay", "ha_enabled_by_console", "secondary_host",
+                  "secondary_memory", "secondary_vm_uuid", "disks", "components", "components_checked_at",
+                  "last_verify", "failed_over_to", "failed_over_at", "created_at", "updated_at", "last_run"]
         read_only_fields = fields
 
     @extend_schema_field(serializers.IntegerField(allow_null=True))
@@ -156,6 +214,22 @@ class PreflightCheckSerializer(serializers.Serializer):
     blocking = serializers.BooleanField()
 
 
+class SecondaryHostSerializer(serializers.Serializer):
+    uuid = serializers.CharField()
+    name_label = serializers.CharField()
+    memory_free = serializers.IntegerField(help_text="Bytes")
+    suggested = serializers.BooleanField(help_text="The AM peer of the VM's host")
+
+
+class Level2PreflightSerializer(serializers.Serializer):
+    secondary_host = serializers.CharField(help_text="The secondary chosen or suggested (\"\" if none)")
+    secondary_hosts = SecondaryHostSerializer(many=True)
+    secondary_memory = serializers.IntegerField(help_text="Bytes the secondary reserves")
+    memory_default = serializers.IntegerField(help_text="Bytes: the VM's memory")
+    memory_minimum = serializers.IntegerField(help_text="Bytes: the VM's dynamic minimum")
+    secondary_sr = serializers.CharField(help_text="The local SR of the secondary for the replicas")
+
+
 class PreflightSerializer(serializers.Serializer):
     vm = serializers.IntegerField()
     level = serializers.IntegerField()
@@ -165,6 +239,7 @@ class PreflightSerializer(serializers.Serializer):
     failures_to_tolerate = serializers.IntegerField()
     max_failures_with_vm = serializers.IntegerField()
     heartbeat_srs = serializers.ListField(child=serializers.DictField())
+    level2 = Level2PreflightSerializer(allow_null=True, help_text="Level 2's choices (null at other levels)")
 
 
 class PreflightQuerySerializer(serializers.Serializer):
@@ -173,6 +248,8 @@ class PreflightQuerySerializer(serializers.Serializer):
     restart_priority = serializers.ChoiceField(choices=RestartPriority.choices, default=RestartPriority.RESTART)
     failures_to_tolerate = serializers.IntegerField(required=False, min_value=0)
     heartbeat_sr = serializers.CharField(required=False, allow_blank=True)
+    secondary_host = serializers.CharField(required=False, allow_blank=True, max_length=64)
+    secondary_memory = serializers.IntegerField(required=False, min_value=1, max_value=2**52)
 
 
 class ConflictSerializer(serializers.Serializer):

@@ -57,13 +57,48 @@ class ProtectionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin,
                    responses={200: serializers.PreflightSerializer, 400: None})
     @action(detail=False, methods=["get"])
     def preflight(self, request):
-        """What the wizard checks before protecting: agility, capacity and plan, HA state."""
+        """What the wizard checks before protecting, each check in words: agility, capacity and plan, HA state
+        (Level 1); the VM's state and disks, the AM pair, memory and storage on the secondary (Level 2)."""
         query = serializers.PreflightQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
         data = dict(query.validated_data)
         vm = data.pop("vm")
         level = data.pop("level")
         return Response(preflight.protection_preflight(vm=vm, level=int(level), settings=data))
+
+
+    def _level2(self, request, pk, action: str):
+        protection = get_object_or_404(selectors.protection_list(), pk=pk)
+        data = serializers.Level2ActionSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        answer = services.protection_level2_request(
+            protection=protection, action=action, disk=data.validated_data.get("disk", ""),
+            requested_by=request.user, via="api", remote_addr=client_ip(request))
+        return Response(serializers.Level2ActionAnswerSerializer(answer).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=None, responses={202: serializers.Level2ActionAnswerSerializer, 400: None, 403: None,
+                                            404: None, 409: CONFLICT})
+    @action(detail=True, methods=["post"])
+    def validate(self, request, pk=None):
+        """Level 2: validate the replicas now (POST …/verify on each disk's primary AM); the outcome is the
+        protection's ``last_verify``, a mismatch raises the validation alert."""
+        return self._level2(request, pk, "validate")
+
+    @extend_schema(request=None, responses={202: serializers.Level2ActionAnswerSerializer, 400: None, 403: None,
+                                            404: None, 409: CONFLICT})
+    @action(detail=True, methods=["post"])
+    def swap(self, request, pk=None):
+        """Level 2: a planned role swap of every disk (POST …/swap on its primary AM); refused (409) unless both
+        AMs are connected on both links."""
+        return self._level2(request, pk, "swap")
+
+    @extend_schema(request=serializers.Level2ActionSerializer,
+                   responses={202: serializers.Level2ActionAnswerSerializer, 400: None, 403: None, 404: None,
+                              409: CONFLICT})
+    @action(detail=True, methods=["post"])
+    def repair(self, request, pk=None):
+        """Level 2: a failed disk was replaced: resync it (POST …/disk-repaired on its AM)."""
+        return self._level2(request, pk, "repair")
 
 
 class WorkflowRunViewSet(viewsets.ReadOnlyModelViewSet):

@@ -53,10 +53,10 @@ def test_anonymous_gets_nothing(client, pool_setup):
     assert client.get(f"/api/v1/pools/{pool_setup['pool'].pk}/failover-plan/").status_code in (401, 403)
 
 
-def test_level_2_is_refused_with_the_reason(admin_api, pool_setup):
-    response = admin_api.post("/api/v1/protections/", {"vm": pool_setup["agile"].pk, "level": 2}, format="json")
+def test_level_3_is_refused_with_the_reason(admin_api, pool_setup):
+    response = admin_api.post("/api/v1/protections/", {"vm": pool_setup["agile"].pk, "level": 3}, format="json")
     assert response.status_code == 400
-    assert "Availability Manager" in str(response.json())
+    assert "checkpointing" in str(response.json())
 
 
 def test_vm_on_local_storage_is_refused_with_409_naming_the_sr(admin_api, pool_setup):

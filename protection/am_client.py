@@ -1,0 +1,185 @@
+"""A small client of an Availability Manager's management API (am/README.md, docs/level2.md).
+
+Synchronous (``requests``): it is called from workflow steps in a Celery worker, never in a web request.
+Every failure is one exception, ``AMError``, whose text is a sentence an administrator can act on: the AM's
+own ``{"error": ...}`` sentence when it gave one, else what went wrong on the way (timeout, refused
+connection). The bearer token goes in the Authorization header only; no message, log line or exception
+text holds it (the URL in messages is the AM's address alone).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import requests
+from django.conf import settings
+
+
+class AMError(Exception):
+    """A call to an AM failed: ``sentence`` says why, ``status`` is the HTTP status (None: no HTTP answer).
+
+    ``transient``: worth retrying as is (the AM did not answer, or said it was unavailable); a missing token
+    or a bad address is not.
+    """
+
+    def __init__(self, sentence: str, *, status: int | None = None, am: str = "", answered: bool = True) -> None:
+        super().__init__(sentence)
+        self.sentence = sentence
+        self.status = status
+        self.am = am
+        self._no_answer = not answered
+
+    @property
+    def transient(self) -> bool:
+        return self._no_answer or self.status in (502, 503, 504)
+
+    @property
+    def not_found(self) -> bool:
+        return self.status == 404
+
+
+def am_token() -> str:
+    """The management token of the pool's AMs, from EAC_AM_TOKEN_FILE or EAC_AM_TOKEN."""
+    path = getattr(settings, "EAC_AM_TOKEN_FILE", "")
+    if path:
+        try:
+            token = Path(path).read_text().strip()
+        except OSError as exc:
+            raise AMError(f"The AM management token file cannot be read ({exc.strerror}): "
+                          "check EAC_AM_TOKEN_FILE.") from None
+        except UnicodeDecodeError:
+            raise AMError("The AM management token file is not text: check EAC_AM_TOKEN_FILE.") from None
+    else:
+        token = getattr(settings, "EAC_AM_TOKEN", "")
+    if not token:
+        raise AMError("No management token for the Availability Managers: set EAC_AM_TOKEN_FILE or EAC_AM_TOKEN.")
+    return token
+
+
+def _where(url: str) -> str:
+    """The AM's address as messages show it: scheme, host and port, nothing else of the URL."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}" if parts.hostname else url
+
+
+@dataclass
+class AMClient:
+    """One AM's management API at ``url`` (a host's ``eac_am_url``)."""
+
+    url: str
+    token: str | None = None
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise AMError(f"The AM address {self.url!r} is not an http(s) URL: check the host's eac_am_url.")
+        self.where = _where(self.url)
+        self._session: requests.Session | None = None
+
+    # -- plumbing ---------------------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, body: dict | None = None) -> Any:
+        if self._session is None:
+            self._session = requests.Session()
+            self._session.trust_env = False  # a proxy from the environment must not see the token
+            self._session.headers["Authorization"] = f"Bearer {self.token or am_token()}"
+        timeout = self.timeout if self.timeout is not None else settings.EAC_AM_TIMEOUT
+        try:
+            response = self._session.request(method, self.url.rstrip("/") + path, json=body, timeout=timeout)
+        except requests.Timeout:
+            raise AMError(f"The Availability Manager at {self.where} did not answer within {timeout:g} s.",
+                          am=self.where, answered=False) from None
+        except requests.ConnectionError:
+            raise AMError(f"The Availability Manager at {self.where} cannot be reached.", am=self.where,
+                          answered=False) from None
+        except requests.RequestException as exc:
+            raise AMError(f"The call to the Availability Manager at {self.where} failed ({type(exc).__name__}).",
+                          am=self.where, answered=False) from None
+        if response.status_code == 401:
+            raise AMError(f"The Availability Manager at {self.where} refused the console's management token: "
+                          "check EAC_AM_TOKEN_FILE or EAC_AM_TOKEN.", status=401, am=self.where)
+        if response.status_code >= 400:
+            said = ""
+            try:
+                payload = response.json()
+                said = str(payload.get("error", "")) if isinstance(payload, dict) else ""
+            except ValueError:
+                pass
+            said = said.strip()[:500] or f"HTTP {response.status_code}"
+            raise AMError(f"The Availability Manager at {self.where} refused {method} {path}: {said}.",
+                          status=response.status_code, am=self.where)
+        if response.status_code == 204 or not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            raise AMError(f"The Availability Manager at {self.where} answered {method} {path} with something "
+                          "that is not JSON.", status=response.status_code, am=self.where) from None
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    def __enter__(self) -> AMClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the routes -------------------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        """GET /v1/status: node, peer (state, links), witness reachability, resources."""
+        return self._request("GET", "/v1/status")
+
+    def resources(self) -> list[dict]:
+        return self._request("GET", "/v1/resources")
+
+    def resource(self, name: str) -> dict:
+        """GET /v1/resources/{name}; AMError with ``not_found`` when this AM has no such resource."""
+        return self._request("GET", f"/v1/resources/{quote(name, safe='')}")
+
+    def resource_or_none(self, name: str) -> dict | None:
+        try:
+            return self.resource(name)
+        except AMError as exc:
+            if exc.not_found:
+                return None
+            raise
+
+    def resource_create(self, *, name: str, role: str, sr: str | None = None, vdi: str | None = None,
+                        vm: str | None = None, size: int | None = None, image: str | None = None,
+                        peer: str | None = None) -> dict:
+        """POST /v1/resources. Level 2 gives ``sr``, ``vdi`` and ``vm`` (docs/level2.md) instead of ``image``."""
+        body: dict[str, Any] = {"name": name, "role": role}
+        for key, value in (("sr", sr), ("vdi", vdi), ("vm", vm), ("size", size), ("image", image), ("peer", peer)):
+            if value is not None:
+                body[key] = value
+        return self._request("POST", "/v1/resources", body)
+
+    def resource_delete(self, name: str) -> None:
+        self._request("DELETE", f"/v1/resources/{quote(name, safe='')}")
+
+    def resource_action(self, name: str, action: str, body: dict | None = None) -> dict:
+        """POST /v1/resources/{name}/{action}: promote, demote, swap, verify, resync…"""
+        return self._request("POST", f"/v1/resources/{quote(name, safe='')}/{quote(action, safe='')}", body)
+
+
+def pair_problems(status: dict) -> list[str]:
+    """What is wrong with an AM's view of its pair (GET /v1/status), in words; empty when all is well:
+    the peer connected, both availability links up, the witness reachable."""
+    problems = []
+    peer = status.get("peer") or {}
+    if peer.get("state") != "connected":
+        problems.append(f"its peer {peer.get('name', '?')} is {peer.get('state', 'unknown')}")
+    for link, info in sorted((peer.get("links") or {}).items()):
+        state = (info or {}).get("state")
+        if str(state).lower() != "up":
+            problems.append(f"availability link {link.upper()} is {state or 'unknown'}")
+    if not (status.get("witness") or {}).get("reachable"):
+        problems.append("the witness is not reachable")
+    return problems

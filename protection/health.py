@@ -1,0 +1,336 @@
+"""Level 2 component health: what both AMs of a protection say, turned into components with a state each.
+
+``protection_read`` asks the two AMs (``GET /v1/status`` and ``GET /v1/resources/{name}`` of each disk) and
+the inventory (the hosts' PIF carrier on the VM's networks, hosts' liveness, where the secondary VM runs); it
+writes nothing. ``components_of`` is a pure function of that reading: one component per disk replica per
+host, per NIC per host, per availability link, the peer, the witness per host, and each AM. Each component
+is a dict (the shape ``Protection.components`` stores, see ``protection/models.py``):
+
+    {"id": "disk:xvda@<host uuid>", "kind": "Disk replica", "name": "xvda", "host": "<uuid>",
+     "host_name": "…", "state": "ok" | "degraded" | "failed" | "unknown", "detail": "<what is wrong>",
+     "repair": "<what to do>", "progress": 0.42 (syncing disks only)}
+
+An AM that does not answer is itself a component ("AM on host X unreachable", unknown), and what only it
+could tell is unknown too: never an exception out of here. ``services.protection_health_record`` writes
+the result (statuses, alerts, failover) in one transaction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from django.conf import settings
+
+from inventory.models import PIF, VIF, VM, Host
+
+from .am_client import AMClient, AMError
+from .choices import ComponentState
+from .models import ProtectedDisk, Protection
+
+OK, DEGRADED, FAILED, UNKNOWN = (ComponentState.OK.value, ComponentState.DEGRADED.value,
+                                 ComponentState.FAILED.value, ComponentState.UNKNOWN.value)
+
+
+@dataclass
+class AMView:
+    """What one host's AM said (or why it said nothing)."""
+
+    host: Host | None
+    url: str
+    status: dict | None = None
+    resources: dict[str, dict | None] = field(default_factory=dict)  # resource -> GET answer, None: 404
+    error: str = ""  # the AM did not answer: why, in words
+
+    @property
+    def host_name(self) -> str:
+        return self.host.name_label if self.host else self.url
+
+
+@dataclass
+class Reading:
+    """One look at a Level 2 protection: its two AMs, its disks, and the inventory facts that matter."""
+
+    protection: Protection
+    disks: list[ProtectedDisk]
+    primary: AMView
+    secondary: AMView
+    nics: list[dict]  # {"id", "device", "network", "host", "host_name", "carrier": bool | None, "live"}
+    secondary_vm_running: bool = False
+
+    @property
+    def ams(self) -> tuple[AMView, AMView]:
+        return self.primary, self.secondary
+
+
+def _read_am(host: Host | None, url: str, resources: list[str]) -> AMView:
+    view = AMView(host=host, url=url)
+    if not url:
+        view.error = f"host {view.host_name} has no Availability Manager address (eac_am_url)"
+        return view
+    timeout = getattr(settings, "EAC_AM_HEALTH_TIMEOUT", 3.0)
+    try:
+        with AMClient(url, timeout=timeout) as am:
+            view.status = am.status()
+            for name in resources:
+                view.resources[name] = am.resource_or_none(name)
+    except AMError as exc:
+        view.error = exc.sentence
+    return view
+
+
+def protection_read(protection: Protection) -> Reading:
+    """Ask both AMs of ``protection`` and the inventory; raises nothing (an AM's silence is in the reading)."""
+    disks = list(ProtectedDisk.objects.filter(protection=protection).select_related("primary_host", "secondary_host"))
+    first = disks[0] if disks else None
+    primary_host = (first.primary_host if first else None) or protection.observed_host
+    secondary_host = protection.secondary_host or (first.secondary_host if first else None)
+    names = [d.resource for d in disks]
+    primary_url = (first.primary_am_url if first else "") or (primary_host.am_url if primary_host else "")
+    secondary_url = (first.secondary_am_url if first else "") or (secondary_host.am_url if secondary_host else "")
+    views = (_read_am(primary_host, primary_url, names), _read_am(secondary_host, secondary_url, names))
+    nics = []
+    vifs = list(VIF.objects.filter(vm=protection.vm).select_related("network").order_by("device"))
+    for host in (primary_host, secondary_host):
+        if host is None:
+            continue
+        host = Host.objects.filter(pk=host.pk).first() or host  # fresh liveness
+        pifs = {p.network_id: p for p in PIF.objects.filter(host=host, network_id__in=[v.network_id for v in vifs])}
+        for vif in vifs:
+            pif = pifs.get(vif.network_id)
+            nics.append({"id": f"nic:{vif.device}@{host.uuid}", "device": vif.device,
+                         "network": vif.network.name_label if vif.network else "", "host": host.uuid,
+                         "host_name": host.name_label, "pif": pif.device if pif else "",
+                         "carrier": pif.carrier if pif else None, "live": host.live})
+    running = False
+    if protection.secondary_vm_uuid and secondary_host is not None:
+        running = VM.objects.filter(uuid=protection.secondary_vm_uuid, pool=protection.pool,
+                                    power_state="Running", resident_on=secondary_host).exists()
+    return Reading(protection=protection, disks=disks, primary=views[0], secondary=views[1], nics=nics,
+                   secondary_vm_running=running)
+
+
+# -- what the reading means: components ------------------------------------------------------------
+
+
+def _component(cid: str, kind: str, name: str, view_or_host, state: str, detail: str = "", repair: str = "",
+               **extra) -> dict:
+    if isinstance(view_or_host, AMView):
+        host, host_name = (view_or_host.host.uuid if view_or_host.host else ""), view_or_host.host_name
+    else:
+        host, host_name = view_or_host or ("", "")
+    return {"id": cid, "kind": kind, "name": name, "host": host, "host_name": host_name, "state": state,
+            "detail": detail, "repair": repair, **extra}
+
+
+def _sync_fraction(res: dict) -> float:
+    resync = res.get("resync") or {}
+    total = resync.get("total") or 0
+    return round(min(1.0, (resync.get("done") or 0) / total), 3) if total else 0.0
+
+
+def _disk_component(disk: ProtectedDisk, view: AMView, other: AMView) -> dict:
+    cid = f"disk:{disk.userdevice or disk.resource}@{view.host.uuid if view.host else view.url}"
+    name = disk.userdevice or disk.resource
+    where = view.host_name
+    if view.error:
+        return _component(cid, "Disk replica", name, view, UNKNOWN,
+                          f"The state of disk {name}'s replica on {where} is unknown: its AM does not answer.",
+                          f"Make the AM on {where} reachable again.")
+    res = view.resources.get(disk.resource)
+    if res is None:
+        return _component(cid, "Disk replica", name, view, FAILED,
+                          f"The AM on {where} has no replica of disk {name} ({disk.resource}).",
+                          "Unprotect the VM, then protect it again to recreate the replica.")
+    role, state, conn = res.get("role", "?"), res.get("disk", "?"), res.get("connection", "?")
+    if res.get("split_brain") or res.get("needs_operator"):
+        return _component(cid, "Disk replica", name, view, FAILED,
+                          f"Disk {name} on {where} ({role}) needs an operator: both replicas took writes "
+                          "(split brain).",
+                          "Choose the replica to keep; make the other a copy with discard-my-data on its AM.",
+                          role=role)
+    if state == "UpToDate":
+        if conn == "StandAlone":
+            return _component(cid, "Disk replica", name, view, DEGRADED,
+                              f"Disk {name} on {where} ({role}) is UpToDate but not mirrored: its peer is not "
+                              "connected.", f"Bring back the peer of {where} and both availability links.",
+                              role=role)
+        return _component(cid, "Disk replica", name, view, OK, f"UpToDate ({role}, {conn})", role=role)
+    if state == "Failed":
+        return _component(cid, "Disk replica", name, view, FAILED,
+                          f"Disk {name} failed on {where} ({role}): its I/O is served from the replica on "
+                          f"{other.host_name}.", f"Replace the disk on {where}, then use Repair to resync it.",
+                          role=role)
+    if conn in ("SyncSource", "SyncTarget") or state == "Inconsistent":
+        fraction = max(_sync_fraction(res), _sync_fraction(other.resources.get(disk.resource) or {}))
+        return _component(cid, "Disk replica", name, view, DEGRADED,
+                          f"Disk {name} on {where} is being synced from its peer: {fraction:.0%} done.",
+                          "Nothing to do: redundancy returns when the resync ends.", role=role, progress=fraction)
+    if state == "Outdated":
+        return _component(cid, "Disk replica", name, view, DEGRADED,
+                          f"Disk {name} on {where} is outdated: the peer took writes it does not have.",
+                          f"Reconnect {where} with its peer: the AMs resync the changed regions.", role=role)
+    return _component(cid, "Disk replica", name, view, DEGRADED, f"Disk {name} on {where} is {state} ({conn}).",
+                      "Check the AMs' logs.", role=role)
+
+
+def components_of(reading: Reading) -> list[dict]:
+    """The components of a Level 2 protection from one reading, each with a state and what to repair."""
+    out: list[dict] = []
+    primary, secondary = reading.ams
+    pair = f"{primary.host_name} and {secondary.host_name}"
+    for view in reading.ams:
+        cid = f"am@{view.host.uuid if view.host else view.url}"
+        if view.error:
+            out.append(_component(cid, "AM", view.host_name, view, UNKNOWN,
+                                  f"AM on host {view.host_name} unreachable: {view.error}",
+                                  f"Check that the AM agent runs on {view.host_name} and that the console reaches "
+                                  "its management address."))
+        else:
+            out.append(_component(cid, "AM", view.host_name, view, OK, "Answers the console."))
+    answering = [v for v in reading.ams if not v.error and v.status]
+
+    # The peer: the worst of what the answering AMs say.
+    rank = {"connected": 0, "redundancy-lost": 1, "lost": 2}
+    if answering:
+        worst = max(answering, key=lambda v: rank.get((v.status.get("peer") or {}).get("state"), 2))
+        peer_state = (worst.status.get("peer") or {}).get("state", "unknown")
+        if peer_state == "connected":
+            out.append(_component("peer", "Peer", pair, ("", pair), OK, "Connected on both availability links."))
+        elif peer_state == "redundancy-lost":
+            out.append(_component("peer", "Peer", pair, ("", pair), DEGRADED,
+                                  f"{worst.host_name} reaches its peer on one availability link only.",
+                                  "Repair the availability link that is down (below)."))
+        else:
+            out.append(_component("peer", "Peer", pair, ("", pair), FAILED,
+                                  f"The AM on {worst.host_name} has lost its peer: the disks are not mirrored.",
+                                  f"Bring back the other host of the pair and its AM ({pair})."))
+    else:
+        out.append(_component("peer", "Peer", pair, ("", pair), UNKNOWN, "Neither AM answers.",
+                              f"Make the AMs on {pair} reachable again."))
+
+    for link in ("a", "b"):
+        cid, name = f"link:{link}", f"Link {link.upper()}"
+        if not answering:
+            out.append(_component(cid, "Availability link", name, ("", pair), UNKNOWN, "Neither AM answers."))
+            continue
+        down = [v.host_name for v in answering
+                if str((((v.status.get("peer") or {}).get("links") or {}).get(link) or {}).get("state", "")).lower()
+                != "up"]
+        if down:
+            out.append(_component(cid, "Availability link", name, ("", pair), DEGRADED,
+                                  f"Availability link {link.upper()} between {pair} is down (seen by "
+                                  f"{', '.join(down)}).",
+                                  f"Check link {link.upper()}'s cable, NICs and switch ports between {pair}."))
+        else:
+            rtts = [((v.status["peer"].get("links") or {}).get(link) or {}).get("rtt_ms") for v in answering]
+            rtt = max((r for r in rtts if r is not None), default=None)
+            out.append(_component(cid, "Availability link", name, ("", pair), OK,
+                                  "Up" + (f", {rtt:g} ms round trip" if rtt is not None else "")))
+
+    for view in reading.ams:
+        cid = f"witness@{view.host.uuid if view.host else view.url}"
+        if view.error or not view.status:
+            out.append(_component(cid, "Witness", view.host_name, view, UNKNOWN,
+                                  f"Whether {view.host_name} reaches the witness is unknown: its AM does not answer."))
+        elif (view.status.get("witness") or {}).get("reachable"):
+            out.append(_component(cid, "Witness", view.host_name, view, OK, "Reachable."))
+        else:
+            out.append(_component(cid, "Witness", view.host_name, view, DEGRADED,
+                                  f"The witness is not reachable from {view.host_name}: a failover could not be "
+                                  "granted.", f"Check the network between {view.host_name} and the witness, and "
+                                              "that the witness runs."))
+
+    for disk in reading.disks:
+        out.append(_disk_component(disk, primary, secondary))
+        out.append(_disk_component(disk, secondary, primary))
+
+    for nic in reading.nics:
+        where = (nic["host"], nic["host_name"])
+        name = f"{nic['device']} ({nic['network'] or 'no network'})"
+        if not nic["live"]:
+            out.append(_component(nic["id"], "NIC", name, where, UNKNOWN,
+                                  f"Host {nic['host_name']} is not live: its NIC on {nic['network']} is unknown."))
+        elif nic["carrier"] is None:
+            out.append(_component(nic["id"], "NIC", name, where, FAILED,
+                                  f"Host {nic['host_name']} has no NIC on network {nic['network']}: the VM's "
+                                  f"interface {nic['device']} cannot reach it there.",
+                                  f"Give {nic['host_name']} a PIF on {nic['network']}."))
+        elif nic["carrier"]:
+            out.append(_component(nic["id"], "NIC", name, where, OK, f"{nic['pif']}: carrier up"))
+        else:
+            out.append(_component(nic["id"], "NIC", name, where, DEGRADED,
+                                  f"NIC {nic['pif']} of host {nic['host_name']} on network {nic['network']} has no "
+                                  f"carrier: the VM's {nic['device']} is carried by its peer's NIC.",
+                                  f"Check the cable and switch port of {nic['pif']} on {nic['host_name']}."))
+    return out
+
+
+def took_over(reading: Reading) -> bool:
+    """The secondary's AM serves a disk as primary (a takeover) or the secondary VM runs, while the primary's
+    host is dead or its AM lost: the VM now runs on the secondary host. A planned swap, with both AMs
+    answering and connected, is not a failover."""
+    primary, secondary = reading.ams
+    primary_lost = (primary.host is not None and not primary.host.live) or bool(primary.error)
+    if not primary_lost:
+        return False
+    promoted = any((secondary.resources.get(d.resource) or {}).get("role") == "Primary" for d in reading.disks)
+    return promoted or reading.secondary_vm_running
+
+
+def primary_host_dead(reading: Reading) -> bool:
+    host = reading.primary.host
+    return host is not None and not host.live
+
+
+# -- acting on the AMs (a worker's work: tasks.level2_action) ------------------------------------------
+
+
+def _primary_of(reading: Reading, resource: str) -> AMView | None:
+    """The AM that serves ``resource`` as primary now (the secondary's after a failover or a swap)."""
+    for view in reading.ams:
+        if (view.resources.get(resource) or {}).get("role") == "Primary" and not view.error:
+            return view
+    return None
+
+
+def protection_verify(reading: Reading) -> dict[str, dict]:
+    """POST …/verify on the primary AM of each disk: {resource: the AM's answer, or {"error": sentence}}."""
+    results: dict[str, dict] = {}
+    for disk in reading.disks:
+        view = _primary_of(reading, disk.resource)
+        if view is None:
+            results[disk.resource] = {"error": f"No AM answers as the primary of disk {disk.userdevice}."}
+            continue
+        try:
+            with AMClient(view.url) as am:
+                answer = am.resource_action(disk.resource, "verify") or {}
+        except AMError as exc:
+            results[disk.resource] = {"error": exc.sentence}
+            continue
+        results[disk.resource] = {"ok": bool(answer.get("ok")), "mismatches": list(answer.get("mismatches") or []),
+                                  "chunks": answer.get("chunks"), "seconds": answer.get("seconds"),
+                                  "host": view.host_name}
+    return results
+
+
+def protection_act(reading: Reading, action: str, resource: str = "") -> list[str]:
+    """A planned role swap (``swap`` on each disk's primary AM) or a repaired disk's resync (``disk-repaired``
+    on the AM whose replica is Failed): what was done or refused, one sentence per disk."""
+    said = []
+    for disk in reading.disks:
+        if resource and disk.resource != resource:
+            continue
+        if action == "swap":
+            view = _primary_of(reading, disk.resource)
+        else:
+            view = next((v for v in reading.ams if (v.resources.get(disk.resource) or {}).get("disk") == "Failed"),
+                        None)
+        if view is None:
+            said.append(f"Disk {disk.userdevice}: nothing to {action}.")
+            continue
+        try:
+            with AMClient(view.url) as am:
+                am.resource_action(disk.resource, "swap" if action == "swap" else "disk-repaired")
+            said.append(f"Disk {disk.userdevice}: {action} asked of the AM on {view.host_name}.")
+        except AMError as exc:
+            said.append(f"Disk {disk.userdevice}: {exc.sentence}")
+    return said
