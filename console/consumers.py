@@ -102,6 +102,15 @@ def _visible_pools(user) -> dict[str, int] | None:
     return dict(pools_visible_to(user).exclude(uuid="").values_list("uuid", "pk"))
 
 
+def _changed_after(since: dt.datetime):
+    """The pools that changed (in XAPI or in the console: renamed, marked for removal), or were registered or read
+    again from scratch, after ``since``."""
+    return Pool.objects.filter(
+        Q(last_event_at__gt=since) | Q(created_at__gt=since) | Q(last_sync_at__gt=since)
+        | Q(updated_at__gt=since) | Q(removing_since__gt=since)
+    )
+
+
 def _roles(user) -> tuple[bool, bool]:
     """(may see protection and alerts, may change protection): what the pushed fragments offer."""
     return user_can_view(user), user_can_change_protection(user)
@@ -259,7 +268,7 @@ class LiveConsumer(AsyncWebsocketConsumer):
 
     def _changed_lately(self, pool_uuids: set[str]) -> bool:
         since = dt.datetime.now(tz=dt.UTC) - dt.timedelta(seconds=FOCUS_CATCHUP_SECONDS)
-        return Pool.objects.filter(uuid__in=pool_uuids, last_event_at__gt=since).exists()
+        return _changed_after(since).filter(uuid__in=pool_uuids).exists()
 
     async def _refocus(self, *, catch_up: bool, linger: bool = True) -> bool:
         """Follow in detail the pools the page shows now, by summary the others (at once, or after
@@ -311,11 +320,7 @@ class LiveConsumer(AsyncWebsocketConsumer):
             since = dt.datetime.fromtimestamp(rendered_at, tz=dt.UTC)
         except (OverflowError, OSError, ValueError):
             return True
-        return Pool.objects.filter(
-            Q(last_event_at__gt=since) | Q(created_at__gt=since) | Q(last_sync_at__gt=since)
-            | Q(updated_at__gt=since) | Q(removing_since__gt=since),
-            pk__in=self.pools.values(),
-        ).exists()
+        return _changed_after(since).filter(pk__in=self.pools.values()).exists()
 
     # -- what the channel layer brings -----------------------------------------------------------
 
