@@ -276,7 +276,10 @@ async def pull(res: Resource) -> None:
             touched = res.region_writes.pop(index)
             if touched == 0:
                 try:
-                    res.image.write(offset, data)
+                    if any(data):
+                        res.image.write(offset, data)
+                    else:  # as a push's zero regions: a sparse image stays sparse (not gigabytes of zeroes)
+                        res.image.zero(offset, length, keep_holes=True)
                 except LocalDiskError as exc:
                     res.local_failed(exc)
                     return

@@ -14,8 +14,10 @@ from protection.selectors import (
     Component,
     ProtectionInfo,
     VMEvent,
+    vm_annotate_placement,
     vm_annotate_protection,
     vm_events,
+    vm_exclude_stand_ins,
     vm_protection_components,
     vm_protection_info,
 )
@@ -166,7 +168,8 @@ def host_detail(*, user, uuid: str) -> HostDetail | None:
     if label is None:  # its pool is being removed: the overview leaves its hosts out
         label = HostLabel(uuid=host.uuid, name=host.name_label or host.uuid, pool_uuid=host.pool.uuid,
                           state=host_state(host), is_master=host.is_master, vm_count=0, mark="")
-    vms_qs = VM.objects.ordinary().filter(resident_on=host).order_by("name_label", "uuid")
+    vms_qs = (vm_annotate_placement(vm_exclude_stand_ins(VM.objects.ordinary().filter(pool_id=host.pool_id)))
+              .filter(shown_host_id=host.pk).order_by("name_label", "uuid"))
     return HostDetail(
         host=host,
         label=label,

@@ -18,7 +18,9 @@ from inventory.choices import ConnectionState, PowerState
 from inventory.models import PBD, PIF, VM, Host, Pool
 from protection.choices import Health, ProtectionStatus, SummaryGroup
 from protection.selectors import (
+    vm_annotate_placement,
     vm_annotate_protection,
+    vm_exclude_stand_ins,
     vm_health_marks,
     vm_protection_states,
 )
@@ -91,7 +93,7 @@ class VMNode:
     @property
     def hosts_label(self) -> str:
         names = [n for n in (self.host_name, self.secondary_host) if n]
-        return " / ".join(names)
+        return " / ".join(dict.fromkeys(names))  # after a failover the VM runs on its secondary host
 
     @property
     def state_text(self) -> str:
@@ -101,8 +103,9 @@ class VMNode:
 
 
 def vm_node_queryset(qs: QuerySet[VM]) -> QuerySet[VM]:
-    """What ``vm_node`` reads, in one query."""
-    return vm_annotate_protection(qs.select_related("pool", "resident_on")).only(
+    """What ``vm_node`` reads, in one query (and one more per VM shown on another host than XAPI's
+    ``resident_on``: after a Level 2 failover)."""
+    return vm_annotate_placement(vm_annotate_protection(qs.select_related("pool", "resident_on"))).only(
         "pk", "uuid", "name_label", "power_state", "pool__uuid", "pool__name", "resident_on__uuid",
         "resident_on__name_label",
     )  # fmt: skip
@@ -112,11 +115,14 @@ def vm_node(vm: VM) -> VMNode:
     """A node of a VM that comes from ``vm_node_queryset`` (or any VM with its pool and host loaded)."""
     state = vm_protection_states([vm])[vm.pk]
     host = vm.resident_on
+    shown = getattr(vm, "shown_host_id", vm.resident_on_id)
+    if shown != vm.resident_on_id:  # failed over: it runs as its secondary VM there
+        host = Host.objects.filter(pk=shown).only("uuid", "name_label").first()
     return VMNode(
         pk=vm.pk,
         uuid=vm.uuid,
         name=vm.name_label or vm.uuid,
-        power_state=vm.power_state,
+        power_state=getattr(vm, "shown_power_state", vm.power_state),
         pool_pk=vm.pool_id,
         pool_uuid=vm.pool.uuid,
         pool_name=vm.pool.name,
@@ -136,7 +142,7 @@ def vm_nodes(qs: QuerySet[VM]) -> list[VMNode]:
 
 def vm_nodes_by_uuid(*, pool_id: int, uuids: Iterable[str]) -> dict[str, VMNode]:
     """The named VMs of one pool, in one query (the ones that no longer exist are left out)."""
-    qs = VM.objects.ordinary().filter(pool_id=pool_id, uuid__in=list(uuids))
+    qs = vm_exclude_stand_ins(VM.objects.ordinary().filter(pool_id=pool_id, uuid__in=list(uuids)))
     return {node.uuid: node for node in vm_nodes(qs)}
 
 
@@ -267,16 +273,15 @@ def pool_overviews(pool_ids: Iterable[int]) -> dict[int, PoolOverview]:
         .order_by("name_label", "uuid")
         .only("pk", "uuid", "name_label", "pool_id", "live", "enabled", "is_master")
     )
-    base = VM.objects.ordinary().filter(pool_id__in=pool_ids)
+    base = vm_exclude_stand_ins(VM.objects.ordinary().filter(pool_id__in=pool_ids))
 
     # VM counts by where they hang in the tree.
     per_host: dict[int, int] = defaultdict(int)
     halted: dict[int, int] = defaultdict(int)
     total: dict[int, int] = defaultdict(int)
     running: dict[int, int] = defaultdict(int)
-    for pool_id, host_id, power, n in base.values_list("pool_id", "resident_on_id", "power_state").annotate(
-        n=Count("pk")
-    ).order_by():
+    placed = vm_annotate_placement(base).values_list("pool_id", "shown_host_id", "shown_power_state")
+    for pool_id, host_id, power, n in placed.annotate(n=Count("pk")).order_by():
         total[pool_id] += n
         if power == PowerState.RUNNING:
             running[pool_id] += n
@@ -391,14 +396,14 @@ class Children:
 def _key_queryset(key: str, pools: QuerySet[Pool]) -> QuerySet[VM] | None:
     """The VMs under a tree node, or None when the key names nothing this user may see."""
     kind, _, ident = key.partition("-")
-    base = VM.objects.ordinary().filter(pool__in=pools.filter(removing_since__isnull=True))
+    base = vm_exclude_stand_ins(VM.objects.ordinary().filter(pool__in=pools.filter(removing_since__isnull=True)))
     if kind == "host" and is_uuid(ident):
-        return base.filter(resident_on__uuid=ident)
+        return vm_annotate_placement(base).filter(shown_host_id__in=Host.objects.filter(uuid=ident).values("pk"))
     if kind == "halted":
         if ident.startswith("p") and ident[1:].isdigit():
-            return base.filter(pool_id=int(ident[1:]), resident_on__isnull=True)
+            return vm_annotate_placement(base).filter(pool_id=int(ident[1:]), shown_host_id__isnull=True)
         if is_uuid(ident):
-            return base.filter(pool__uuid=ident, resident_on__isnull=True)
+            return vm_annotate_placement(base).filter(pool__uuid=ident, shown_host_id__isnull=True)
     if kind == "pvs" and ident in SummaryGroup.values:
         return vm_annotate_protection(base).filter(prot_status=ident)
     return None

@@ -13,6 +13,7 @@ from eac.permissions import pools_visible_to
 from inventory.filtersets import VMFilterSet
 from inventory.models import VM, Host, Pool
 from protection.choices import Health, SummaryGroup
+from protection.selectors import vm_exclude_stand_ins
 
 from .nodes import vm_node_queryset
 
@@ -62,7 +63,8 @@ def vm_table_queryset(*, user) -> QuerySet[VM]:
     health_order = Case(
         *(When(prot_health=h.value, then=Value(i)) for i, h in enumerate(Health)), output_field=IntegerField()
     )
-    return vm_node_queryset(VM.objects.ordinary().filter(pool__in=table_pools(user=user))).annotate(
+    rows = vm_exclude_stand_ins(VM.objects.ordinary().filter(pool__in=table_pools(user=user)))
+    return vm_node_queryset(rows).annotate(
         prot_status_order=status_order, prot_health_order=health_order
     )
 

@@ -3,8 +3,8 @@
 ``protection_read`` asks the two AMs (``GET /v1/status`` and ``GET /v1/resources/{name}`` of each disk) and
 the inventory (the hosts' PIF carrier on the VM's networks, hosts' liveness, where the secondary VM runs); it
 writes nothing. ``components_of`` is a pure function of that reading: one component per disk replica per
-host, per NIC per host, per availability link, the peer, the witness per host, and each AM. Each component
-is a dict (the shape ``Protection.components`` stores, see ``protection/models.py``):
+host, per NIC per host, per availability link, the peer, the witness per host, each AM, and the secondary VM.
+Each component is a dict (the shape ``Protection.components`` stores, see ``protection/models.py``):
 
     {"id": "disk:xvda@<host uuid>", "kind": "Disk replica", "name": "xvda", "host": "<uuid>",
      "host_name": "…", "state": "ok" | "degraded" | "failed" | "unknown", "detail": "<what is wrong>",
@@ -55,6 +55,9 @@ class Reading:
     secondary: AMView
     nics: list[dict]  # {"id", "device", "network", "host", "host_name", "carrier": bool | None, "live"}
     secondary_vm_running: bool = False
+    # The secondary VM as the inventory has it: None when the protection names none (not made yet);
+    # {"exists": False} when XAPI has it no longer; else its "name", "power_state", "host" (pk or None).
+    secondary_vm: dict | None = None
 
     @property
     def ams(self) -> tuple[AMView, AMView]:
@@ -101,11 +104,17 @@ def protection_read(protection: Protection) -> Reading:
                          "host_name": host.name_label, "pif": pif.device if pif else "",
                          "carrier": pif.carrier if pif else None, "live": host.live})
     running = False
-    if protection.secondary_vm_uuid and secondary_host is not None:
-        running = VM.objects.filter(uuid=protection.secondary_vm_uuid, pool=protection.pool,
-                                    power_state="Running", resident_on=secondary_host).exists()
+    copy = None
+    if protection.secondary_vm_uuid:
+        row = (VM.objects.filter(uuid=protection.secondary_vm_uuid, pool=protection.pool)
+               .values("name_label", "power_state", "resident_on_id").first())
+        copy = {"exists": False} if row is None else {"exists": True, "name": row["name_label"],
+                                                      "power_state": row["power_state"],
+                                                      "host": row["resident_on_id"]}
+        running = bool(row and secondary_host is not None and row["power_state"] == "Running"
+                       and row["resident_on_id"] == secondary_host.pk)
     return Reading(protection=protection, disks=disks, primary=views[0], secondary=views[1], nics=nics,
-                   secondary_vm_running=running)
+                   secondary_vm_running=running, secondary_vm=copy)
 
 
 # -- what the reading means: components ------------------------------------------------------------
@@ -243,6 +252,9 @@ def components_of(reading: Reading) -> list[dict]:
         out.append(_disk_component(disk, primary, secondary))
         out.append(_disk_component(disk, secondary, primary))
 
+    if reading.secondary_vm is not None:
+        out.append(_secondary_vm_component(reading))
+
     for nic in reading.nics:
         where = (nic["host"], nic["host_name"])
         name = f"{nic['device']} ({nic['network'] or 'no network'})"
@@ -262,6 +274,32 @@ def components_of(reading: Reading) -> list[dict]:
                                   f"carrier: the VM's {nic['device']} is carried by its peer's NIC.",
                                   f"Check the cable and switch port of {nic['pif']} on {nic['host_name']}."))
     return out
+
+
+def _secondary_vm_component(reading: Reading) -> dict:
+    """The secondary VM: paused on the secondary host (its memory reserved, docs/level2.md), or running there
+    after a takeover. Anything else (a crash of its host halts it) leaves a failover nothing to unpause."""
+    copy, view = reading.secondary_vm, reading.secondary
+    host, where = view.host, view.host_name
+    cid, uuid = "secondary-vm", reading.protection.secondary_vm_uuid
+    name = copy.get("name") or uuid
+    if not copy.get("exists"):
+        return _component(cid, "Secondary VM", uuid, view, FAILED,
+                          f"The secondary VM ({uuid}) no longer exists: a failover would have no VM to start.",
+                          "Unprotect the VM, then protect it again to make a new secondary VM.")
+    if host is not None and not host.live:
+        return _component(cid, "Secondary VM", name, view, UNKNOWN,
+                          f"Host {where} is not live: its secondary VM is unknown.")
+    on_host = host is not None and copy["host"] == host.pk
+    if on_host and copy["power_state"] == "Paused":
+        return _component(cid, "Secondary VM", name, view, OK, f"Paused on {where}: its memory is reserved.")
+    if on_host and copy["power_state"] == "Running":
+        return _component(cid, "Secondary VM", name, view, OK, f"Runs on {where}.")
+    state = str(copy["power_state"]).lower() + ("" if on_host or copy["host"] is None else " on another host")
+    return _component(cid, "Secondary VM", name, view, DEGRADED,
+                      f"The secondary VM is {state}, not paused on {where}: its memory is not reserved there and "
+                      "a failover would not start it.",
+                      f"Start it paused on {where} (xe vm-start uuid={uuid} on={where} paused=true).")
 
 
 def took_over(reading: Reading) -> bool:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from django.db import models
-from django.db.models import Case, Count, Exists, F, OuterRef, Q, QuerySet, Value, When
+from django.db.models import Case, Count, Exists, F, OuterRef, Q, QuerySet, Subquery, Value, When
 from django.db.models.functions import Coalesce
 from django.utils.dateparse import parse_datetime
 
@@ -87,6 +87,46 @@ def vm_annotate_protection(qs: QuerySet[VM]) -> QuerySet[VM]:
     )
 
 
+# -- where a VM runs, as the console shows it -------------------------------------------------------------
+
+
+def _running_copy() -> QuerySet[VM]:
+    """Of a VM (the outer query) whose Level 2 protection failed over: its secondary VM, when it runs on a host."""
+    return VM.objects.filter(pool=OuterRef("pool"), uuid=OuterRef("protection__secondary_vm_uuid"),
+                             power_state="Running", resident_on__isnull=False)
+
+
+def vm_annotate_placement(qs: QuerySet[VM]) -> QuerySet[VM]:
+    """Annotate ``shown_host_id`` and ``shown_power_state``: where and how the console shows the VM running.
+
+    After a Level 2 failover the VM's service is its secondary VM, running on the secondary host from the
+    mirrored disks with the VM's MACs and address: the protected VM is shown there, running, under its own name
+    (and its copy is left out of the lists, ``vm_exclude_stand_ins``). Otherwise XAPI's ``resident_on`` and
+    ``power_state``."""
+    failed_over = {"protection__level": Level.COMPONENT_FT, "protection__failed_over_to__isnull": False}
+    copy = _running_copy()
+    return qs.annotate(
+        shown_host_id=Case(
+            When(Exists(copy), **failed_over, then=Subquery(copy.values("resident_on")[:1])),
+            default=F("resident_on"),
+            output_field=models.BigIntegerField(),
+        ),
+        shown_power_state=Case(
+            When(Exists(copy), **failed_over, then=Value("Running")),
+            default=F("power_state"),
+            output_field=models.CharField(),
+        ),
+    )
+
+
+def vm_exclude_stand_ins(qs: QuerySet[VM]) -> QuerySet[VM]:
+    """Without the secondary VMs that stand in for their protected VM after a Level 2 failover: the protected
+    VM is shown in their place (``vm_annotate_placement``)."""
+    return qs.exclude(Exists(Protection.objects.filter(
+        pool=OuterRef("pool"), level=Level.COMPONENT_FT, failed_over_to__isnull=False,
+        secondary_vm_uuid=OuterRef("uuid"))))
+
+
 class ProtectionState(NamedTuple):
     level: int | None
     health: str  # Health
@@ -120,7 +160,7 @@ def vm_status_counts(pool_ids: Iterable[int]) -> dict[int, dict[str, int]]:
     pool_ids = list(pool_ids)
     counts: dict[int, dict[str, int]] = {pk: {} for pk in pool_ids}
     rows = (
-        vm_annotate_protection(VM.objects.ordinary().filter(pool_id__in=pool_ids))
+        vm_annotate_protection(vm_exclude_stand_ins(VM.objects.ordinary().filter(pool_id__in=pool_ids)))
         .values_list("pool_id", "prot_status")
         .annotate(n=Count("pk"))
         .order_by()
@@ -135,12 +175,12 @@ def vm_health_marks(pool_ids: Iterable[int]) -> dict[tuple[int, int | None], str
     protection is not well, for the marks of the tree."""
     marks: dict[tuple[int, int | None], str] = defaultdict(str)
     rows = (
-        vm_annotate_protection(VM.objects.ordinary().filter(pool_id__in=list(pool_ids)))
+        vm_annotate_placement(vm_annotate_protection(VM.objects.ordinary().filter(pool_id__in=list(pool_ids))))
         # Only a protection can be unwell: the inner join keeps this cheap when few VMs are protected
         # (it runs for every batch of live changes).
         .filter(protection__isnull=False)
         .filter(prot_health__in=[Health.DEGRADED, Health.FAILED])
-        .values_list("pool_id", "resident_on_id", "prot_health")
+        .values_list("pool_id", "shown_host_id", "prot_health")
         .distinct()
         .order_by()
     )

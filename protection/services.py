@@ -212,10 +212,17 @@ def protection_stop(
     Level 2: the secondary VM, its replicas and the disks' routing through the AM)."""
     _require_administrator(requested_by)
     with transaction.atomic():
-        protection = Protection.objects.select_for_update().select_related("vm", "pool").get(pk=protection.pk)
+        protection = (Protection.objects.select_for_update(of=("self",)).select_related("vm", "pool", "failed_over_to")
+                      .get(pk=protection.pk))
         vm = protection.vm
         if WorkflowRun.objects.filter(vm=vm, state__in=ACTIVE_RUN_STATES).exists():
             raise Conflict("A workflow is already running for this VM: wait for it to finish.")
+        if protection.level == Level.COMPONENT_FT and protection.failed_over_to_id is not None:
+            # Unprotect undoes a protection in place: after a failover the secondary VM is the one running, on
+            # the replicas its AM serves as primary, and undoing would stop and destroy it.
+            raise Conflict(f"The VM runs from its secondary copy on {protection.failed_over_to.name_label} since "
+                           f"its failover at {protection.failed_over_at:%Y-%m-%d %H:%M:%S} UTC: unprotecting would "
+                           "stop and destroy it. Bring the service back on the VM itself first.")
         if protection.level == Level.COMPONENT_FT:
             # What to undo is in the protection's disk rows and its secondary VM's uuid.
             params = {"level": int(Level.COMPONENT_FT)}

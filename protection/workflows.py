@@ -591,6 +591,10 @@ class DestroySecondaryVM(Step):
         copy = _secondary_vm_ref(ctx, adopt_untagged=False)
         if copy is None:
             return {"message": "There is no secondary VM: nothing to destroy."}
+        if ctx.call("VM.get_power_state", copy) == "Running":
+            # A secondary VM runs only after a takeover: it is the VM's service now, never destroyed here.
+            raise StepFailed("SECONDARY_RUNNING", "The secondary VM runs (the VM failed over to it): it is not "
+                                                  "stopped or destroyed, and nothing was undone.")
         # Its disks are destroyed by the step after the replicas' deletion: remember them first.
         replicas = sorted({ctx.call("VDI.get_uuid", vbd["VDI"]) for vbd in _disk_vbds(ctx, copy).values()})
         ctx.save_result({"replica_vdis": replicas})

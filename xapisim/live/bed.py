@@ -623,6 +623,28 @@ fault_injection = true
         mark = path.stat().st_size
         os.kill(proc.pid, signal.SIGUSR1 if failed else signal.SIGUSR2)
         self._wait_log(path, "disk failed" if failed else "disk repaired", proc, after=mark)
+        if failed and host in self.peers:
+            self._fail_am_disks(host)
+
+    def _am_call(self, host: str, method: str, path: str, body: dict | None = None) -> object:
+        request = urllib.request.Request(
+            f"http://{self.host_addr(host)}:{MGMT_PORT}{path}", method=method,
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            text = response.read()
+            return json.loads(text) if text else None
+
+    def _fail_am_disks(self, host: str) -> None:
+        """The AM's replicas live on the same local disk (``[disks] sr_root``): every I/O of each fails too (the
+        AM's fault injection), the AM then marks it Failed at its next I/O. Repairing the disk (``{"failed":
+        false}``) does not undo that: the AM's ``disk-repaired`` does, as after a real disk's replacement."""
+        try:
+            resources = self._am_call(host, "GET", "/v1/resources") or []
+            for res in resources:
+                self._am_call(host, "POST", f"/v1/resources/{res['name']}/fault", {"disk": "fail"})
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("live bed: the AM of %s did not take the disk fault: %s", self.host_name(host), exc)
 
     def _wait_log(self, path: Path, text: str, proc: subprocess.Popen, after: int = 0, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
