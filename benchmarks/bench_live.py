@@ -54,7 +54,8 @@ document.addEventListener('htmx:wsAfterMessage', function () {
   var w = window.__eacWait;
   if (!w || window.__eacDone[w.key]) return;
   var row = document.getElementById('row-vm-' + w.uuid);
-  if (row && row.querySelector('td.c-power').textContent.trim() === w.power) {
+  // A row marked __eacBefore is the one the change found (bench_pools marks it): not the update.
+  if (row && !row.__eacBefore && row.querySelector('td.c-power').textContent.trim() === w.power) {
     window.__eacDone[w.key] = [window.__eacArrived[w.key], performance.timeOrigin + performance.now()];
   }
 });

@@ -69,6 +69,7 @@ from pathlib import Path
 
 import common
 from bench_live import BUDGET_P95_MS, CHROMIUM, CHROMIUM_ARGS, PASSWORD, LayerProbe
+from bench_live import PROBE as LIVE_PROBE
 from common import ROOT, argument_parser, bench_database, drop_bench_database, free_port, pct, stop_process, verdict
 
 BENCH_DB = "eac_bench_pools"
@@ -81,23 +82,11 @@ USER, SIM_PASSWORD = "root", "demo"
 TABLE_PAGE = 50  # the VM table's rows per page (console.table.DEFAULT_PER_PAGE)
 DOM_TIMEOUT_S = 10.0
 
-# bench_live's probe, but for a row swapped in after the change: the row there was is marked first. A change whose
+# bench_live's probe, counting only a row swapped in after the change: the row there was is marked first (bench_live
+# skips a marked row; it marks none itself). A change whose
 # update never reached the page (a message dropped) leaves its row showing the state the next change brings back,
 # and that row must not count as the next change's update.
-PROBE = """
-window.__eacWait = null; window.__eacDone = {}; window.__eacArrived = {};
-document.addEventListener('htmx:wsBeforeMessage', function () {
-  var w = window.__eacWait;
-  if (w) window.__eacArrived[w.key] = performance.timeOrigin + performance.now();
-});
-document.addEventListener('htmx:wsAfterMessage', function () {
-  var w = window.__eacWait;
-  if (!w || window.__eacDone[w.key]) return;
-  var row = document.getElementById('row-vm-' + w.uuid);
-  if (row && !row.__eacBefore && row.querySelector('td.c-power').textContent.trim() === w.power) {
-    window.__eacDone[w.key] = [window.__eacArrived[w.key], performance.timeOrigin + performance.now()];
-  }
-});
+PROBE = LIVE_PROBE + """
 window.__eacExpect = function (w) {
   var row = document.getElementById('row-vm-' + w.uuid);
   if (row) row.__eacBefore = true;
