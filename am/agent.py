@@ -146,7 +146,7 @@ class Agent:
             self.event("peer", None, {"state": "connected", "why": why})
             for res in self.resources.values():
                 res.attached = False
-                self.links.send(res.attach_message())
+                res.announce()
         else:
             for res in self.resources.values():
                 res.resend(why)
@@ -160,7 +160,7 @@ class Agent:
         elif isinstance(msg, wire.RepAck):
             res.on_ack(msg)
         elif isinstance(msg, wire.Attach):
-            sync.on_attach(res, msg)
+            sync.on_attach(res, link, msg)
         elif isinstance(msg, wire.Remote):
             res.on_remote(link, msg)
         elif isinstance(msg, wire.RemoteReply):
@@ -282,7 +282,7 @@ class Agent:
             roles.become_primary(res, answer, sent, "created as primary", new_gen_=False)
         elif self.links.connected:
             res.attached = False
-            self.links.send(res.attach_message())
+            res.announce()
         return res
 
     def on_promote(self, res: Resource) -> None:

@@ -99,6 +99,7 @@ class Resource:
         self.session_seen = ""  # the peer's session of its last Attach
         self.attached = False
         self.remote_waiters: dict[int, asyncio.Future] = {}
+        self.attach_sent_at = 0.0
 
     # -- export (am.nbd.Export) -----------------------------------------------------------------------
     def available(self) -> str | None:
@@ -323,9 +324,13 @@ class Resource:
                                                     self.meta if p.op == wire.Op.SYNC_DONE else None))
 
     def wake_stale(self) -> None:
-        """Wake the writes that waited a link timeout for the peer, so each decides again (a peer that connected
-        but never answered our Attach, say): cheaper than a timeout per write."""
+        """Wake the writes that waited a link timeout for the peer, so each decides again: cheaper than a timeout
+        per write. A peer that connected but has not answered our Attach for a link timeout gets it again (it
+        was lost on a link that died): until it answers, the writes wait for it."""
         limit = time.monotonic() - self.agent.timeout
+        if not self.attached and self.peer_expected() and self.attach_sent_at < limit:
+            log.info("%s: the peer has not answered our Attach: sending it again", self.name)
+            self.announce()
         for p in self.pending.values():
             if p.sent_at > limit:
                 break
@@ -517,15 +522,23 @@ class Resource:
             gen=self.meta.gen, history=self.meta.history, bitmap_base=self.meta.bitmap_base,
             disk=str(self.disk.value), dirty=self.bitmap.count(), crashed=self.crashed,
             session=f"{self.agent.links.boot}:{self.agent.session}", boot=self.stream(), next_seq=first,
-            applied_seq=self.applied_seq, followed=self.followed, split_brain=self.split_brain)
+            applied_seq=self.applied_seq, followed=self.followed, split_brain=self.split_brain,
+            attached=self.attached)
 
     def stream(self) -> str:
         """The replication stream this node sends as primary: one per agent start and epoch."""
         return f"{self.agent.links.boot}/{self.meta.epoch}"
 
-    def announce(self) -> None:
-        if self.agent.links.connected:
+    def announce(self, link: str | None = None) -> None:
+        """Our state to the peer: on ``link`` when answering what came on it (our active link may be one whose
+        silence we have not noticed yet), else on the active link."""
+        if not self.agent.links.connected:
+            return
+        self.attach_sent_at = time.monotonic()
+        if link is None:
             self.agent.links.send(self.attach_message())
+        else:
+            self.agent.links.send_on(link, self.attach_message())
 
     def side(self) -> decide.Side:
         return decide.Side(self.meta.gen, tuple(self.meta.history), self.meta.bitmap_base, Disk(self.disk.value),

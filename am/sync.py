@@ -55,13 +55,15 @@ def _changed(res: Resource) -> None:
     decide_sync(res)
 
 
-def on_attach(res: Resource, msg: wire.Attach) -> None:
+def on_attach(res: Resource, link: str, msg: wire.Attach) -> None:
     """The peer's state of this resource: the first one of a session starts the stream; any one may start a
-    resync."""
+    resync. Answers go on ``link``, the one it came on: our own active link may be dead without our knowing
+    yet (the peer noticed first and moved), and an answer lost there would leave its writes waiting."""
     res.peer = msg
     res.wake()
     # The two sides may disagree on whether the peer was lost (one link's silence is noticed at different
-    # moments): whoever starts a session, the other answers it once, so both hold the other's state.
+    # moments): whoever starts a session, the other answers it once, so both hold the other's state. An
+    # Attach that says its sender lacks ours (``attached`` false: a new session, or ours was lost) is answered.
     peer_session_new = msg.session != res.session_seen
     res.session_seen = msg.session
     if msg.role == Role.PRIMARY:
@@ -77,22 +79,22 @@ def on_attach(res: Resource, msg: wire.Attach) -> None:
             res.followed, res.applied_seq = msg.boot, msg.next_seq - 1
         else:
             res.applied_seq = max(res.applied_seq, msg.next_seq - 1)
-        if new_stream or not res.attached or peer_session_new:
+        if new_stream or not res.attached or peer_session_new or not msg.attached:
             res.attached = True
-            res.agent.links.send(res.attach_message())  # the primary sends no op before it has this
+            res.announce(link)  # the primary sends no op before it has this
     elif res.role == Role.PRIMARY and not res.attached:
         res.attached = True
         if msg.followed == res.stream():
             for seq in [s for s in res.pending if s <= msg.applied_seq]:
                 res.on_ack(wire.RepAck(res.name, seq))
-        res.agent.links.send(res.attach_message())  # ops completed alone since our last Attach: skipped there
+        res.announce(link)  # ops completed alone since our last Attach: skipped there
         res.resend("peer session started")
     else:
         res.attached = True
-        if peer_session_new:
-            res.agent.links.send(res.attach_message())
-            if res.role == Role.PRIMARY:  # the peer dropped its connections: what it had not acknowledged
-                res.resend("the peer started a session")
+        if peer_session_new or not msg.attached:
+            res.announce(link)
+            if res.role == Role.PRIMARY and peer_session_new:  # the peer dropped its connections: what it had
+                res.resend("the peer started a session")   # not acknowledged
     decide_sync(res)
 
 

@@ -55,6 +55,7 @@ class Attach(msgspec.Struct, tag="attach"):
     applied_seq: int = 0  # secondary: the last op applied of the stream of ``followed``
     followed: str = ""  # secondary: the stream it applied
     split_brain: bool = False
+    attached: bool = False  # the sender holds the receiver's Attach of this session: no answer needed
 
 
 class Rep(msgspec.Struct, tag="rep"):

@@ -265,8 +265,10 @@ def test_a_crash_of_the_secondary_host_leaves_the_primary_running_degraded_until
         cmd.control("POST", f"/sim/hosts/{secondary.name_label}/power-on")
     powered_at = time.monotonic()
     # The AMs resync; the secondary VM, halted with its host, no longer holds its memory: shown, with the repair.
+    # (Its state is unknown until the watcher has mirrored the host live again, which may come after the resync.)
     synced = _until(pk, lambda p: _states(p).get(f"disk:0@{secondary.uuid}") == "ok"
-                    and _states(p).get("peer") == "ok", 120, "the replica resynced")
+                    and _states(p).get("peer") == "ok" and _states(p).get("secondary-vm") != "unknown", 120,
+                    "the replica resynced and the secondary host seen live")
     resynced = time.monotonic() - powered_at
     copy_state = _states(synced).get("secondary-vm")
     copy = live.api.VM.get_by_uuid(synced.secondary_vm_uuid)
