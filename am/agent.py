@@ -15,6 +15,7 @@ import aiohttp
 from am import hooks, roles, sync, wire
 from am.config import Config
 from am.nbd import NBDServer
+from am.network import NetworkPairing
 from am.peer import PeerLinks
 from am.resource import Resource
 from am.states import Conn, Disk, Role
@@ -59,6 +60,9 @@ class Agent:
         self.lease_s = 0.8
         self.swapping = False
         self.links = PeerLinks(cfg, self.on_message, self.on_link_change, self.state_changed)
+        # NIC failover through the pairing (am/network.py), with a [network] section only
+        self.network = (NetworkPairing(self, cfg.network, cfg.timers.heartbeat_ms / 1000)
+                        if cfg.network is not None else None)
         self.nbd = NBDServer(self.resources.get, self._exports)
         self.witness = WitnessClient(cfg.witness_url, cfg.witness_token, cfg.node,
                                      cfg.timers.witness_timeout_ms / 1000)
@@ -81,6 +85,8 @@ class Agent:
         await self.links.start()
         await self.nbd.start(self.cfg.nbd.host, self.cfg.nbd.port)
         self.spawn(self._watch_witness())
+        if self.network is not None:
+            self.spawn(self.network.run())
         if self.cfg.timers.verify_interval_s:
             self.spawn(self._verify_schedule())
 
@@ -123,6 +129,8 @@ class Agent:
     def state_changed(self, owner: str, old, new, why: str) -> None:
         if owner.startswith("link "):  # a link of the agent, not of a resource
             resource, what = None, owner
+            if self.network is not None:
+                self.network.wake()  # a pairing over a link that went down moves to the other
         else:
             resource, _, what = owner.rpartition(" ")
         self.event("state", resource, {"component": what, "old": str(old), "new": str(new), "why": why})
@@ -152,6 +160,10 @@ class Agent:
                 res.resend(why)
 
     def on_message(self, link: str, msg: wire.Message) -> None:
+        if isinstance(msg, wire.NicState):
+            if self.network is not None:
+                self.network.on_state(msg)
+            return
         res = self.resources.get(getattr(msg, "resource", ""))
         if res is None:
             return  # the peer has a resource we do not (yet): its primary runs degraded until we create ours
@@ -345,4 +357,5 @@ class Agent:
             },
             "witness": {"url": self.cfg.witness_url, "reachable": self.witness_reachable()},
             "resources": sorted(self.resources),
+            "network": self.network.status() if self.network is not None else None,
         }

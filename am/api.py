@@ -14,7 +14,7 @@ import msgspec
 from aiohttp import web
 
 from am import roles, sync
-from am.agent import Agent, RequestError
+from am.agent import UUID, Agent, RequestError
 from am.states import Conn, Role
 
 log = logging.getLogger("am.api")
@@ -30,6 +30,10 @@ class CreateBody(msgspec.Struct, forbid_unknown_fields=True):
     sr: str | None = None  # with vdi, instead of image: <disks.sr_root>/<sr>/<vdi>.img
     vdi: str | None = None
     vm: str | None = None  # the VM on this replica's side (told to [vm] on_promote)
+
+
+class PatchBody(msgspec.Struct, forbid_unknown_fields=True):
+    vm: str | None  # the VM on this replica's side now (null: none)
 
 
 class FaultBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -94,6 +98,16 @@ async def create(request: web.Request) -> web.Response:
 
 async def detail(request: web.Request) -> web.Response:
     return web.json_response(request.app[AGENT].get(request.match_info["name"]).status())
+
+
+async def patch(request: web.Request) -> web.Response:
+    """Change what may change of a resource after its creation: its ``vm`` (a planned swap of the whole VM)."""
+    res = request.app[AGENT].get(request.match_info["name"])
+    body = await _body(request, PatchBody)
+    if body.vm is not None and not UUID.fullmatch(body.vm):
+        raise RequestError(400, "vm must be a uuid (lowercase, 8-4-4-4-12 hexadecimal digits) or null")
+    res.set_vm(body.vm or "")
+    return web.json_response(res.status())
 
 
 async def delete(request: web.Request) -> web.Response:
@@ -216,6 +230,7 @@ def make_app(agent: Agent) -> web.Application:
     app.router.add_get("/v1/resources", resources)
     app.router.add_post("/v1/resources", create)
     app.router.add_get("/v1/resources/{name}", detail)
+    app.router.add_patch("/v1/resources/{name}", patch)
     app.router.add_delete("/v1/resources/{name}", delete)
     app.router.add_post("/v1/resources/{name}/{action}", action)
     app.router.add_get("/v1/events", events)

@@ -75,6 +75,23 @@ class VM(msgspec.Struct, forbid_unknown_fields=True):
     on_promote_timeout_s: float = 10.0  # a command still running then is killed
 
 
+class Pairing(msgspec.Struct, forbid_unknown_fields=True):
+    a: str = ""
+    b: str = ""
+
+
+class Network(msgspec.Struct, forbid_unknown_fields=True):
+    bridge: str  # the VMs' bridge (xenbr0)
+    nic: str  # its NIC (eth0)
+    pairing: Pairing  # per availability link, the interface that joins the peer's bridge over that link
+
+
+class NetworkConfig(msgspec.Struct):
+    bridge: str
+    nic: str
+    pairing: dict[str, str]  # link ("a" | "b") -> interface
+
+
 class Testbed(msgspec.Struct, forbid_unknown_fields=True):
     fault_injection: bool = False  # lets the management API fail a local disk (tests and demos only)
 
@@ -91,6 +108,7 @@ class File(msgspec.Struct, forbid_unknown_fields=True):
     disk: Disk = msgspec.field(default_factory=Disk)
     disks: Disks = msgspec.field(default_factory=Disks)
     vm: VM = msgspec.field(default_factory=VM)
+    network: Network | None = None
     testbed: Testbed = msgspec.field(default_factory=Testbed)
 
 
@@ -111,6 +129,31 @@ class Config(msgspec.Struct):
     sr_root: Path | None = None
     on_promote: list[str] = []
     on_promote_timeout_s: float = 10.0
+    network: NetworkConfig | None = None  # None: no NIC failover through the pairing
+
+
+def _interface(name: str, what: str) -> str:
+    # What the kernel accepts as an interface name (dev_valid_name): 1-15 bytes, no "/", ":" or white space.
+    if not name:
+        raise ConfigError(f"{what} must name a network interface")
+    if len(name.encode()) > 15 or name in (".", "..") or any(c in name for c in "/: \t\n") or not name.isprintable():
+        raise ConfigError(f"{what} {name!r} is not a valid interface name (1-15 characters, no '/', ':' or spaces)")
+    return name
+
+
+def _network(net: Network | None) -> NetworkConfig | None:
+    if net is None:
+        return None
+    bridge = _interface(net.bridge, "network.bridge")
+    nic = _interface(net.nic, "network.nic")
+    pairing = {link: _interface(dev, f"network.pairing.{link}")
+               for link, dev in (("a", net.pairing.a), ("b", net.pairing.b)) if dev}
+    if not pairing:
+        raise ConfigError("network.pairing must name the pairing interface of link a, of link b, or of both")
+    names = [bridge, nic, *pairing.values()]
+    if len(set(names)) != len(names):
+        raise ConfigError("network.bridge, network.nic and the pairing interfaces must be different interfaces")
+    return NetworkConfig(bridge=bridge, nic=nic, pairing=pairing)
 
 
 def _secret(value: str, path: str, what: str, base: Path) -> str:
@@ -170,4 +213,5 @@ def load(path: str | Path) -> Config:
         sr_root=(base / f.disks.sr_root).resolve() if f.disks.sr_root else None,
         on_promote=list(f.vm.on_promote),
         on_promote_timeout_s=f.vm.on_promote_timeout_s,
+        network=_network(f.network),
     )

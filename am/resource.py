@@ -453,15 +453,26 @@ class Resource:
         if self.role == Role.PRIMARY:  # a request of a client the peer kept through a swap
             self.agent.spawn(self._serve_forwarded(link, msg))
             return
-        if msg.op != 0 or self.disk not in (Disk.UP_TO_DATE, Disk.OUTDATED):
+        if msg.op not in (0, wire.Op.MAP) or self.disk not in (Disk.UP_TO_DATE, Disk.OUTDATED):
             self.agent.links.send_on(link, wire.RemoteReply(self.name, msg.rid, errno.EIO))
             return
         try:
-            data = self.image.read(msg.offset, msg.length)
+            if msg.op == wire.Op.MAP:
+                data = self.zero_map(msg.offset, msg.length, int.from_bytes(msg.data, "big"))
+            else:
+                data = self.image.read(msg.offset, msg.length)
             self.agent.links.send_on(link, wire.RemoteReply(self.name, msg.rid, 0, data))
         except LocalDiskError as exc:
             self.local_failed(exc)
             self.agent.links.send_on(link, wire.RemoteReply(self.name, msg.rid, errno.EIO))
+
+    def zero_map(self, offset: int, length: int, region: int) -> bytes:
+        """One byte per ``region`` bytes of the range: 1 where the replica reads as zeroes (a hole, known without
+        reading it, or zero bytes), 0 where it holds data. Raises LocalDiskError."""
+        if region <= 0 or offset < 0 or length < 0 or offset + length > self.size:
+            raise LocalDiskError(errno.EINVAL, "bad zero map request")
+        return bytes(int(self.image.is_zero(at, min(region, offset + length - at)))
+                     for at in range(offset, offset + length, region))
 
     async def _serve_forwarded(self, link: str, msg: wire.Remote) -> None:
         data, error = b"", 0
@@ -560,6 +571,16 @@ class Resource:
         self.pending.clear()
         self.save()
         self.agent.nbd.drop_clients(self.name)
+
+    def set_vm(self, vm: str) -> None:
+        """The VM on this replica's side changed (a planned swap moved the VM and its paused copy): kept in the
+        metadata, so that a later takeover's ``[vm] on_promote`` is told the VM that is paused here now."""
+        if vm == self.meta.vm:
+            return
+        old, self.meta.vm = self.meta.vm, vm
+        self.save()
+        log.info("%s: its VM is %s (was %s)", self.name, vm or "none", old or "none")
+        self.agent.event("resource", self.name, {"action": "vm", "vm": vm or None, "old": old or None})
 
     def status(self) -> dict:
         self.refresh_io()

@@ -12,6 +12,7 @@ import logging
 import time
 
 from am import decide, wire
+from am.nbd import NBDError
 from am.resource import VERIFY_CHUNK, Resource
 from am.states import Conn, Disk, Role
 from am.store import LocalDiskError
@@ -269,25 +270,28 @@ async def pull(res: Resource) -> None:
     total = res.bitmap.regions
     res.sync_total, res.sync_done, res.sync_started = total, 0, time.monotonic()
     res.pulled.clear()
-    for index in range(total):
-        offset = index * region
-        length = min(region, res.size - offset)
-        while True:
+    copied = 0
+    for first in range(0, total, ZERO_RUN):
+        run = range(first, min(total, first + ZERO_RUN))
+        # which regions of the run are zeroes on the peer: those are zeroed here without being copied (a sparse
+        # replica of gigabytes is mostly that); a client's write to one meanwhile makes it copied after all
+        for index in run:
             res.region_writes[index] = 0
-            data = await res.remote(0, offset, length)
-            touched = res.region_writes.pop(index)
-            if touched == 0:
-                try:
-                    if any(data):
-                        res.image.write(offset, data)
-                    else:  # as a push's zero regions: a sparse image stays sparse (not gigabytes of zeroes)
-                        res.image.zero(offset, length, keep_holes=True)
-                except LocalDiskError as exc:
-                    res.local_failed(exc)
-                    return
-                res.pulled.add(index)
-                break
-        res.sync_done += 1
+        start = run.start * region
+        try:
+            zeroes = await res.remote(wire.Op.MAP, start, min(run.stop * region, res.size) - start,
+                                      region.to_bytes(8, "big"))
+        except NBDError:
+            zeroes = b""  # a peer that cannot tell: every region is copied
+        for index in run:
+            touched = res.region_writes.pop(index, 0)
+            offset = index * region
+            length = min(region, res.size - offset)
+            zero = index - first < len(zeroes) and zeroes[index - first] == 1 and touched == 0
+            if not await _pull_region(res, index, offset, length, zero):
+                return
+            copied += not zero
+            res.sync_done += 1
     await res.image.sync()
     if res.peer is not None:  # the disk is now a copy of the peer's replica, and is named as it is
         res.meta.gen, res.meta.history = res.peer.gen, list(res.peer.history)
@@ -301,7 +305,30 @@ async def pull(res: Resource) -> None:
     res.pulled.clear()
     res.save()
     res.announce()
-    log.info("%s: repaired disk resynced: %d regions in %.2f s", res.name, total, time.monotonic() - res.sync_started)
+    log.info("%s: repaired disk resynced: %d regions (%d copied, the others zeroes) in %.2f s", res.name, total,
+             copied, time.monotonic() - res.sync_started)
+
+
+async def _pull_region(res: Resource, index: int, offset: int, length: int, zero: bool) -> bool:
+    """One region onto the repaired disk: zeroes when the peer said so, else copied (again while a client's
+    write touched it meanwhile). False when the local disk failed again."""
+    while True:
+        if not zero:
+            res.region_writes[index] = 0
+            data = await res.remote(0, offset, length)
+            touched = res.region_writes.pop(index)
+            if touched:
+                continue
+        try:
+            if not zero and any(data):
+                res.image.write(offset, data)
+            else:  # as a push's zero regions: a sparse image stays sparse (not gigabytes of zeroes)
+                res.image.zero(offset, length, keep_holes=True)
+        except LocalDiskError as exc:
+            res.local_failed(exc)
+            return False
+        res.pulled.add(index)
+        return True
 
 
 async def mark_peer_current(res: Resource) -> None:

@@ -23,6 +23,8 @@ class Op(enum.IntEnum):
     SYNC_DONE = 5  # every dirty region was sent: the target becomes UpToDate with the source's generation
     VERIFY = 6  # hash a region after every earlier op: online verify
     SKIP = 7  # ops seq .. length - 1 completed without the peer (their regions are in the dirty bitmap)
+    MAP = 8  # Remote only: which regions of a range read as zeroes (data: the region size, 8 bytes big-endian;
+    #          the reply: one byte per region, 1 = zeroes): a pull copies only the others
 
 
 class Hello(msgspec.Struct, tag="hello"):
@@ -114,7 +116,21 @@ class Probe(msgspec.Struct, tag="probe"):
     reply: bool = False
 
 
-Message = Hello | Heartbeat | Attach | Rep | RepAck | Remote | RemoteReply | Control | Probe
+class NicState(msgspec.Struct, tag="nic"):
+    """Network pairing (``pairing.py``): this host's NIC and what it does with the peer's. Sent on every up link at
+    each heartbeat and at once on a change; the receiver keeps the newest (``boot``, ``seq``)."""
+
+    boot: str  # the sender's agent boot: ``seq`` counts from its start
+    seq: int
+    carrier: bool  # the sender's NIC has a carrier
+    mode_seq: int  # changes whenever the sender starts or stops borrowing
+    echo: int = 0  # the receiver's mode_seq as the sender last saw it
+    borrow: str = ""  # link: the sender's NIC is out of its bridge and its pairing port of that link in
+    lend: str = ""  # link: the sender's pairing port of that link is in its bridge, beside its NIC
+    macs: list[str] = []  # borrowing: the MACs behind the sender's bridge, for the lender to announce
+
+
+Message = Hello | Heartbeat | Attach | Rep | RepAck | Remote | RemoteReply | Control | Probe | NicState
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -122,8 +122,14 @@ class WitnessClient:
         if self._session is None:  # created here: a session belongs to the loop it was made in
             self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
         turn = self._turns.setdefault(resource, asyncio.Lock())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout_s
         try:
-            async with asyncio.timeout(self._timeout_s), turn:  # waiting for the turn counts in the timeout
+            async with asyncio.timeout_at(deadline), turn:  # waiting for the turn counts in the timeout
+                if deadline - loop.time() < min(0.05, self._timeout_s / 4):
+                    # its turn came too late for an answer in time: not sent (a request the caller no longer
+                    # waits for would only move the witness's numbering on)
+                    raise TimeoutError("no time left after waiting for the turn")
                 # Numbered once it is this request's turn, so that it is never sent before a lower number.
                 rseq = self._next_rseq()
                 if body is None:

@@ -307,8 +307,8 @@ def one_run(primary: str, ha_timeout: float | None, workdir: Path) -> dict:
 
 FIGURES = [  # key, label, what
     ("promoted", "AM promoted", "the secondary AM's resource Primary (its change feed)"),
-    ("hook", "on_promote done", "the AM's hook (xapisim.live.hook: VM.unpause through XAPI) returned"),
-    ("unpaused", "VM unpaused", "XAPI: the secondary VM Running on the secondary host"),
+    ("hook", "on_promote done", "the AM's hook (xapisim.live.hook: the host's toolstack unpaused) returned"),
+    ("unpaused", "VM unpaused", "XAPI says the secondary VM runs (after a master's crash: once HA elected another)"),
     ("process", "guest process", "the secondary guest's process started"),
     ("listening", "guest listening", "its ready line: listening, its disk read back"),
     ("serving", "serving again", "first PUT acknowledged by the secondary guest"),

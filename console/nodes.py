@@ -12,16 +12,19 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from django.db.models import Count, Exists, OuterRef, QuerySet
+from django.db.models import Count, Exists, F, OuterRef, QuerySet
 
 from inventory.choices import ConnectionState, PowerState
 from inventory.models import PBD, PIF, VM, Host, Pool
-from protection.choices import Health, ProtectionStatus, SummaryGroup
+from protection.choices import Health, Level, ProtectionStatus, SummaryGroup
 from protection.selectors import (
+    Component,
+    level2_component_list,
     vm_annotate_placement,
     vm_annotate_protection,
     vm_exclude_stand_ins,
     vm_health_marks,
+    vm_protection_components,
     vm_protection_states,
 )
 
@@ -60,6 +63,8 @@ class VMNode:
     status: str
     secondary_host: str = ""
     protection_pk: int | None = None
+    # Level 2: its components as the AMs were last read, each with its icon in the tree (a tuple: hashable)
+    components: tuple[Component, ...] = ()
 
     @property
     def power_label(self) -> str:
@@ -105,7 +110,9 @@ class VMNode:
 def vm_node_queryset(qs: QuerySet[VM]) -> QuerySet[VM]:
     """What ``vm_node`` reads, in one query (and one more per VM shown on another host than XAPI's
     ``resident_on``: after a Level 2 failover)."""
-    return vm_annotate_placement(vm_annotate_protection(qs.select_related("pool", "resident_on"))).only(
+    qs = vm_annotate_protection(qs.select_related("pool", "resident_on")).annotate(
+        prot_components=F("protection__components"))
+    return vm_annotate_placement(qs).only(
         "pk", "uuid", "name_label", "power_state", "pool__uuid", "pool__name", "resident_on__uuid",
         "resident_on__name_label",
     )  # fmt: skip
@@ -118,6 +125,10 @@ def vm_node(vm: VM) -> VMNode:
     shown = getattr(vm, "shown_host_id", vm.resident_on_id)
     if shown != vm.resident_on_id:  # failed over: it runs as its secondary VM there
         host = Host.objects.filter(pk=shown).only("uuid", "name_label").first()
+    components: tuple[Component, ...] = ()
+    if state.level == Level.COMPONENT_FT:
+        components = tuple(level2_component_list(vm.prot_components) if hasattr(vm, "prot_components")
+                           else vm_protection_components(vm))
     return VMNode(
         pk=vm.pk,
         uuid=vm.uuid,
@@ -133,6 +144,7 @@ def vm_node(vm: VM) -> VMNode:
         status=state.status,
         secondary_host=state.secondary_host,
         protection_pk=state.protection_pk,
+        components=components,
     )
 
 

@@ -270,6 +270,9 @@ EAC_AM_POLL_INTERVAL = env.float("EAC_AM_POLL_INTERVAL", default=0.5)
 EAC_AM_HEALTH_INTERVAL = env.float("EAC_AM_HEALTH_INTERVAL", default=5.0)
 EAC_AM_HEALTH_TIMEOUT = env.float("EAC_AM_HEALTH_TIMEOUT", default=3.0)
 EAC_L2_FAILOVER_GRACE = env.float("EAC_L2_FAILOVER_GRACE", default=30.0)
+# Level 2: start paused again, on its host once it is back, the VM that holds the memory for a takeover
+# (protection/failover.py reserve_again). Off: the component stays degraded with its repair, for the operator.
+EAC_L2_AUTO_RESERVE = env.bool("EAC_L2_AUTO_RESERVE", default=True)
 EAC_AM_VERIFY_INTERVAL = env.float("EAC_AM_VERIFY_INTERVAL", default=86_400.0)
 # A protected VM not restarted this long after its host was lost raises "VM failed to restart".
 EAC_RESTART_GRACE = env.float("EAC_RESTART_GRACE", default=120.0)

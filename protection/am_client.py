@@ -161,6 +161,10 @@ class AMClient:
                 body[key] = value
         return self._request("POST", "/v1/resources", body)
 
+    def resource_set_vm(self, name: str, vm: str | None) -> dict:
+        """PATCH /v1/resources/{name} {"vm"}: the VM on this replica's side now (after a planned swap)."""
+        return self._request("PATCH", f"/v1/resources/{quote(name, safe='')}", {"vm": vm})
+
     def resource_delete(self, name: str) -> None:
         self._request("DELETE", f"/v1/resources/{quote(name, safe='')}")
 

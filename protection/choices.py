@@ -97,6 +97,7 @@ class RunKind(models.TextChoices):
     PROTECT = "protect", "Protect"
     UNPROTECT = "unprotect", "Unprotect"
     SET_FAILURES_TO_TOLERATE = "set_ftt", "Set host failures to tolerate"
+    SWAP = "swap", "Planned role swap"
 
 
 class RunState(models.TextChoices):

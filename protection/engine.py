@@ -348,7 +348,9 @@ def _after_run(run: WorkflowRun, failed: tuple[str, str, list] | None) -> None:
     if failed:
         code, sentence, _ = failed
         if protection is not None:
-            protection.status = ProtectionStatus.FAILED
+            # A failed swap leaves a protection in place (handed back, or half-way and said so): the next
+            # reading of its AMs says how it is; a failed protect or unprotect has nothing to read.
+            protection.status = ProtectionStatus.DEGRADED if run.kind == RunKind.SWAP else ProtectionStatus.FAILED
             protection.status_reason = sentence
             protection.save()
         audit_record(user=None, action=AuditAction.WORKFLOW_FAILED, pool=run.pool, vm=vm,
@@ -369,6 +371,11 @@ def _after_run(run: WorkflowRun, failed: tuple[str, str, list] | None) -> None:
                 protection.observed_power_state = vm.power_state
             protection.save()
             audit_record(user=None, action=AuditAction.PROTECTED, pool=run.pool, vm=vm, detail={"run": run.pk})
+        elif run.kind == RunKind.SWAP and protection is not None:
+            # As it was before the swap until the next reading of both AMs says how the new pair is.
+            protection.status = (run.params or {}).get("status_before") or ProtectionStatus.PROTECTED
+            protection.status_reason = (run.params or {}).get("reason_before") or ""
+            protection.save()
         elif run.kind == RunKind.UNPROTECT and protection is not None:
             if vm is not None and protection.level == Level.COMPONENT_FT:
                 _level2_alerts_clear(vm)

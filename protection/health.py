@@ -16,6 +16,7 @@ the result (statuses, alerts, failover) in one transaction.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from django.conf import settings
@@ -58,6 +59,8 @@ class Reading:
     # The secondary VM as the inventory has it: None when the protection names none (not made yet);
     # {"exists": False} when XAPI has it no longer; else its "name", "power_state", "host" (pk or None).
     secondary_vm: dict | None = None
+    vm_power_state: str = ""  # the protected VM's own record (not its copy's), as the inventory has it
+    vm_host: int | None = None  # ... and the pk of the host it is resident on
 
     @property
     def ams(self) -> tuple[AMView, AMView]:
@@ -80,16 +83,58 @@ def _read_am(host: Host | None, url: str, resources: list[str]) -> AMView:
     return view
 
 
-def protection_read(protection: Protection) -> Reading:
-    """Ask both AMs of ``protection`` and the inventory; raises nothing (an AM's silence is in the reading)."""
+@dataclass
+class _Targets:
+    disks: list[ProtectedDisk]
+    hosts: tuple[Host | None, Host | None]  # primary, secondary
+    urls: tuple[str, str]
+
+    @property
+    def names(self) -> list[str]:
+        return [d.resource for d in self.disks]
+
+
+def _targets(protection: Protection) -> _Targets:
     disks = list(ProtectedDisk.objects.filter(protection=protection).select_related("primary_host", "secondary_host"))
     first = disks[0] if disks else None
     primary_host = (first.primary_host if first else None) or protection.observed_host
     secondary_host = protection.secondary_host or (first.secondary_host if first else None)
-    names = [d.resource for d in disks]
     primary_url = (first.primary_am_url if first else "") or (primary_host.am_url if primary_host else "")
     secondary_url = (first.secondary_am_url if first else "") or (secondary_host.am_url if secondary_host else "")
-    views = (_read_am(primary_host, primary_url, names), _read_am(secondary_host, secondary_url, names))
+    return _Targets(disks, (primary_host, secondary_host), (primary_url, secondary_url))
+
+
+def am_reads(protections: list[Protection]) -> dict[str, AMView]:
+    """Every AM of these protections read once (its status and the resources of all of them), side by side: a
+    poll of many protections waits for a silent AM once, not once per protection that uses it."""
+    wanted: dict[str, tuple[Host | None, set[str]]] = {}
+    for protection in protections:
+        targets = _targets(protection)
+        for host, url in zip(targets.hosts, targets.urls, strict=True):
+            if url:
+                wanted.setdefault(url, (host, set()))[1].update(targets.names)
+    if not wanted:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(16, len(wanted)), thread_name_prefix="am-read") as pool:
+        futures = {url: pool.submit(_read_am, host, url, sorted(names)) for url, (host, names) in wanted.items()}
+    return {url: future.result() for url, future in futures.items()}
+
+
+def protection_read(protection: Protection, ams: dict[str, AMView] | None = None) -> Reading:
+    """Ask both AMs of ``protection`` (or take what ``am_reads`` found) and the inventory; raises nothing (an
+    AM's silence is in the reading)."""
+    targets = _targets(protection)
+    disks, names = targets.disks, targets.names
+    primary_host, secondary_host = targets.hosts
+
+    def view(host: Host | None, url: str) -> AMView:
+        read = (ams or {}).get(url) if url else None
+        if read is None:
+            return _read_am(host, url, names)
+        return AMView(host=host, url=url, status=read.status, error=read.error,
+                      resources={n: read.resources.get(n) for n in names})
+
+    views = (view(primary_host, targets.urls[0]), view(secondary_host, targets.urls[1]))
     nics = []
     vifs = list(VIF.objects.filter(vm=protection.vm).select_related("network").order_by("device"))
     for host in (primary_host, secondary_host):
@@ -113,8 +158,9 @@ def protection_read(protection: Protection) -> Reading:
                                                       "host": row["resident_on_id"]}
         running = bool(row and secondary_host is not None and row["power_state"] == "Running"
                        and row["resident_on_id"] == secondary_host.pk)
+    own = VM.objects.filter(pk=protection.vm_id).values_list("power_state", "resident_on_id").first() or ("", None)
     return Reading(protection=protection, disks=disks, primary=views[0], secondary=views[1], nics=nics,
-                   secondary_vm_running=running, secondary_vm=copy)
+                   secondary_vm_running=running, secondary_vm=copy, vm_power_state=own[0], vm_host=own[1])
 
 
 # -- what the reading means: components ------------------------------------------------------------
@@ -181,6 +227,15 @@ def _disk_component(disk: ProtectedDisk, view: AMView, other: AMView) -> dict:
                       "Check the AMs' logs.", role=role)
 
 
+def _rtt_words(rtt: float) -> str:
+    """A link's round trip in words coarse enough not to change at every reading (the exact figure is the
+    component's ``rtt_ms``, which is not a change worth pushing to the pages)."""
+    for bound in (1, 5, 20, 100):
+        if rtt < bound:
+            return f"under {bound} ms"
+    return f"{rtt:.0f} ms"
+
+
 def components_of(reading: Reading) -> list[dict]:
     """The components of a Level 2 protection from one reading, each with a state and what to repair."""
     out: list[dict] = []
@@ -233,7 +288,8 @@ def components_of(reading: Reading) -> list[dict]:
             rtts = [((v.status["peer"].get("links") or {}).get(link) or {}).get("rtt_ms") for v in answering]
             rtt = max((r for r in rtts if r is not None), default=None)
             out.append(_component(cid, "Availability link", name, ("", pair), OK,
-                                  "Up" + (f", {rtt:g} ms round trip" if rtt is not None else "")))
+                                  "Up" + (f", round trip {_rtt_words(rtt)}" if rtt is not None else ""),
+                                  rtt_ms=round(rtt, 3) if rtt is not None else None))
 
     for view in reading.ams:
         cid = f"witness@{view.host.uuid if view.host else view.url}"
@@ -254,26 +310,45 @@ def components_of(reading: Reading) -> list[dict]:
 
     if reading.secondary_vm is not None:
         out.append(_secondary_vm_component(reading))
+    if reading.protection.failed_over_to_id is not None:
+        out.append(_standby_component(reading))
 
     for nic in reading.nics:
-        where = (nic["host"], nic["host_name"])
-        name = f"{nic['device']} ({nic['network'] or 'no network'})"
-        if not nic["live"]:
-            out.append(_component(nic["id"], "NIC", name, where, UNKNOWN,
-                                  f"Host {nic['host_name']} is not live: its NIC on {nic['network']} is unknown."))
-        elif nic["carrier"] is None:
-            out.append(_component(nic["id"], "NIC", name, where, FAILED,
-                                  f"Host {nic['host_name']} has no NIC on network {nic['network']}: the VM's "
-                                  f"interface {nic['device']} cannot reach it there.",
-                                  f"Give {nic['host_name']} a PIF on {nic['network']}."))
-        elif nic["carrier"]:
-            out.append(_component(nic["id"], "NIC", name, where, OK, f"{nic['pif']}: carrier up"))
-        else:
-            out.append(_component(nic["id"], "NIC", name, where, DEGRADED,
-                                  f"NIC {nic['pif']} of host {nic['host_name']} on network {nic['network']} has no "
-                                  f"carrier: the VM's {nic['device']} is carried by its peer's NIC.",
-                                  f"Check the cable and switch port of {nic['pif']} on {nic['host_name']}."))
+        out.append(_nic_component(nic, reading))
     return out
+
+
+def _nic_component(nic: dict, reading: Reading) -> dict:
+    """The VM's NIC on one host: the carrier of the host's PIF (the inventory), and what the host's AM does about
+    it (its status's ``network``: borrowing the peer's NIC over an availability link, or lending its own)."""
+    where = (nic["host"], nic["host_name"])
+    name = f"{nic['device']} ({nic['network'] or 'no network'})"
+    view = next((v for v in reading.ams if v.host is not None and v.host.uuid == nic["host"]), None)
+    other = next((v for v in reading.ams if v is not view), None)
+    pairing = ((view.status or {}).get("network") or {}) if view is not None and not view.error else {}
+    link = str(pairing.get("paired") or "").upper()
+    if not nic["live"]:
+        return _component(nic["id"], "NIC", name, where, UNKNOWN,
+                          f"Host {nic['host_name']} is not live: its NIC on {nic['network']} is unknown.")
+    if nic["carrier"] is None:
+        return _component(nic["id"], "NIC", name, where, FAILED,
+                          f"Host {nic['host_name']} has no NIC on network {nic['network']}: the VM's "
+                          f"interface {nic['device']} cannot reach it there.",
+                          f"Give {nic['host_name']} a PIF on {nic['network']}.")
+    if nic["carrier"]:
+        lending = f"; it also carries {other.host_name}'s traffic over link {link}" if (
+            pairing.get("mode") == "lending" and link and other is not None) else ""
+        return _component(nic["id"], "NIC", name, where, OK, f"{nic['pif']}: carrier up{lending}")
+    lost = f"NIC {nic['pif']} of host {nic['host_name']} on network {nic['network']} has no carrier"
+    repair = f"Check the cable and switch port of {nic['pif']} on {nic['host_name']}."
+    if pairing.get("mode") == "borrowing" and link and other is not None:
+        return _component(nic["id"], "NIC", name, where, DEGRADED,
+                          f"{lost}: the VM's traffic goes through the peer host {other.host_name}'s NIC over "
+                          f"availability link {link} (redundancy lost: a second NIC failure would cut it off).",
+                          repair)
+    return _component(nic["id"], "NIC", name, where, DEGRADED,
+                      f"{lost}, and its AM reports no pairing with the peer's NIC: the VM's {nic['device']} has no "
+                      f"path to {nic['network']} through {nic['host_name']}.", repair)
 
 
 def _secondary_vm_component(reading: Reading) -> dict:
@@ -302,16 +377,76 @@ def _secondary_vm_component(reading: Reading) -> dict:
                       f"Start it paused on {where} (xe vm-start uuid={uuid} on={where} paused=true).")
 
 
+def _standby_component(reading: Reading) -> dict:
+    """After a failover the VM runs from its copy; what stands ready to take over from it is the VM's own
+    record on the former primary host, paused there (its AM, now the secondary, unpauses it on a takeover)."""
+    view, other = reading.primary, reading.secondary
+    protection = reading.protection
+    name, uuid, where = protection.vm.name_label, protection.vm.uuid, view.host_name
+    on_host = view.host is not None and reading.vm_host == view.host.pk
+    if view.host is not None and not view.host.live:
+        return _component("standby-vm", "Standby VM", name, view, UNKNOWN,
+                          f"Host {where} is not live: nothing stands ready to take over from {other.host_name}.",
+                          f"Power {where} on; then start {name} paused there.")
+    if on_host and reading.vm_power_state == "Paused":
+        return _component("standby-vm", "Standby VM", name, view, OK,
+                          f"Paused on {where}: ready to take over if {other.host_name} fails.")
+    return _component("standby-vm", "Standby VM", name, view, DEGRADED,
+                      f"{name} is {reading.vm_power_state.lower() or 'unknown'} on {where}: nothing stands ready to "
+                      f"take over if {other.host_name} fails.",
+                      f"Start it paused on {where} (xe vm-start uuid={uuid} on={where} paused=true).")
+
+
 def took_over(reading: Reading) -> bool:
     """The secondary's AM serves a disk as primary (a takeover) or the secondary VM runs, while the primary's
-    host is dead or its AM lost: the VM now runs on the secondary host. A planned swap, with both AMs
-    answering and connected, is not a failover."""
+    host is dead or its AM lost, or while the VM itself is halted (its guest crashed and was restarted from
+    the copy, ``crash_restart_due``): the VM now runs on the secondary host. A planned swap, with both AMs
+    answering and the VM running, is not a failover."""
     primary, secondary = reading.ams
     primary_lost = (primary.host is not None and not primary.host.live) or bool(primary.error)
     if not primary_lost:
-        return False
+        return reading.vm_power_state == "Halted" and reading.secondary_vm_running
     promoted = any((secondary.resources.get(d.resource) or {}).get("role") == "Primary" for d in reading.disks)
     return promoted or reading.secondary_vm_running
+
+
+def crash_restart_due(reading: Reading) -> bool:
+    """The protected VM is halted on a live primary host and could be restarted from its copy: the copy paused
+    on the live secondary host, both AMs answering and connected, every disk's replica there UpToDate. Whether
+    the halt was a crash (not its owner's shutdown) is XAPI's to say (``VM_CRASHED``): the caller asks."""
+    protection = reading.protection
+    primary, secondary = reading.ams
+    copy = reading.secondary_vm or {}
+    if (reading.vm_power_state != "Halted" or protection.failed_over_to_id is not None or not reading.disks
+            or primary.error or secondary.error or primary.host is None or secondary.host is None
+            or not primary.host.live or not secondary.host.live):
+        return False
+    if not (copy.get("exists") and copy.get("power_state") == "Paused" and copy.get("host") == secondary.host.pk):
+        return False
+    for disk in reading.disks:
+        here, there = primary.resources.get(disk.resource) or {}, secondary.resources.get(disk.resource) or {}
+        if here.get("role") != "Primary" or there.get("disk") != "UpToDate" or there.get("connection") != "Connected":
+            return False
+    return True
+
+
+def reservation_due(reading: Reading) -> tuple[str, Host] | None:
+    """The VM that should be paused to hold its memory ready for a takeover, and where, when it is halted and
+    its host is back: the copy on the secondary host (halted with its host's crash), or after a failover the
+    VM's own record on the former primary (the standby). None when nothing is to be started (or the AM of that
+    host is silent: a takeover could not use it anyway)."""
+    protection = reading.protection
+    primary, secondary = reading.ams
+    copy = reading.secondary_vm or {}
+    if protection.failed_over_to_id is None:
+        host, view, uuid = secondary.host, secondary, protection.secondary_vm_uuid
+        halted = copy.get("exists") and copy.get("power_state") == "Halted"
+    else:
+        host, view, uuid = primary.host, primary, protection.vm.uuid
+        halted = reading.vm_power_state == "Halted" and reading.secondary_vm_running
+    if not halted or not uuid or host is None or not host.live or view.error:
+        return None
+    return uuid, host
 
 
 def primary_host_dead(reading: Reading) -> bool:
@@ -351,8 +486,9 @@ def protection_verify(reading: Reading) -> dict[str, dict]:
 
 
 def protection_act(reading: Reading, action: str, resource: str = "") -> list[str]:
-    """A planned role swap (``swap`` on each disk's primary AM) or a repaired disk's resync (``disk-repaired``
-    on the AM whose replica is Failed): what was done or refused, one sentence per disk."""
+    """A repaired disk's resync (``disk-repaired`` on the AM whose replica is Failed), or a hand-over of each
+    disk's role alone (``swap`` on its primary AM; the planned swap of the whole VM, which the console's swap
+    action asks for, is the ``RunKind.SWAP`` workflow): what was done or refused, one sentence per disk."""
     said = []
     for disk in reading.disks:
         if resource and disk.resource != resource:

@@ -52,6 +52,9 @@ class Protection(models.Model):
     # After a Level 2 failover: the host the VM runs on now (the secondary's), and when the console saw it.
     failed_over_to = models.ForeignKey(Host, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     failed_over_at = models.DateTimeField(null=True, blank=True)
+    # After a planned role swap (``RunKind.SWAP``): the VM runs on the host that was its secondary, from the
+    # replicas there, and its copy waits on the former primary. A swap back clears it.
+    swapped = models.BooleanField(default=False)
 
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)

@@ -33,11 +33,12 @@ def protection_observe_changes(*, pool: Pool, changed: dict[str, set[str]] | Non
     """Called by the watcher after each committed batch: re-evaluate what the changes may mean.
 
     ``changed`` maps XAPI class names ("host", "vm", "pool", …) to the uuids that changed; any change
-    to hosts or the pool re-evaluates the whole pool (a pool has few hosts), a change to VMs only the
-    protections of those VMs. Raises nothing: a failure here is logged and the beat sweep catches up.
+    to hosts, their PIFs (a NIC's carrier: a Level 2 component) or the pool re-evaluates the whole pool (a pool
+    has few hosts), a change to VMs only the protections of those VMs. Raises nothing: a failure here is logged
+    and the beat sweep catches up.
     """
     changed = {str(k).lower(): set(v or ()) for k, v in (changed or {}).items()}
-    whole = not changed or any(k.startswith(("host", "pool")) for k in changed)
+    whole = not changed or any(k.startswith(("host", "pool", "pif")) for k in changed)
     vm_uuids = set().union(*(v for k, v in changed.items() if k.startswith("vm"))) if changed else set()
     try:
         protection_evaluate_pool(pool=pool, vm_uuids=None if whole else vm_uuids)

@@ -347,6 +347,7 @@ class Component:
     host: str = ""  # Level 2: the host the component belongs to (its name)
     repair: str = ""  # Level 2: what to do when it is not well
     progress: float | None = None  # Level 2: a disk being synced, 0..1
+    id: str = ""  # Level 2: the component's id in ``Protection.components`` (``link:a``, ``disk:0@<host>``…)
 
 
 @dataclass(frozen=True)
@@ -444,8 +445,13 @@ _COMPONENT_HEALTH = {ComponentState.OK: Health.GOOD, ComponentState.DEGRADED: He
 def level2_components(protection: Protection) -> list[Component]:
     """A Level 2 protection's components as its AMs were last read (``Protection.components``), each with
     the health class of its icon: the drill-down list of the VM page."""
+    return level2_component_list(protection.components)
+
+
+def level2_component_list(components: list | None) -> list[Component]:
+    """``Protection.components`` as read (a JSON list, possibly empty or odd) turned into Components."""
     out = []
-    for c in protection.components or []:
+    for c in components or []:
         if not isinstance(c, dict):
             continue
         out.append(Component(
@@ -453,7 +459,7 @@ def level2_components(protection: Protection) -> list[Component]:
             health=_COMPONENT_HEALTH.get(c.get("state"), "unknown"),
             since=parse_datetime(c["since"]) if c.get("since") else None,
             detail=c.get("detail", ""), host=c.get("host_name", ""), repair=c.get("repair", ""),
-            progress=c.get("progress"),
+            progress=c.get("progress"), id=str(c.get("id", "")),
         ))
     return out
 

@@ -223,6 +223,10 @@ def protection_stop(
             raise Conflict(f"The VM runs from its secondary copy on {protection.failed_over_to.name_label} since "
                            f"its failover at {protection.failed_over_at:%Y-%m-%d %H:%M:%S} UTC: unprotecting would "
                            "stop and destroy it. Bring the service back on the VM itself first.")
+        if protection.level == Level.COMPONENT_FT and protection.swapped:
+            # Unprotect gives the VM back its own disks, which the host it runs on now holds only as replicas.
+            raise Conflict("The VM runs on its former secondary host after a planned swap: swap it back first, "
+                           "then unprotect it.")
         if protection.level == Level.COMPONENT_FT:
             # What to undo is in the protection's disk rows and its secondary VM's uuid.
             params = {"level": int(Level.COMPONENT_FT)}
@@ -351,6 +355,8 @@ def _failover(protection: Protection, reading: health.Reading, now) -> tuple[str
     key = component_key(vm, "failover")
     events = {e.state: e for e in FailoverEvent.objects.select_for_update().filter(
         pool=pool, vm_uuid=vm.uuid, state__in=[FailoverEvent.State.DOWN, FailoverEvent.State.FAILED])}
+    crashed = not health.primary_host_dead(reading) and not reading.primary.error
+    lost = f"the VM crashed on {from_name}" if crashed else f"{from_name} was lost"
     if health.took_over(reading):
         if protection.failed_over_to_id != (secondary.pk if secondary else None):
             event = events.get(FailoverEvent.State.DOWN) or events.get(FailoverEvent.State.FAILED) or FailoverEvent(
@@ -369,12 +375,20 @@ def _failover(protection: Protection, reading: health.Reading, now) -> tuple[str
                 host_name=to_name, old_state=f"running on {from_name}", new_state=f"running on {to_name}",
                 downtime_seconds=event.downtime_seconds,
                 message=(f"Level 2 failover of {vm.name_label} done ({_pair_words(protection, reading)}): the AM on "
-                         f"{to_name} took over its disks after {from_name} was lost; the VM runs on {to_name}."),
+                         f"{to_name} took over its disks after {lost}; the VM runs on {to_name}."),
                 details={"from_host": primary.uuid if primary else "", "to_host": secondary.uuid if secondary else "",
                          "event": event.pk},
             )
         return None
-    if not health.primary_host_dead(reading) or protection.failed_over_to_id is not None:
+    if protection.failed_over_to_id is not None:
+        if (reading.vm_power_state == "Running" and primary is not None and reading.vm_host == primary.pk
+                and not reading.secondary_vm_running):
+            _failed_back(protection, reading, now)
+        return None
+    if not health.primary_host_dead(reading):
+        if crashed and events.get(FailoverEvent.State.DOWN) and reading.vm_power_state == "Halted":
+            return (ProtectionStatus.FAILING_OVER,
+                    f"The VM crashed on {from_name}; restarting it from its copy on {to_name}.")
         return None
     event = events.get(FailoverEvent.State.FAILED)
     if event is None:
@@ -402,11 +416,70 @@ def _failover(protection: Protection, reading: health.Reading, now) -> tuple[str
             f"on {to_name} and the witness, or start the secondary VM by hand.")
 
 
+def _failed_back(protection: Protection, reading: health.Reading, now) -> None:
+    """The VM runs again from its own record on the primary host (its standby there took over from the copy):
+    no longer failed over; the move is a failover event of its own and ``failover_done`` says so."""
+    vm, back_on, left = protection.vm, reading.primary.host_name, protection.failed_over_to
+    event = FailoverEvent.objects.create(
+        pool=protection.pool, vm=vm, vm_uuid=vm.uuid, vm_name=vm.name_label, from_host=left,
+        from_host_name=left.name_label if left else "", to_host=reading.primary.host, to_host_name=back_on,
+        detected_at=min((left.last_heard_at if left else None) or now, now), restarted_at=now,
+        state=FailoverEvent.State.RESTARTED)
+    event.downtime_seconds = max(0.0, (now - event.detected_at).total_seconds())
+    event.save(update_fields=["downtime_seconds"])
+    protection.failed_over_to, protection.failed_over_at = None, None
+    alerts.alert_raise(
+        condition=Condition.FAILOVER_DONE, object_key=component_key(vm, "failover"), pool=protection.pool,
+        vm_name=vm.name_label, host_name=back_on, old_state=f"running on {event.from_host_name}",
+        new_state=f"running on {back_on}", downtime_seconds=event.downtime_seconds,
+        message=(f"Level 2 failover of {vm.name_label} done ({_pair_words(protection, reading)}): it runs on "
+                 f"{back_on} again, from its own record, after its copy on {event.from_host_name} stopped."),
+        details={"from_host": left.uuid if left else "", "to_host": reading.primary.host.uuid, "event": event.pk})
+
+
+def protection_crash_seen(*, protection: Protection, reading: health.Reading) -> FailoverEvent:
+    """A Level 2 VM's guest crashed on its live primary host (XAPI said ``VM_CRASHED``) and is being restarted
+    from its copy (``protection.failover``): the failover event opened now, so its downtime counts from here."""
+    primary = reading.primary.host
+    with transaction.atomic():
+        event = FailoverEvent.objects.select_for_update().filter(
+            pool=protection.pool, vm_uuid=protection.vm.uuid, state=FailoverEvent.State.DOWN).first()
+        if event is None:
+            event = FailoverEvent.objects.create(
+                pool=protection.pool, vm=protection.vm, vm_uuid=protection.vm.uuid, vm_name=protection.vm.name_label,
+                from_host=primary, from_host_name=reading.primary.host_name, detected_at=timezone.now())
+        audit_record(user=None, action=AuditAction.LEVEL2_ACTION, pool=protection.pool, vm=protection.vm,
+                     detail={"action": "restart-from-copy", "why": f"guest crashed on {reading.primary.host_name}",
+                             "event": event.pk})
+    return event
+
+
+def protection_crash_restart_failed(*, protection: Protection, reading: health.Reading, why: str) -> None:
+    """Restarting a crashed Level 2 VM from its copy failed: the event failed, ``failover_failed`` raised."""
+    vm, from_name, to_name = protection.vm, reading.primary.host_name, reading.secondary.host_name
+    with transaction.atomic():
+        event = FailoverEvent.objects.select_for_update().filter(
+            pool=protection.pool, vm_uuid=vm.uuid, state=FailoverEvent.State.DOWN).first()
+        if event is not None:
+            event.state = FailoverEvent.State.FAILED
+            event.save(update_fields=["state"])
+        alerts.alert_raise(
+            condition=Condition.FAILOVER_FAILED, object_key=component_key(vm, "failover"), pool=protection.pool,
+            vm_name=vm.name_label, host_name=from_name, old_state=f"running on {from_name}", new_state="not running",
+            message=(f"Level 2 failover of {vm.name_label} failed ({_pair_words(protection, reading)}): its guest "
+                     f"crashed on {from_name} and its copy on {to_name} could not be started: {why}"),
+            details={"from_host": reading.primary.host.uuid if reading.primary.host else "",
+                     "event": event.pk if event else None},
+        )
+
+
+UNSHOWN = {"since", "rtt_ms"}  # component fields whose change alone is not pushed to the pages
+
+
 def protection_health_record(*, reading: health.Reading) -> bool:
     """Record what one reading of a Level 2 protection's AMs says: its components (each with the time its
     state began), the alerts of each loss and return of redundancy, a failover, and the protection's status
     with a reason. Emits protection.change after commit when anything shown changed. Returns that."""
-    components = health.components_of(reading)
     now = timezone.now()
     with transaction.atomic():
         protection = (Protection.objects.select_for_update(of=("self",))
@@ -415,14 +488,17 @@ def protection_health_record(*, reading: health.Reading) -> bool:
             return False
         if protection.status == ProtectionStatus.FAILED and not protection.components:
             return False  # failed by its workflow: only a new workflow changes that
+        before = (protection.status, protection.status_reason, protection.failed_over_to_id,
+                  [{k: v for k, v in c.items() if k not in UNSHOWN} for c in protection.components])
+        forced = _failover(protection, reading, now)
+        # the components as they are after the failover's record (a failed-over VM has a standby to show)
+        reading.protection.failed_over_to_id = protection.failed_over_to_id
+        components = health.components_of(reading)
         previous = {c["id"]: c for c in protection.components if isinstance(c, dict) and "id" in c}
         for c in components:
             old = previous.get(c["id"]) or {}
             c["since"] = old.get("since") if old.get("state") == c["state"] and old.get("since") else now.isoformat()
         _component_alerts(protection, reading, components, previous)
-        before = (protection.status, protection.status_reason, protection.failed_over_to_id,
-                  [{k: v for k, v in c.items() if k != "since"} for c in protection.components])
-        forced = _failover(protection, reading, now)
         moved = ""
         if protection.failed_over_to_id is not None:
             moved = (f"Failed over: the VM runs on {protection.failed_over_to.name_label} since "
@@ -458,7 +534,7 @@ def protection_health_record(*, reading: health.Reading) -> bool:
                                        "failed_over_to", "failed_over_at", "observed_host", "observed_power_state",
                                        "updated_at"])
         changed = before != (status, reason, protection.failed_over_to_id,
-                             [{k: v for k, v in c.items() if k != "since"} for c in components])
+                             [{k: v for k, v in c.items() if k not in UNSHOWN} for c in components])
         if changed:
             emit(protection_change(pool=protection.pool.uuid, vm=protection.vm.uuid))
     return changed
@@ -504,6 +580,55 @@ def protection_verify_record(*, protection: Protection, results: dict[str, dict]
     return record
 
 
+def _swap_request(*, protection: Protection, requested_by, via: str, remote_addr: str | None) -> dict:
+    """The planned role swap of the whole VM (``workflows``, ``RunKind.SWAP``): the VM moves live to the host of
+    its copy, the copy waits paused on the host it left, the AMs' roles and the protection's hosts follow.
+    Refused (Conflict) when it cannot be done as things stand; done by a worker, step by step."""
+    with transaction.atomic():
+        protection = (Protection.objects.select_for_update(of=("self",))
+                      .select_related("vm", "pool", "secondary_host", "failed_over_to").get(pk=protection.pk))
+        vm = protection.vm
+        if protection.failed_over_to_id is not None:
+            raise Conflict(f"The VM runs from its copy on {protection.failed_over_to.name_label} after a failover: "
+                           "there is no standby to swap with until it is protected again.")
+        if protection.status not in (ProtectionStatus.PROTECTED, ProtectionStatus.DEGRADED):
+            raise Conflict(f"The protection is {protection.get_status_display().lower()}: wait until it is "
+                           "protected or degraded.")
+        if WorkflowRun.objects.filter(vm=vm, state__in=ACTIVE_RUN_STATES).exists():
+            raise Conflict("A workflow is running for this VM: wait for it to finish.")
+        disks = list(protection.disks.select_related("primary_host", "secondary_host"))
+        first = disks[0] if disks else None
+        if first is None or not (first.primary_am_url and first.secondary_am_url and first.primary_host
+                                 and first.secondary_host):
+            raise Conflict("The protection has no mirrored disk on two hosts: there is nothing to swap.")
+        source, target = first.primary_host, first.secondary_host
+        if vm.power_state != "Running":
+            raise Conflict(f"The VM is {vm.power_state.lower()}: only a running VM is swapped.")
+        if vm.resident_on_id != source.pk:
+            where = vm.resident_on.name_label if vm.resident_on else "no host"
+            raise Conflict(f"The VM runs on {where}, not on its primary host {source.name_label}: a planned swap "
+                           "moves it from there.")
+        copy = next((c for c in protection.components or [] if c.get("id") == "secondary-vm"), None)
+        if copy is None or copy.get("state") != ComponentState.OK:
+            raise Conflict(f"The secondary VM does not wait paused on {target.name_label}: "
+                           + ((copy or {}).get("detail") or "its state is not known yet."))
+        params = {"level": int(Level.COMPONENT_FT), "from_host": source.uuid, "to_host": target.uuid,
+                  "from_am": first.primary_am_url, "to_am": first.secondary_am_url, "swapped": not protection.swapped,
+                  "status_before": protection.status, "reason_before": protection.status_reason}
+        protection.status = ProtectionStatus.PROTECTING
+        protection.status_reason = f"Planned role swap: moving the VM from {source.name_label} to {target.name_label}."
+        protection.save(update_fields=["status", "status_reason", "updated_at"])
+        run = _run_create(kind=RunKind.SWAP, pool=protection.pool, vm=vm, protection=protection, params=params,
+                          requested_by=requested_by, remote_addr=remote_addr)
+        audit_record(user=requested_by, action=AuditAction.LEVEL2_ACTION, via=via, remote_addr=remote_addr,
+                     pool=protection.pool, vm=vm, detail={"action": Level2Action.SWAP.value, "run": run.pk,
+                                                          "from": source.uuid, "to": target.uuid})
+        emit(protection_change(pool=protection.pool.uuid, vm=vm.uuid))
+    return {"action": Level2Action.SWAP.value, "disk": "", "queued": True, "run": run.pk,
+            "message": f"{Level2Action.SWAP.label}: the VM moves from {source.name_label} to {target.name_label}; "
+                       "the VM's page shows each step."}
+
+
 def protection_level2_request(*, protection: Protection, action: str, disk: str = "", requested_by,
                               via: str = "api", remote_addr: str | None = None) -> dict:
     """Ask a Level 2 protection's AMs to validate the replicas, swap roles (planned) or resync a repaired
@@ -533,6 +658,8 @@ def protection_level2_request(*, protection: Protection, action: str, disk: str 
         if peer is None or peer.get("state") != ComponentState.OK:
             raise Conflict("A planned swap needs both AMs connected on both links: "
                            + ((peer or {}).get("detail") or "their state is not known yet."))
+    if action == Level2Action.SWAP:
+        return _swap_request(protection=protection, requested_by=requested_by, via=via, remote_addr=remote_addr)
     if action == Level2Action.REPAIR:
         failed = [c for c in comps if c.get("kind") == "Disk replica" and c.get("state") == ComponentState.FAILED
                   and (not disk or c.get("name") in (disk, names.get(disk)))]

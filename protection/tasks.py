@@ -2,6 +2,7 @@
 import logging
 
 from celery import shared_task
+from django.conf import settings as django_settings
 
 # services enqueues these tasks and these call services: each module uses the other only at call time.
 from . import engine, health, observe, services
@@ -38,20 +39,40 @@ def level2_poll(protection_id: int) -> bool:
     protection = _level2(protection_id)
     if protection is None:
         return False
-    return services.protection_health_record(reading=health.protection_read(protection))
+    return _poll(protection)
+
+
+def _poll(protection: Protection, ams: dict | None = None) -> bool:
+    protection_id = protection.pk
+    reading = health.protection_read(protection, ams)
+    changed = services.protection_health_record(reading=reading)
+    from . import failover  # it uses services, which uses this module
+
+    acted = False
+    if health.crash_restart_due(reading):
+        acted = bool(failover.restart_crashed(protection_id))
+    elif django_settings.EAC_L2_AUTO_RESERVE:  # the reading knows a failover its record just made
+        acted = bool(failover.reserve_again(reading))
+    if acted:
+        changed = services.protection_health_record(
+            reading=health.protection_read(_level2(protection_id) or protection)) or changed
+    return changed
 
 
 @shared_task(ignore_result=True)
 def level2_poll_all() -> int:
-    """Beat (EAC_AM_HEALTH_INTERVAL): every Level 2 protection's components. A failure on one is logged
-    and the others go on."""
+    """Beat (EAC_AM_HEALTH_INTERVAL): every Level 2 protection's components, each AM read once for all of them
+    (``health.am_reads``). A failure on one is logged and the others go on."""
+    protections = list(Protection.objects.select_related("vm", "pool", "secondary_host", "observed_host")
+                       .filter(level=Level.COMPONENT_FT))
+    ams = health.am_reads(protections)
     n = 0
-    for pk in Protection.objects.filter(level=Level.COMPONENT_FT).values_list("pk", flat=True):
+    for protection in protections:
         try:
-            level2_poll(pk)
+            _poll(protection, ams)
             n += 1
         except Exception:
-            log.exception("level 2 health of protection %s", pk)
+            log.exception("level 2 health of protection %s", protection.pk)
     return n
 
 

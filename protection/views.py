@@ -97,7 +97,7 @@ def wizard(request: HttpRequest) -> HttpResponse:
         can_proceed=all(p["can_proceed"] for _, p in preflights),
         needs_heartbeat=any(not p.ha_enabled for p in pools.values()),
         step_labels=[step.label for step in steps_for(RunKind.PROTECT, level)],
-        level2=level == Level.COMPONENT_FT, secondary_hosts=_secondary_choices(preflights),
+        level2=level == Level.COMPONENT_FT, secondary_hosts=_secondary_choices(vms),
         secondary_memory_mib=(settings.get("secondary_memory") or 0) // 2**20 or "",
     )
     # The wizard's own form refreshes the preflight alone; a boosted link or form (the table's
@@ -107,13 +107,16 @@ def wizard(request: HttpRequest) -> HttpResponse:
     return render(request, template, context, status=400 if errors else 200)
 
 
-def _secondary_choices(preflights) -> list[dict]:
-    """The hosts the wizard offers as the secondary: those with an AM, across the VMs chosen."""
+def _secondary_choices(vms: list[VM]) -> list[dict]:
+    """The hosts the wizard offers as the secondary: those with an AM, across the VMs chosen, the suggested
+    (an AM peer) first. Whatever the level the page opens at: choosing Level 2 refreshes only the preflight."""
     seen: dict[str, dict] = {}
-    for _, p in preflights:
-        for host in (p.get("level2") or {}).get("secondary_hosts", []):
-            seen.setdefault(host["uuid"], host)
-    return sorted(seen.values(), key=lambda h: h["name_label"])
+    for vm in vms:
+        for host in preflight.level2_secondary_candidates(vm):
+            if host["uuid"] in seen and host["suggested"]:
+                seen[host["uuid"]]["suggested"] = True
+            seen.setdefault(host["uuid"], dict(host))
+    return sorted(seen.values(), key=lambda h: (not h["suggested"], h["name_label"]))
 
 
 @viewer_required
@@ -173,6 +176,8 @@ def level2_action(request: HttpRequest, pk: int, action: str) -> HttpResponse:
         messages.error(request, validation_sentence(exc))
     else:
         messages.success(request, answer["message"])
+        if answer.get("run"):  # a swap is a workflow: its steps' progress is on the runs page
+            return redirect(reverse("protection:runs") + f"?ids={answer['run']}")
     return redirect("console:vm_detail", uuid=protection.vm.uuid)
 
 

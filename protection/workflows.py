@@ -692,6 +692,248 @@ class VerifyUnprotectedLevel2(Step):
         return {"message": "Read back from the pool and the AMs: nothing of the Level 2 protection is left."}
 
 
+# -- Level 2 planned role swap: the whole VM to the other host of its pair, its client connections kept -------
+#
+# The run's params name the move: ``from_host`` / ``from_am`` (where the VM runs and whose AM serves its disks)
+# and ``to_host`` / ``to_am`` (where its paused copy waits), and ``swapped`` (what Protection.swapped becomes).
+# Each step looks at where things stand relative to that move, so a re-run after a worker died, or a second run
+# of the same request, does only what is left.
+
+
+def _swap_hosts(ctx: StepContext) -> tuple[str, str, str, str]:
+    """(from ref, to ref, from name, to name) of the swap; StepFailed when a host left the pool."""
+    found = []
+    for role in ("from", "to"):
+        ref = _ref_by_uuid(ctx, "host", ctx.params[f"{role}_host"])
+        if ref is None:
+            raise StepFailed("HOST_GONE", f"The host the swap goes {role} is no longer in the pool.")
+        found.append(ref)
+    return found[0], found[1], ctx.call("host.get_name_label", found[0]), ctx.call("host.get_name_label", found[1])
+
+
+def _host_sees_sr(ctx: StepContext, host_ref: str, sr_ref: str) -> bool:
+    for pbd in ctx.call("SR.get_PBDs", sr_ref):
+        record = ctx.call("PBD.get_record", pbd)
+        if record.get("host") == host_ref and record.get("currently_attached"):
+            return True
+    return False
+
+
+def _wait_role(ctx: StepContext, am, resource: str, role: str, what: str) -> None:
+    deadline = time.monotonic() + settings.EAC_AM_TIMEOUT * 3
+    while (am.resource(resource) or {}).get("role") != role:
+        if time.monotonic() > deadline:
+            raise StepFailed("AM_ROLE_TIMEOUT", f"The AM at {am.where} does not say it is {role.lower()} of "
+                                                f"{resource} ({what}).")
+        time.sleep(settings.EAC_AM_POLL_INTERVAL)
+
+
+class CheckSwap(Step):
+    """Both AMs answer and see each other; the VM runs on one host of the pair, its copy waits paused (not
+    running: that would be a failover); every replica on the target is UpToDate and connected; the VM's disks
+    are on storage the target host sees (the VM moves there live, VM.pool_migrate)."""
+
+    def run(self, ctx):
+        from_ref, to_ref, from_name, to_name = _swap_hosts(ctx)
+        for url, name in ((ctx.params["from_am"], from_name), (ctx.params["to_am"], to_name)):
+            ctx.progress(0.2, f"Asking the AM of {name} how its pair is doing…")
+            problems = pair_problems(ctx.am(url).status())
+            if problems:
+                raise StepFailed("AM_PAIR_NOT_READY", f"The AM of {name} says: " + "; ".join(problems)
+                                 + ". A planned swap needs both links up and the witness reachable.")
+        state, where = ctx.call("VM.get_power_state", ctx.vm_ref), ctx.call("VM.get_resident_on", ctx.vm_ref)
+        if state != "Running" or where not in (from_ref, to_ref):
+            raise StepFailed("VM_NOT_RUNNING", f"The VM is {state.lower()}, not running on {from_name}: only a "
+                                               "running VM is swapped.")
+        copy = _secondary_vm_ref(ctx)
+        if copy is None:
+            raise StepFailed("SECONDARY_GONE", "The secondary VM is gone: unprotect, then protect again.")
+        if ctx.call("VM.get_power_state", copy) == "Running":
+            raise StepFailed("SECONDARY_RUNNING", "The secondary VM runs (a failover happened): there is nothing "
+                                                  "to swap with.")
+        if where == from_ref:
+            for device, vbd in sorted(_disk_vbds(ctx, ctx.vm_ref).items()):
+                sr = ctx.call("VDI.get_SR", vbd["VDI"])
+                if not _host_sees_sr(ctx, to_ref, sr):
+                    sr_name = ctx.call("SR.get_name_label", sr)
+                    raise StepFailed("VM_REQUIRES_SR", f"Disk {device} of the VM is on {sr_name}, which {to_name} "
+                                                       "does not see: the VM cannot move there live (VM.pool_migrate).")
+        frm, to = ctx.am(ctx.params["from_am"]), ctx.am(ctx.params["to_am"])
+        for disk in ctx.disks():
+            there = to.resource_or_none(disk.resource) or {}
+            if there.get("role") == "Primary":
+                continue  # already handed over by an earlier attempt
+            here = frm.resource_or_none(disk.resource) or {}
+            if (here.get("role") != "Primary" or there.get("disk") != "UpToDate"
+                    or there.get("connection") != "Connected"):
+                raise StepFailed("NOT_IN_SYNC", f"Disk {disk.userdevice}: the AM of {from_name} is "
+                                                f"{here.get('role', 'without it')}, the replica on {to_name} is "
+                                                f"{there.get('disk', 'missing')} ({there.get('connection', '?')}): "
+                                                "a planned swap needs both replicas connected and UpToDate.")
+        return {"message": f"Ready to move the VM from {from_name} to {to_name}: both AMs connected, every "
+                           f"replica on {to_name} UpToDate."}
+
+
+class HaltCopy(Step):
+    """The paused copy on the target host is halted: the memory it holds there is what the VM needs."""
+
+    def run(self, ctx):
+        from_ref, to_ref, _, to_name = _swap_hosts(ctx)
+        copy = _secondary_vm_ref(ctx)
+        if copy is None:
+            raise StepFailed("SECONDARY_GONE", "The secondary VM is gone: unprotect, then protect again.")
+        state, where = ctx.call("VM.get_power_state", copy), ctx.call("VM.get_resident_on", copy)
+        if state == "Halted" or (state == "Paused" and where == from_ref):
+            return {"message": "The secondary VM holds no memory on " + to_name + "."}
+        if state == "Running":
+            raise StepFailed("SECONDARY_RUNNING", "The secondary VM runs (a failover happened): it is not halted.")
+        ctx.progress(0.3, f"Halting the paused secondary VM on {to_name} to free its memory…")
+        ctx.call("VM.hard_shutdown", copy)
+        return {"message": f"The secondary VM is halted: its memory on {to_name} is free for the VM."}
+
+
+class SwapDiskRoles(Step):
+    """Each disk's roles handed over (POST …/swap on the current primary's AM): the target's AM serves it now;
+    the VM's I/O on the old primary is forwarded there until the VM has moved."""
+
+    def run(self, ctx):
+        frm, to = ctx.am(ctx.params["from_am"]), ctx.am(ctx.params["to_am"])
+        _, _, from_name, to_name = _swap_hosts(ctx)
+        disks = ctx.disks()
+        for i, disk in enumerate(disks):
+            if (to.resource(disk.resource) or {}).get("role") == "Primary":
+                continue
+            ctx.progress(0.1 + 0.8 * i / len(disks), f"Handing disk {disk.userdevice} over to the AM of {to_name}…")
+            frm.resource_action(disk.resource, "swap")
+            _wait_role(ctx, to, disk.resource, "Primary", f"after the swap asked of {from_name}")
+        return {"message": f"{len(disks)} disk(s) served by the AM of {to_name}; {from_name} holds the replicas."}
+
+
+class MigrateVM(Step):
+    """VM.pool_migrate to the target host: the running VM moves (its memory, its NIC, its connections)."""
+
+    def run(self, ctx):
+        from_ref, to_ref, from_name, to_name = _swap_hosts(ctx)
+        if ctx.call("VM.get_resident_on", ctx.vm_ref) == to_ref:
+            return {"message": f"The VM runs on {to_name}."}
+        ctx.progress(0.2, f"Moving the running VM to {to_name}…")
+        try:
+            ctx.call("VM.pool_migrate", ctx.vm_ref, to_ref, {})
+        except XapiError as exc:
+            if exc.transient:
+                raise
+            undone = self._hand_back(ctx, from_ref, to_ref)
+            raise StepFailed("MIGRATE_FAILED", f"The VM could not move to {to_name}: "
+                             f"{xapi_error_describe(exc, ctx.pool)[1]} {undone}", [exc.code]) from None
+        return {"message": f"The VM runs on {to_name}; its clients kept their connections."}
+
+    @staticmethod
+    def _hand_back(ctx: StepContext, from_ref: str, to_ref: str) -> str:
+        """The VM stayed where it was: its disks back to its AM and its copy paused again on the target."""
+        frm, to = ctx.am(ctx.params["from_am"]), ctx.am(ctx.params["to_am"])
+        try:
+            for disk in ctx.disks():
+                if (to.resource(disk.resource) or {}).get("role") == "Primary":
+                    to.resource_action(disk.resource, "swap")
+                    _wait_role(ctx, frm, disk.resource, "Primary", "handed back")
+            copy = _secondary_vm_ref(ctx)
+            if copy is not None and ctx.call("VM.get_power_state", copy) == "Halted":
+                ctx.call("VM.start_on", copy, to_ref, True, False)
+        except (AMError, XapiError, StepFailed) as exc:
+            return f"Handing the disks back failed too: {getattr(exc, 'sentence', None) or exc}"
+        return "The disks were handed back and the secondary VM waits paused again: nothing changed."
+
+
+class StartCopyOnFormerPrimary(Step):
+    """The copy started paused on the former primary host (its memory reserved there), with that host's disks:
+    the VDIs its AM replicates (the copy's own are on the other host's storage)."""
+
+    def run(self, ctx):
+        from_ref, _, from_name, _ = _swap_hosts(ctx)
+        copy = _secondary_vm_ref(ctx)
+        if copy is None:
+            raise StepFailed("SECONDARY_GONE", "The secondary VM is gone: unprotect, then protect again.")
+        state = ctx.call("VM.get_power_state", copy)
+        if state == "Paused" and ctx.call("VM.get_resident_on", copy) == from_ref:
+            return {"message": f"The secondary VM waits paused on {from_name}."}
+        if state != "Halted":
+            raise StepFailed("SECONDARY_STATE", f"The secondary VM is {state.lower()}, not halted.")
+        am = ctx.am(ctx.params["from_am"])
+        vbds = _disk_vbds(ctx, copy)
+        for disk in ctx.disks():
+            want = (am.resource(disk.resource) or {}).get("vdi")
+            vbd = vbds.get(disk.userdevice)
+            if not want or vbd is None or ctx.call("VDI.get_uuid", vbd["VDI"]) == want:
+                continue
+            ref = next(r for r in ctx.call("VM.get_VBDs", copy) if ctx.call("VBD.get_userdevice", r) == disk.userdevice)
+            ctx.call("VBD.destroy", ref)
+            ctx.call("VBD.create", {**{k: vbd[k] for k in ("userdevice", "bootable", "mode", "type", "empty",
+                                                               "unpluggable", "other_config", "qos_algorithm_type",
+                                                               "qos_algorithm_params")},
+                                    "VM": copy, "VDI": ctx.call("VDI.get_by_uuid", want)})
+        ctx.progress(0.5, f"Starting the secondary VM paused on {from_name} (reserving its memory)…")
+        try:
+            ctx.call("VM.start_on", copy, from_ref, True, False)
+        except XapiError as exc:
+            if exc.transient:
+                raise
+            raise StepFailed("SECONDARY_NOT_RESERVED", f"The VM runs on its new host, but its copy could not be "
+                             f"started paused on {from_name}: {xapi_error_describe(exc, ctx.pool)[1]} Start it "
+                             "paused there to be protected again.", [exc.code]) from None
+        return {"message": f"The secondary VM waits paused on {from_name}."}
+
+
+class SetResourceVMs(Step):
+    """Each AM told which VM runs on its side now (PATCH …{"vm"}): a later takeover unpauses the right one."""
+
+    def run(self, ctx):
+        frm, to = ctx.am(ctx.params["from_am"]), ctx.am(ctx.params["to_am"])
+        copy_uuid = ctx.protection.secondary_vm_uuid
+        for disk in ctx.disks():
+            for am, vm_uuid in ((to, ctx.vm.uuid), (frm, copy_uuid)):
+                if (am.resource(disk.resource) or {}).get("vm") != vm_uuid:
+                    am.resource_set_vm(disk.resource, vm_uuid)
+        return {"message": "Each AM knows the VM on its side: the VM on the new primary, its copy on the other."}
+
+
+class ExchangeHosts(Step):
+    """The protection's record follows: primary and secondary host (and their AMs) exchanged."""
+
+    def run(self, ctx):
+        p = ctx.params
+        hosts = {h.uuid: h for h in ctx.pool.hosts.filter(uuid__in=[p["from_host"], p["to_host"]])}
+        new_primary, new_secondary = hosts.get(p["to_host"]), hosts.get(p["from_host"])
+        for disk in ctx.disks():
+            if disk.primary_am_url != p["to_am"]:
+                ctx.disk_save(disk, primary_host=new_primary, secondary_host=new_secondary,
+                              primary_am_url=p["to_am"], secondary_am_url=p["from_am"])
+        ctx.protection_save(secondary_host=new_secondary, observed_host=new_primary, observed_power_state="Running",
+                            swapped=bool(p["swapped"]))
+        return {"message": f"Primary {new_primary.name_label if new_primary else '?'}, secondary "
+                           f"{new_secondary.name_label if new_secondary else '?'}."}
+
+
+class VerifySwap(Step):
+    def run(self, ctx):
+        from_ref, to_ref, from_name, to_name = _swap_hosts(ctx)
+        problems = []
+        if ctx.call("VM.get_resident_on", ctx.vm_ref) != to_ref or ctx.call("VM.get_power_state",
+                                                                             ctx.vm_ref) != "Running":
+            problems.append(f"the VM does not run on {to_name}")
+        copy = _secondary_vm_ref(ctx)
+        if copy is None or ctx.call("VM.get_power_state", copy) != "Paused" or ctx.call(
+                "VM.get_resident_on", copy) != from_ref:
+            problems.append(f"the secondary VM is not paused on {from_name}")
+        for disk in ctx.disks():
+            there = ctx.am(ctx.params["to_am"]).resource_or_none(disk.resource) or {}
+            if there.get("role") != "Primary" or there.get("vm") != ctx.vm.uuid:
+                problems.append(f"the AM of {to_name} does not serve {disk.resource} as primary for the VM")
+        if problems:
+            raise StepFailed("VERIFY_MISMATCH", "Read back from the pool and the AMs: " + "; ".join(problems) + ".")
+        return {"message": f"Read back: the VM runs on {to_name}, its copy waits paused on {from_name}, every disk "
+                           f"served by the AM of {to_name} and mirrored to {from_name}."}
+
+
 # -- pool settings -----------------------------------------------------------------------------
 
 
@@ -722,6 +964,18 @@ LEVEL2_WORKFLOWS: dict[str, list[Step]] = {
         DestroyReplicaVDIs("destroy_replica_vdis", "Destroy the replica disks"),
         UnrouteDisks("unroute_disks", "Give the disks back to their host (VM paused a moment)"),
         VerifyUnprotectedLevel2("verify", "Read back and verify"),
+    ],
+    RunKind.SWAP: [
+        CheckSwap("check_swap", "Check both AMs, the replicas and where the VM can go"),
+        HaltCopy("halt_copy", "Halt the paused copy on the other host (free its memory)"),
+        SwapDiskRoles("swap_disks", "Hand each disk over to the other host's AM"),
+        MigrateVM("migrate_vm", "Move the running VM to the other host (live)"),
+        # Once the VM has moved, the AMs and the protection say so at once: a copy that cannot be started then
+        # is the secondary VM's degraded component, with its repair, on a record that is otherwise right.
+        SetResourceVMs("set_resource_vms", "Tell each AM which VM is on its side"),
+        ExchangeHosts("exchange_hosts", "Record the new primary and secondary hosts"),
+        StartCopyOnFormerPrimary("start_copy", "Start the copy paused on the former primary host"),
+        VerifySwap("verify", "Read back and verify"),
     ],
 }
 

@@ -110,6 +110,10 @@ class Engine:
         # Set by the live test bed: called with ("created", vdi_ref, copy_of_ref | None) once a VDI exists and
         # with ("destroyed", vdi_ref, None) just before it goes (engine lock held), so that the images follow.
         self.storage_hook: Any = None
+        # Set by the live test bed: ``migrating(vm, source, old_domid, target, domid)`` when VM.pool_migrate records
+        # a move (engine lock held), then ``migrated(vm)`` once the call's lock is released, which returns when the
+        # running guest is on the target host (a live migration: the same process, its NIC moved).
+        self.migrate_hook: Any = None
         self.stopped = threading.Event()
 
     # -- pool helpers -----------------------------------------------------

@@ -238,6 +238,8 @@ def vm_pool_migrate(ctx: Ctx, vm_ref: str, host: str, options: dict[str, str]) -
         engine.reserved.pop(vm_ref, None)
         domid = engine.next_domid
         engine.next_domid += 1
+        if engine.migrate_hook is not None:
+            engine.migrate_hook.migrating(vm_ref, source, int(vm["domid"]), target, domid)
         update_vm(engine, vm_ref, {"resident_on": target, "scheduled_to_be_resident_on": NULL_REF, "domid": domid})
         if source != target:
             s.set_remove(source, "resident_VMs", vm_ref)
@@ -250,6 +252,8 @@ def vm_pool_migrate(ctx: Ctx, vm_ref: str, host: str, options: dict[str, str]) -
         update_pool_status(engine)
 
     _operate(ctx, vm_ref, "pool_migrate", finish, prepare, reserve=True, work=3.0)
+    if engine.migrate_hook is not None:
+        engine.migrate_hook.migrated(vm_ref)
 
 
 # -- disks and copies -----------------------------------------------------------

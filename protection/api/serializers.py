@@ -118,6 +118,8 @@ class Level2ActionAnswerSerializer(serializers.Serializer):
     action = serializers.CharField()
     disk = serializers.CharField(allow_blank=True)
     queued = serializers.BooleanField()
+    run = serializers.IntegerField(required=False, allow_null=True,
+                                   help_text="swap: the workflow run that does it (/api/v1/workflow-runs/{id}/)")
     message = serializers.CharField()
 
 

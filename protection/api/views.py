@@ -88,8 +88,10 @@ class ProtectionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin,
                                             404: None, 409: CONFLICT})
     @action(detail=True, methods=["post"])
     def swap(self, request, pk=None):
-        """Level 2: a planned role swap of every disk (POST …/swap on its primary AM); refused (409) unless both
-        AMs are connected on both links."""
+        """Level 2: the planned role swap of the whole VM, done by a worker as a workflow (its run in the answer):
+        the running VM moves live to the host of its copy, the copy waits paused on the host it left, each disk's
+        roles and the protection's hosts follow. Refused (409, with why) unless both AMs are connected on both
+        links, the VM runs on its primary host, its copy waits paused and no failover happened."""
         return self._level2(request, pk, "swap")
 
     @extend_schema(request=serializers.Level2ActionSerializer,

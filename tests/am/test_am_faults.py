@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import time
 
 from tests.am.checker import Ledger, read_all, workload
@@ -173,6 +174,9 @@ def test_failed_local_disk_is_served_from_the_peer_then_repaired_and_resynced(he
     c.wait_in_sync("dfail")
     assert run.finish() == []
     assert c.image_digest("hosta", "dfail") == c.image_digest("hostb", "dfail")
+    # the peer's zero regions were zeroed here, not copied: the workload writes the first BLOCKS blocks only
+    resynced = re.search(r"dfail: repaired disk resynced: (\d+) regions \((\d+) copied", c.logs())
+    assert resynced and 0 < int(resynced[2]) < int(resynced[1]), resynced
 
 
 def test_planned_swap_moves_the_role_and_keeps_the_clients_without_an_error(healthy):

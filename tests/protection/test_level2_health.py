@@ -18,6 +18,7 @@ from django.urls import reverse
 from alerts.choices import AlertState, Condition
 from alerts.keys import component_key
 from alerts.models import Alert
+from inventory.models import VM
 from protection import health, services
 from protection.choices import Health, Level, ProtectionStatus
 from protection.models import ProtectedDisk, Protection
@@ -318,3 +319,69 @@ def test_the_vm_page_buttons_queue_the_action_or_say_why_not(bed, admin_client):
     assert "nothing to repair" in response.content.decode()
     response = admin_client.post(reverse("protection:level2_action", args=[protection.pk, "explode"]), follow=True)
     assert "Must be one of: validate, swap, repair." in response.content.decode()
+
+
+def test_a_crashed_guest_is_due_a_restart_from_its_copy_then_a_failover_with_a_standby_to_start(ams, bed):
+    """The VM halted on its live primary host with its copy paused on the secondary, both AMs connected and the
+    replica UpToDate: due a restart from the copy (crash_restart_due; the worker asks XAPI whether it crashed).
+    Once the copy runs, a failover 'after the VM crashed'; the VM's own record, halted, is a degraded standby
+    until it is paused on the former primary; running there again with the copy stopped is a failback."""
+    a, b, vm, protection = bed["a"], bed["b"], bed["vm"], bed["protection"]
+    copy = make_vm(bed["pool"], host=b, name_label="db-01 (eAC secondary)", power_state="Paused")
+    protection.secondary_vm_uuid = copy.uuid
+    protection.save()
+    assert not health.crash_restart_due(health.protection_read(protection))  # the VM runs
+    VM.objects.filter(pk=vm.pk).update(power_state="Halted", resident_on=None)
+    assert health.crash_restart_due(health.protection_read(protection))
+    VM.objects.filter(pk=copy.pk).update(power_state="Halted", resident_on=None)
+    assert not health.crash_restart_due(health.protection_read(protection))  # no copy held ready
+    VM.objects.filter(pk=copy.pk).update(power_state="Paused", resident_on=b)
+
+    first = ams.client("hosta")
+    first.resource_action(bed["resource"], "swap")  # what protection.failover does, then VM.unpause
+    wait_for(lambda: second_role(ams, bed) == "Primary", timeout=10, message="the swap")
+    VM.objects.filter(pk=copy.pk).update(power_state="Running")
+    moved = _poll(protection)
+    assert moved.failed_over_to_id == b.pk and moved.status == ProtectionStatus.DEGRADED, moved.status_reason
+    done = Alert.objects.get(condition=Condition.FAILOVER_DONE, object_key=component_key(vm, "failover"))
+    assert "after the VM crashed on hosta" in done.message
+    standby = _component(moved, "standby-vm")
+    assert standby["state"] == "degraded" and "paused=true" in standby["repair"] and "on=hosta" in standby["repair"]
+    assert not health.crash_restart_due(health.protection_read(moved))  # failed over already
+
+    VM.objects.filter(pk=vm.pk).update(power_state="Paused", resident_on=a)  # the operator's repair
+    ready = _poll(moved)
+    assert _component(ready, "standby-vm")["state"] == "ok" and ready.status == ProtectionStatus.PROTECTED, [
+        (c["id"], c["state"], c["detail"]) for c in ready.components if c["state"] != "ok"]
+
+    VM.objects.filter(pk=copy.pk).update(power_state="Halted", resident_on=None)  # hostb's copy stops ...
+    VM.objects.filter(pk=vm.pk).update(power_state="Running")  # ... and the standby took over on hosta
+    back = _poll(ready)
+    assert back.failed_over_to_id is None and "standby-vm" not in _states(back)
+    assert Alert.objects.filter(condition=Condition.FAILOVER_DONE, message__contains="runs on hosta again").exists()
+
+
+def test_the_beats_poll_reads_each_am_once_for_every_protection_it_serves(ams, bed):
+    """Two protections on one pair of AMs: ``am_reads`` asks each AM once (its status and both protections'
+    resources), and a reading made from it gives the components a reading of its own gives."""
+    a, b = bed["a"], bed["b"]
+    vm2 = make_vm(bed["pool"], host=a, name_label="db-02", memory_static_max=GiB)
+    vbd = make_disk(vm2, make_sr(bed["pool"], shared=False), userdevice="0", virtual_size=SIZE)
+    second = Protection.objects.create(vm=vm2, pool=bed["pool"], level=Level.COMPONENT_FT,
+                                       status=ProtectionStatus.PROTECTED, secondary_host=b, secondary_memory=GiB)
+    resource = f"vdi-{vbd.vdi.uuid}"
+    ProtectedDisk.objects.create(protection=second, resource=resource, userdevice="0", primary_vdi_uuid=vbd.vdi.uuid,
+                                 primary_host=a, secondary_host=b, primary_am_url=ams.urls["hosta"],
+                                 secondary_am_url=ams.urls["hostb"], size=SIZE, primary_resource=True,
+                                 secondary_resource=True)
+    ams.client("hosta").resource_create(name=resource, role="primary", size=SIZE)
+    ams.client("hostb").resource_create(name=resource, role="secondary", size=SIZE)
+    wait_for(lambda: ams.client("hostb").resource(resource)["disk"] == "UpToDate", timeout=30,
+             message="the second replica in sync")
+    reads = health.am_reads([bed["protection"], second])
+    assert set(reads) == {ams.urls["hosta"], ams.urls["hostb"]}
+    assert all(set(v.resources) == {bed["resource"], resource} and not v.error for v in reads.values())
+    for protection in (bed["protection"], second):
+        shared = health.components_of(health.protection_read(protection, reads))
+        own = health.components_of(health.protection_read(protection))
+        assert [(c["id"], c["state"]) for c in shared] == [(c["id"], c["state"]) for c in own]

@@ -10,6 +10,8 @@ that no route of the root namespace already covers 10.X.0.0/16)::
                   ``eth0`` (the NIC, a port of xenbr0) <-> lan ``h<i>``
                   ``alink`` <-> la ``h<i>``                          10.X.16.(10+i)/24
                   ``blink`` <-> lb ``h<i>``                          10.X.17.(10+i)/24
+                  ``pa``, ``pb``: VXLANs to the peer's ``pa``/``pb`` over ``alink``/``blink`` (AM pairs only), in
+                  no bridge: the AM's network pairing puts one into xenbr0 when a NIC fails (``xapisim.live.pairing``)
                   its AM (management :7480, NBD :10809, links :7481), its disk server (:10810)
                   ``vif<domid>.0``: a guest's port on xenbr0
     witness     ``eth0`` on the lan, the AM witness (:7490)       10.X.0.2/20
@@ -19,7 +21,12 @@ that no route of the root namespace already covers 10.X.0.0/16)::
                                                                   10.X.0.1/20
 
 The AMs are paired in the pool's order (hosts 1-2, 3-4...; an odd last host runs none), share one witness and one
-management token (``<workdir>/am/mgmt.token``), and have ``testbed.fault_injection`` on.
+management token (``<workdir>/am/mgmt.token``), and have ``testbed.fault_injection`` on. Their ``[network]`` section
+names ``xenbr0``, ``eth0`` and the pairing interfaces ``pa`` (link A) and ``pb`` (link B): when a host's NIC loses
+its carrier (``POST /sim/hosts/<h>/nic {"up": false}`` sets its switch-side end down), its AM, while it protects a VM
+(a resource primary there), moves the host's guests' traffic through the peer's NIC over a link; cutting that link
+(``/sim/hosts/<h>/links/<a|b>``) cuts the pairing on it too, since the VXLAN rides the link. The links carry
+1550-byte frames (the VXLAN's 50 bytes on top of 1500).
 
 A reconcile thread keeps the machines matching the pool (``reconcile.plan``): it wakes on every change of the
 store and on every host power change, reads what should run, and acts. A live guest's process that exits on its
@@ -48,7 +55,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import faults
+from . import pairing
 from .faults import LiveRoutes
+from .migrate import LiveMigrations, move_guest
 from .netns import IP, Namespaces, NetnsError, cut_table, drop_table, free_prefix
 from .reconcile import (
     LINKS,
@@ -57,6 +66,8 @@ from .reconcile import (
     CrashHost,
     GuestState,
     HostState,
+    MigrateGuest,
+    Migration,
     PauseGuest,
     SetDisk,
     SetLink,
@@ -108,6 +119,7 @@ class LiveGuest:
     endpoint_file: Path  # where the guest reads its disk's endpoint (rewritten while it is paused)
     paused: bool = False
     stopping: bool = False
+    vif: str = ""  # its port on its host's xenbr0
 
 
 def copy_sparse(source: Path, target: Path) -> None:
@@ -180,6 +192,7 @@ class LiveBed:
         self.peers: dict[str, str] = {}  # host ref -> its AM peer
         self.guests: dict[str, LiveGuest] = {}  # VM ref -> its running guest
         self.guest_ips: dict[str, str] = {}  # VM ref -> its address, kept across restarts
+        self.migrations: dict[str, Migration] = {}  # VM ref -> its live migration not done yet (engine lock)
         self.link_cuts: set[tuple[str, str]] = set()  # (host ref, "a" | "b")
         self.disk_failed: set[str] = set()
         self.host_procs: dict[str, dict[str, subprocess.Popen]] = {}
@@ -288,7 +301,7 @@ class LiveBed:
             mac = f"02:00:{self.octet:02x}:00:00:{self.host_index(host):02x}"
             root += [
                 f"link add xenbr0 netns {n(h)} address {mac} {bridge}",
-                f"link add eth0 netns {n(h)} type veth peer name {h} netns {n('lan')}",
+                f"link add eth0 netns {n(h)} index {pairing.NIC_IFINDEX} type veth peer name {h} netns {n('lan')}",
                 f"link add alink netns {n(h)} type veth peer name {h} netns {n('la')}",
                 f"link add blink netns {n(h)} type veth peer name {h} netns {n('lb')}",
             ]
@@ -305,6 +318,8 @@ class LiveBed:
         for switch, ports in (("lan", lan_ports), ("la", hosts), ("lb", hosts)):
             per_ns[switch] = ["link set lo up", "link set sw up"]
             per_ns[switch] += [line for port in ports for line in (f"link set {port} master sw", f"link set {port} up")]
+            if switch != "lan":
+                per_ns[switch] += pairing.switch_lines(hosts)
         for host, h in self.host_ns.items():
             per_ns[h] = [
                 "link set lo up",
@@ -316,6 +331,7 @@ class LiveBed:
                 "link set alink up",
                 f"addr add {self.link_addr(host, 'b')}/24 dev blink",
                 "link set blink up",
+                *pairing.host_lines(self, host),
             ]
         for other, addr in (("witness", self.witness_addr), ("client", self.client_addr)):
             per_ns[other] = ["link set lo up", f"addr add {addr}/20 dev eth0", "link set eth0 up"]
@@ -346,18 +362,20 @@ url = "http://{self.witness_addr}:{WITNESS_PORT}"
 token_file = "witness.token"
 [disks]
 sr_root = "{self.sr_root}"
-{self._vm_section()}[testbed]
+{self._vm_section(host)}{pairing.am_section()}[testbed]
 fault_injection = true
 """)
 
-    def _vm_section(self) -> str:
+    def _vm_section(self, host: str) -> str:
         if self.xapi_port is None:
             return ""
-        # A crash of the pool's master leaves XAPI silent until HA elects another (the pool's HA timeout): the
-        # hook waits that long and more, or the VM would stay paused after a master's crash.
+        # The hook unpauses through the host's own toolstack first (no master needed); through XAPI only when that
+        # fails, and a crash of the pool's master leaves XAPI silent until HA elects another (the pool's HA
+        # timeout): the hook waits that long and more.
         wait = self.engine.config.ha_timeout + 10.0
+        uuid = self.engine.store.tables["host"][host]["uuid"]
         argv = [sys.executable, "-m", "xapisim.live.hook", "--credentials", str(self.hook_credentials),
-                "--timeout", f"{wait:g}"]
+                "--host", uuid, "--timeout", f"{wait:g}"]
         return f"[vm]\non_promote = {json.dumps(argv)}\non_promote_timeout_s = {wait + 5.0:g}\n"
 
     def _images(self) -> None:
@@ -481,6 +499,7 @@ fault_injection = true
 
         engine.power_hook = power_hook
         engine.sim_extension = LiveRoutes(self)
+        engine.migrate_hook = LiveMigrations(self)
 
     def poke(self) -> None:
         """Something outside the store changed (host power, a live fault): reconcile now."""
@@ -529,7 +548,9 @@ fault_injection = true
                 where = rec["resident_on"]
                 if rec["power_state"] in ("Running", "Paused") and where in hosts and hosts[where].up:
                     guests[vm] = GuestState(where, int(rec["domid"]), paused=rec["power_state"] == "Paused")
-        return World(hosts, guests)
+            LiveMigrations(self).prune()
+            migrations = dict(self.migrations)
+        return World(hosts, guests, migrations)
 
     def reconcile(self) -> None:
         with self._lock:
@@ -542,9 +563,10 @@ fault_injection = true
                 try:
                     self._apply(action)
                 except Exception:
-                    if not isinstance(action, StartGuest):
+                    if not isinstance(action, StartGuest | MigrateGuest):
                         raise  # the follow loop logs it and tries again on the next change
-                    # A guest that cannot start is a VM that failed to boot: show it (and never retry in a loop).
+                    # A guest that cannot start (or be moved) is a VM that failed: show it (and never retry in a
+                    # loop).
                     log.exception("live bed: %s failed: the VM crashed", self._describe(action))
                     failed.add(action.vm)
                     with contextlib.suppress(Exception):
@@ -587,8 +609,7 @@ fault_injection = true
         elif isinstance(action, BootHost):
             self._boot(action.host, action.disk_failed)
         elif isinstance(action, SetNic):
-            table = cut_table("xapisim_nic", "eth0") if not action.up else drop_table("xapisim_nic")
-            self.ns.nft([self.host_ns[action.host]], table)
+            pairing.set_nic(self, action.host, action.up)
         elif isinstance(action, SetLink):
             dev, table = f"{action.link}link", f"xapisim_link_{action.link}"
             self.ns.nft([self.host_ns[action.host]], drop_table(table) if action.up else cut_table(table, dev))
@@ -598,6 +619,8 @@ fault_injection = true
             self._start_guest(action.vm, action.host)
         elif isinstance(action, PauseGuest):
             self._pause_guest(action.vm, action.paused)
+        elif isinstance(action, MigrateGuest):
+            move_guest(self, action.vm, action.host, action.domid, write_endpoint)
 
     def _boot(self, host: str, disk_failed: bool) -> None:
         h, name = self.host_ns[host], self.host_name(host)
@@ -703,7 +726,8 @@ fault_injection = true
         argv = [sys.executable, "-m", "xapisim.live.guest", "--name", name, "--listen", f"{ip}:{GUEST_PORT}",
                 "--endpoint-file", str(endpoint_file), "--nic", "eth0"]
         proc = self.ns.spawn(g, argv, log_path=self._log(f"guest-{name}"), env=self._env())
-        self.guests[vm] = LiveGuest(vm, name, uuid, g, ip, mac, host, disk, export, proc, endpoint_file=endpoint_file)
+        self.guests[vm] = LiveGuest(vm, name, uuid, g, ip, mac, host, disk, export, proc, endpoint_file=endpoint_file,
+                                    vif=vif)
 
     def _pause_guest(self, vm: str, paused: bool) -> None:
         guest = self.guests[vm]
@@ -837,6 +861,7 @@ fault_injection = true
             self.engine.sim_extension = None
         if self._hooked:
             self.engine.power_hook = self._previous_power_hook
+            self.engine.migrate_hook = None
             self._hooked = False
         if self.engine.storage_hook == self._storage_changed:
             self.engine.storage_hook = self._previous_storage_hook

@@ -80,6 +80,7 @@ class Disk:
         self.endpoint = ""
         self.client: NBDClient | None = None
         self.reconnects = 0
+        self._closing: set[asyncio.Task] = set()
 
     def wanted(self) -> str:
         if self.endpoint_file is None:
@@ -103,8 +104,11 @@ class Disk:
             why = "its endpoint changed" if want != self.endpoint else f"it was lost ({self.client.lost})"
             log.info("disk connection to %s made again: %s", self.endpoint, why)
             old, self.client = self.client, None
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(old.close(), 1.0)
+            # The old connection is closed in the background: nothing is in flight on it (one request at a time),
+            # and its server's hang-up (after a move, over the old host's path) must not hold up the disk.
+            task = asyncio.ensure_future(self._close(old))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
             self.reconnects += 1
         deadline = time.monotonic() + self.retry_for
         last: Exception | None = None
@@ -121,6 +125,11 @@ class Disk:
             if time.monotonic() > deadline:
                 raise DiskLost(f"no disk at {want or '(no endpoint)'}: {last}")
             await asyncio.sleep(0.05)
+
+    @staticmethod
+    async def _close(client: NBDClient) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.close(), 2.0)
 
     async def write(self, offset: int, data: bytes) -> None:
         """Write with FUA until the disk acknowledges it, across reconnections (re-sent if unacknowledged)."""
@@ -221,15 +230,21 @@ async def read_log(disk: Disk) -> tuple[list[bytes], int]:
     return [r.payload for r in scanner.records], scanner.end
 
 
+def garp_frame(mac: bytes, ip: str) -> bytes:
+    """An Ethernet frame holding a gratuitous ARP of ``ip`` at ``mac``: a broadcast request for its own address."""
+    addr = socket.inet_aton(ip)
+    arp = struct.pack(">HHBBH", 1, 0x0800, 6, 4, 1) + mac + addr + bytes(6) + addr
+    return b"\xff" * 6 + mac + b"\x08\x06" + arp
+
+
 def announce(ifname: str, ip: str) -> None:
     """Send a gratuitous ARP from ``ifname``: the switch learns the guest's port at once (a guest restarted on
-    another host would otherwise be unreachable until it sends, or until the switch forgets it, 300 s)."""
+    another host would otherwise be unreachable until it sends, or until the switch forgets it, 300 s). The bed
+    sends the same frame after a live migration (``xapisim.live.migrate``)."""
     mac = bytes.fromhex(Path(f"/sys/class/net/{ifname}/address").read_text().strip().replace(":", ""))
-    addr = socket.inet_aton(ip)
-    arp = struct.pack(">HHBBH", 1, 0x0800, 6, 4, 1) + mac + addr + bytes(6) + addr  # a request for its own address
     with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
         raw.bind((ifname, 0))
-        raw.send(b"\xff" * 6 + mac + b"\x08\x06" + arp)
+        raw.send(garp_frame(mac, ip))
 
 
 async def run(args: argparse.Namespace) -> int:

@@ -5,7 +5,8 @@ on, whose NIC, availability links and disk are broken, and which live guests run
 remembers what it made true (``have``). ``plan(want, have)`` lists the actions that take ``have`` to ``want``, in
 an order that is safe for the machines:
 
-1. guests that must stop (their VM halted, rebooted or moved, or their host lost power: then hard, as a crash);
+1. guests that must stop (their VM halted, rebooted or restarted elsewhere, or their host lost power: then hard,
+   as a crash), and guests live-migrated (``VM.pool_migrate``: the same process, its NIC moved to the target host);
 2. hosts that lost power (every process of the host killed), then hosts powered on (AM and disk server started);
 3. NIC, link and disk faults;
 4. guests that must start (a VM started paused starts none until it is unpaused), then pause / unpause.
@@ -37,9 +38,21 @@ class GuestState:
 
 
 @dataclass(frozen=True)
+class Migration:
+    """A live migration XAPI recorded: the guest that ran as domain ``old_domid`` on ``source`` is the VM's domain
+    ``domid`` on ``target`` now (a migration makes a new domain; on the bed the guest process stays)."""
+
+    source: str
+    old_domid: int
+    target: str
+    domid: int
+
+
+@dataclass(frozen=True)
 class World:
     hosts: Mapping[str, HostState] = field(default_factory=dict)
     guests: Mapping[str, GuestState] = field(default_factory=dict)  # VM ref -> where its guest runs
+    migrations: Mapping[str, Migration] = field(default_factory=dict)  # (want only) VM ref -> its live migration
 
 
 # -- actions -----------------------------------------------------------------------------------------------------
@@ -94,7 +107,21 @@ class PauseGuest:
     paused: bool
 
 
-Action = StopGuest | CrashHost | BootHost | SetNic | SetLink | SetDisk | StartGuest | PauseGuest
+@dataclass(frozen=True)
+class MigrateGuest:
+    vm: str
+    host: str  # the target host
+    domid: int
+
+
+Action = StopGuest | CrashHost | BootHost | SetNic | SetLink | SetDisk | StartGuest | PauseGuest | MigrateGuest
+
+
+def migrated(want: World, vm: str, now: GuestState, target: GuestState) -> bool:
+    """The guest running as ``now`` became ``target`` by a live migration (not a restart elsewhere)."""
+    m = want.migrations.get(vm)
+    return m is not None and (m.source, m.old_domid) == (now.host, now.domid) and (m.target, m.domid) == (
+        target.host, target.domid)
 
 
 def plan(want: World, have: World) -> list[Action]:
@@ -103,7 +130,11 @@ def plan(want: World, have: World) -> list[Action]:
     kept: dict[str, GuestState] = {}
     for vm, now in have.guests.items():
         target = want.guests.get(vm)
-        if target is None or (target.host, target.domid) != (now.host, now.domid):
+        if target is not None and (target.host, target.domid) != (now.host, now.domid) and migrated(
+                want, vm, now, target) and now.host not in down:
+            actions.append(MigrateGuest(vm, target.host, target.domid))
+            kept[vm] = replace(now, host=target.host, domid=target.domid)
+        elif target is None or (target.host, target.domid) != (now.host, now.domid):
             actions.append(StopGuest(vm, hard=now.host in down))
         else:
             kept[vm] = now
@@ -163,4 +194,6 @@ def after(have: World, action: Action) -> World:
         guests[action.vm] = GuestState(action.host, action.domid)
     elif isinstance(action, PauseGuest):
         guests[action.vm] = replace(guests[action.vm], paused=action.paused)
+    elif isinstance(action, MigrateGuest):
+        guests[action.vm] = replace(guests[action.vm], host=action.host, domid=action.domid)
     return World(hosts, guests)

@@ -1,0 +1,264 @@
+"""Level 2 planned role swap: the client-visible gap while the running VM moves to the other host of its pair.
+
+Run (as root: the live test bed builds network namespaces):
+    .venv/bin/python benchmarks/bench_level2_swap.py [--runs 6] [--primary xcp-host-3]
+
+Everything is real and runs on this machine: ``python -m xapisim --preset demo --live`` (each host a network
+namespace with its bridge, its AM and its disk server, a witness, a client namespace on the LAN), xapisim with its
+defaults (--op-delay 0.05). One bed for all runs. web-01 (a live guest) is protected on --primary by hand as
+docs/level2.md says (tests/xapisim/test_live_level2.py's sequence: its VDI routed through that host's AM while
+paused; the secondary VM, a copy through a snapshot with the primary's MACs, on the peer's local SR, its replica
+fully resynced, the copy started paused there). A client in the client namespace holds ONE TCP connection to
+web-01's guest for the whole benchmark and PUTs record after record (5 ms apart), each acknowledged only once on
+the disk (so mirrored on both hosts).
+
+Each run is one planned swap, the console's swap workflow (protection/workflows.py, ``RunKind.SWAP``) done by hand
+with the same calls, alternately towards the peer and back: the paused copy halted (``VM.hard_shutdown``), the
+disk's roles handed over (``POST …/swap`` on the primary's AM), the VM moved live (``VM.pool_migrate``: on the bed
+the guest process keeps running, its vif moves to the other host's bridge and it announces itself), the copy
+started paused on the host the VM left (with that host's replica VDI), each AM told its VM (``PATCH …{"vm"}``).
+
+Figures per run:
+* swap          the whole sequence, from the first call to the last answer
+* migrate       the ``VM.pool_migrate`` call alone
+* gap           the longest time without an acknowledgement, from the start of the swap until 1 s after its end:
+                the client-visible gap. A request sent in the moment the guest's port moves is lost and TCP
+                retransmits it after its retransmission timeout (200 ms at least), so a gap is either a few tens
+                of ms or a little over 0.2 s.
+
+A reset, a closed connection, an error answer or an acknowledged record missing at the end fails the benchmark,
+whatever the figures. p50 is the median of the runs (statistics.median), max the worst run.
+
+Budget (../shared/ARCHITECTURE.md): Level 2 client-visible gap on a role swap ≤ 1 s, TCP session kept.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import argument_parser, print_overall, verdict
+
+BUDGET_S = 1.0
+VM_NAME = "web-01"
+SETTLE_S = 1.0  # the gap is measured until this long after the swap's last call
+READ_TIMEOUT = 5.0  # the client gives up on an answer after this: a gap that long fails the benchmark anyway
+
+
+class Failed(Exception):
+    """A swap that did not happen, a reset, an error or a lost record: the benchmark fails, whatever the figures."""
+
+
+def can_run() -> str | None:
+    """Why the live bed cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "the live test bed needs root (network namespaces, veths, nftables)"
+    for tool in ("ip", "nft"):
+        if not (shutil.which(tool) or Path(f"/usr/sbin/{tool}").exists()):
+            return f"the live test bed needs {tool}"
+    return None
+
+
+def stop_on_sigterm(signum, frame):  # noqa: ARG001 - a signal handler's signature
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def protect(live, primary: str) -> dict:
+    """web-01 protected on ``primary`` by hand (docs/level2.md); what the swaps need."""
+    from tests.support import wait_for
+    from tests.xapisim.level2_support import AM, RESOURCE_KEY, copy_for_secondary, first_disk
+
+    api = live.api
+    token = (Path(live.live()["workdir"]) / "am" / "mgmt.token").read_text().strip()
+    host_p = api.host.get_by_name_label(primary)[0]
+    config_p = api.host.get_other_config(host_p)
+    if "eac_am_peer" not in config_p:
+        raise SystemExit(f"{primary} has no AM on the live bed (the pairs are hosts 1-2 and 3-4)")
+    host_s = api.host.get_by_uuid(config_p["eac_am_peer"])
+    secondary = api.host.get_name_label(host_s)
+    am_p, am_s = AM(config_p["eac_am_url"], token), AM(api.host.get_other_config(host_s)["eac_am_url"], token)
+    wait_for(lambda: am_p.peer_state() == "connected", timeout=20, message=f"the AMs of {primary} and {secondary}")
+    vm = live.vm(VM_NAME)
+    if api.VM.get_resident_on(vm) != host_p:
+        api.VM.pool_migrate(vm, host_p, {})
+    vdi = first_disk(api, vm)
+    vdi_uuid, sr_uuid = api.VDI.get_uuid(vdi), api.SR.get_uuid(api.VDI.get_SR(vdi))
+    name = f"vdi-{vdi_uuid}"
+    api.VM.pause(vm)
+    code, body = am_p.call("POST", "/v1/resources",
+                           {"name": name, "role": "primary", "sr": sr_uuid, "vdi": vdi_uuid, "vm": api.VM.get_uuid(vm)})
+    if code != 201:
+        raise Failed(f"the primary resource: {code} {body}")
+    api.VDI.add_to_other_config(vdi, RESOURCE_KEY, name)
+    api.VM.unpause(vm)
+    local_s = api.SR.get_by_name_label(f"Local storage {secondary}")[0]
+    copy = copy_for_secondary(api, vm, VM_NAME, local_s)
+    replica = first_disk(api, copy)
+    code, body = am_s.call("POST", "/v1/resources", {"name": name, "role": "secondary", "sr": api.SR.get_uuid(local_s),
+                                                      "vdi": api.VDI.get_uuid(replica), "vm": api.VM.get_uuid(copy)})
+    if code != 201:
+        raise Failed(f"the secondary resource: {code} {body}")
+    api.VDI.add_to_other_config(replica, RESOURCE_KEY, name)
+    wait_for(lambda: (am_s.resource(name) or {}).get("disk") == "UpToDate", timeout=120,
+             message="the secondary's full resync")
+    api.VM.start_on(copy, host_s, True, False)
+    return {"vm": vm, "copy": copy, "resource": name, "hosts": {primary: host_p, secondary: host_s},
+            "ams": {primary: am_p, secondary: am_s}}
+
+
+def swap(live, setup: dict, source: str, target: str) -> dict:
+    """One planned swap from ``source`` to ``target``, as the console's swap workflow does it."""
+    from tests.support import wait_for
+
+    api, name = live.api, setup["resource"]
+    vm, copy = setup["vm"], setup["copy"]
+    am_from, am_to = setup["ams"][source], setup["ams"][target]
+    started, wall = time.monotonic(), time.time()
+    if (am_to.resource(name) or {}).get("disk") != "UpToDate":
+        raise Failed(f"the replica on {target} is not UpToDate before the swap")
+    api.VM.hard_shutdown(copy)
+    code, body = am_from.call("POST", f"/v1/resources/{name}/swap")
+    if code != 200:
+        raise Failed(f"the AM swap on {source}: {code} {body}")
+    wait_for(lambda: (am_to.resource(name) or {}).get("role") == "Primary", timeout=10,
+             message=f"{target}'s AM primary")
+    migrate_at = time.monotonic()
+    api.VM.pool_migrate(vm, setup["hosts"][target], {})
+    migrated = time.monotonic() - migrate_at
+    # The copy waits on the host the VM left, on the VDI that host's AM replicates.
+    want = am_from.resource(name)["vdi"]
+    for vbd in api.VM.get_VBDs(copy):
+        record = api.VBD.get_record(vbd)
+        if record["type"] == "Disk" and not record["empty"] and api.VDI.get_uuid(record["VDI"]) != want:
+            api.VBD.destroy(vbd)
+            api.VBD.create({**{k: record[k] for k in ("userdevice", "bootable", "mode", "type", "empty", "unpluggable",
+                                                       "other_config", "qos_algorithm_type", "qos_algorithm_params")},
+                            "VM": copy, "VDI": api.VDI.get_by_uuid(want)})
+    api.VM.start_on(copy, setup["hosts"][source], True, False)
+    for am, which in ((am_to, vm), (am_from, copy)):
+        code, body = am.call("PATCH", f"/v1/resources/{name}", {"vm": api.VM.get_uuid(which)})
+        if code != 200:
+            raise Failed(f"PATCH of the resource's vm: {code} {body}")
+    took = time.monotonic() - started
+    guest = live.guest(VM_NAME)
+    if guest is None or guest["host"] != target:
+        raise Failed(f"{VM_NAME}'s guest is not on {target} after the swap: {guest}")
+    return {"started": started, "wall": wall, "swap": took, "migrate": migrated, "pid": guest["pid"]}
+
+
+def main() -> None:
+    parser = argument_parser(__doc__)
+    parser.add_argument("--runs", type=int, default=6, help="swaps measured (alternately to the peer and back)")
+    parser.add_argument("--primary", default="xcp-host-3", help="the host web-01 is protected on (pairs 1-2, 3-4)")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the bed's logs (its workdir) at the end")
+    args = parser.parse_args()
+    why = can_run()
+    if why:
+        print(f"bench_level2_swap: skipped: {why}")
+        return
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    signal.signal(signal.SIGHUP, stop_on_sigterm)
+
+    from tests.support import XapisimCommand, wait_for
+    from tests.xapisim.level2_support import Writer, connect
+    from tests.xapisim.test_live import Live
+
+    top = Path(tempfile.mkdtemp(prefix="bench-level2-swap-"))
+    bind = f"127.{random.randint(100, 250)}.{random.randint(1, 250)}.1"
+    cmd = XapisimCommand("--preset", "demo", "--live", "--port", "0", "--bind", bind, "--live-dir", str(top / "bed"),
+                         log=top / "xapisim.log")
+    print(f"Level 2 planned role swap of {VM_NAME} ({args.runs} swaps, alternately from {args.primary} to its AM "
+          "peer and back), one live bed (python -m xapisim --preset demo --live, --op-delay 0.05)")
+    print("  client: ONE TCP connection from the client namespace for the whole benchmark, PUT after PUT (5 ms "
+          f"apart); gap: the longest time without an acknowledgement, from the swap's start until {SETTLE_S:g} s "
+          "after its end; times in seconds")
+    live = writer = None
+    results: list[dict] = []
+    failure = None
+    try:
+        cmd.start()
+        live = Live(cmd)
+        setup = protect(live, args.primary)
+        peer = next(h for h in setup["hosts"] if h != args.primary)
+        writer = Writer(live, live.ip(VM_NAME), read_timeout=READ_TIMEOUT)
+        writer.start()
+        wait_for(lambda: writer.count() >= 50, timeout=20, message="records acknowledged before the first swap")
+        pid = live.guest(VM_NAME)["pid"]
+        for run in range(1, args.runs + 1):
+            source, target = (args.primary, peer) if run % 2 else (peer, args.primary)
+            try:
+                r = swap(live, setup, source, target)
+                ended = time.monotonic()
+                count = writer.count()
+                wait_for(lambda c=count, e=ended: writer.count() >= c + 20 and time.monotonic() > e + SETTLE_S,
+                         timeout=20, message="records after the swap")
+            except (Failed, AssertionError) as exc:
+                failure = f"run {run} ({source} -> {target}): {exc} (logs: {top})"
+                break
+            times = [r["started"], *(t for t in list(writer.acked_at) if r["started"] < t <= ended + SETTLE_S)]
+            r["gap"] = max(b - a for a, b in zip(times, times[1:], strict=False))
+            results.append(r)
+            print(f"  run {run} (at {time.strftime('%H:%M:%S', time.localtime(r['wall']))}): {source} -> {target}: "
+                  f"swap {r['swap']:.3f}, migrate {r['migrate']:.3f}, gap "
+                  f"{r['gap']:.3f} ({writer.count()} records, {writer.connections} connection(s))", flush=True)
+            if r["pid"] != pid:
+                failure = f"run {run}: the guest was restarted (pid {r['pid']}, was {pid}), not moved"
+                break
+        writer.stop()
+        if failure is None:
+            if writer.errors or writer.connections != 1:
+                failure = (f"the client's connection did not hold: {writer.connections} connection(s), errors "
+                           f"{writer.errors[:5]}")
+            else:
+                conn = connect(live, live.ip(VM_NAME))
+                try:
+                    missing = [seq for seq, record in writer.acked.items()
+                               if conn.ask(f"GET {seq}") != f"VAL {seq} {record}"]
+                finally:
+                    conn.close()
+                if missing:
+                    failure = f"ACKNOWLEDGED WRITES LOST: {len(missing)} of {writer.count()} (e.g. {missing[:10]})"
+    except KeyboardInterrupt:
+        print("\ninterrupted: the bed is stopped (namespaces and processes removed)", file=sys.stderr)
+        failure = "interrupted"
+    finally:
+        if writer is not None:
+            writer.stop()
+        if live is not None:
+            with contextlib.suppress(Exception):
+                live.session.xenapi.session.logout()
+        cmd.stop()
+    if results:
+        print(f"\nover {len(results)} swaps:")
+        for key, what in (("swap", "the whole sequence"), ("migrate", "VM.pool_migrate alone"),
+                          ("gap", "client-visible gap")):
+            values = [r[key] for r in results]
+            print(f"  {key:8s} p50 {statistics.median(values):6.3f} s  max {max(values):6.3f} s   {what}")
+    ok = failure is None and bool(results)
+    if results:
+        worst = max(r["gap"] for r in results)
+        good = worst <= BUDGET_S
+        ok &= good
+        print(f"\nLevel 2 client-visible gap on a planned role swap (TCP session kept, every acknowledged record "
+              f"there): p50 {statistics.median(r['gap'] for r in results):.3f} s, max {worst:.3f} s (budget "
+              f"{BUDGET_S:g} s) {verdict(good)}")
+    if failure:
+        print(f"\nFAILED: {failure}")
+    elif args.keep_logs:
+        print(f"\nlogs kept in {top}")
+    else:
+        shutil.rmtree(top, ignore_errors=True)
+    print_overall(ok)
+    if not ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
