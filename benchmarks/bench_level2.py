@@ -46,7 +46,6 @@ import contextlib
 import os
 import random
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -54,7 +53,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import argument_parser, print_overall, verdict
+from common import argument_parser, conclude, interrupt_on_termination, live_bed_unavailable, print_spread, verdict
 
 BUDGET_S = 3.0
 VM_NAME = "web-01"
@@ -68,16 +67,6 @@ FAILOVER_TIMEOUT = 30.0
 
 class Failed(Exception):
     """A run that did not fail over, or lost an acknowledged record: the benchmark fails, whatever the figures."""
-
-
-def can_run() -> str | None:
-    """Why the live bed cannot run here, or None."""
-    if os.geteuid() != 0:
-        return "the live test bed needs root (network namespaces, veths, nftables)"
-    for tool in ("ip", "nft"):
-        if not (shutil.which(tool) or Path(f"/usr/sbin/{tool}").exists()):
-            return f"the live test bed needs {tool}"
-    return None
 
 
 def boottime() -> float:
@@ -115,7 +104,7 @@ class Poller(threading.Thread):
 def one_run(primary: str, ha_timeout: float | None, workdir: Path) -> dict:
     """A fresh bed, web-01 protected on ``primary``, the crash, the figures; raises Failed."""
     from tests.support import XapisimCommand, wait_for
-    from tests.xapisim.level2_support import AM, RESOURCE_KEY, Writer, connect, copy_for_secondary, first_disk
+    from tests.xapisim.level2_support import Writer, connect, protect_by_hand
     from tests.xapisim.level2_support import master_session as find_master
     from tests.xapisim.test_live import Live
     from xapisim.live.netns import netns_names
@@ -135,15 +124,7 @@ def one_run(primary: str, ha_timeout: float | None, workdir: Path) -> dict:
         prefix = live.bed["prefix"]
         api = live.api
         info = live.live()
-        token = (Path(info["workdir"]) / "am" / "mgmt.token").read_text().strip()
         host_p = api.host.get_by_name_label(primary)[0]
-        config_p = api.host.get_other_config(host_p)
-        if "eac_am_peer" not in config_p:
-            raise SystemExit(f"{primary} has no AM on the live bed (the pairs are hosts 1-2 and 3-4)")
-        host_s = api.host.get_by_uuid(config_p["eac_am_peer"])
-        secondary = api.host.get_name_label(host_s)
-        am_p, am_s = AM(config_p["eac_am_url"], token), AM(api.host.get_other_config(host_s)["eac_am_url"], token)
-        wait_for(lambda: am_p.peer_state() == "connected", timeout=20, message=f"the AMs of {primary} and {secondary}")
 
         # web-01 on the primary host, with a record from before its protection.
         vm = live.vm(VM_NAME)
@@ -151,7 +132,7 @@ def one_run(primary: str, ha_timeout: float | None, workdir: Path) -> dict:
             api.VM.pool_migrate(vm, host_p, {})
         wait_for(lambda: (g := live.guest(VM_NAME)) and g["host"] == primary, timeout=15,
                  message=f"{VM_NAME}'s guest on {primary}")
-        vm_uuid, ip = api.VM.get_uuid(vm), live.ip(VM_NAME)
+        ip = live.ip(VM_NAME)
         conn = live.connect(VM_NAME)
         try:
             if not conn.ask("PUT before the protection").startswith("OK "):
@@ -160,34 +141,11 @@ def one_run(primary: str, ha_timeout: float | None, workdir: Path) -> dict:
         finally:
             conn.close()
 
-        # Its disk routed through the primary's AM, while paused (docs/level2.md).
-        vdi = first_disk(api, vm)
-        vdi_uuid, sr_uuid = api.VDI.get_uuid(vdi), api.SR.get_uuid(api.VDI.get_SR(vdi))
-        name = f"vdi-{vdi_uuid}"
-        api.VM.pause(vm)
-        code, body = am_p.call("POST", "/v1/resources",
-                               {"name": name, "role": "primary", "sr": sr_uuid, "vdi": vdi_uuid, "vm": vm_uuid})
-        if code != 201:
-            raise Failed(f"the primary resource: {code} {body}")
-        api.VDI.add_to_other_config(vdi, RESOURCE_KEY, name)
-        api.VM.unpause(vm)
-
-        # The secondary VM on the peer's local SR, its replica resynced, started paused.
-        local_s = api.SR.get_by_name_label(f"Local storage {secondary}")[0]
-        copy = copy_for_secondary(api, vm, VM_NAME, local_s)
-        replica = first_disk(api, copy)
-        code, body = am_s.call("POST", "/v1/resources", {"name": name, "role": "secondary",
-                                                          "sr": api.SR.get_uuid(local_s),
-                                                          "vdi": api.VDI.get_uuid(replica),
-                                                          "vm": api.VM.get_uuid(copy)})
-        if code != 201:
-            raise Failed(f"the secondary resource: {code} {body}")
-        api.VDI.add_to_other_config(replica, RESOURCE_KEY, name)
-        wait_for(lambda: (am_s.resource(name) or {}).get("disk") == "UpToDate", timeout=120,
-                 message="the secondary's full resync")
-        api.VM.start_on(copy, host_s, True, False)
-        if api.VM.get_power_state(copy) != "Paused":
-            raise Failed("the secondary VM did not start paused")
+        # Protected by hand (docs/level2.md): its disk through the primary's AM, the secondary VM paused on the
+        # AM peer with its replica resynced.
+        setup = protect_by_hand(live, VM_NAME, primary)
+        copy, secondary = setup["copy"], setup["secondary"]
+        host_s, am_s, name = setup["hosts"][secondary], setup["ams"][secondary], setup["resource"]
         copy_uuid = api.VM.get_uuid(copy)
         sim_url_s = cmd.host_url(api.host.get_address(host_s))
 
@@ -318,10 +276,6 @@ FIGURES = [  # key, label, what
 ]
 
 
-def stop_on_sigterm(signum, frame):  # noqa: ARG001 - a signal handler's signature
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main() -> None:
     parser = argument_parser(__doc__)
     parser.add_argument("--runs", type=int, default=5, help="crashes measured, each on a fresh bed")
@@ -331,12 +285,11 @@ def main() -> None:
                         help="xapisim's --ha-timeout (a dead host noticed, a new master elected), s; its default "
                              "(10) unless given")
     args = parser.parse_args()
-    why = can_run()
+    why = live_bed_unavailable()
     if why:
         print(f"bench_level2: skipped: {why}")
         return
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
-    signal.signal(signal.SIGHUP, stop_on_sigterm)
+    interrupt_on_termination()
 
     from am.config import Timers
 
@@ -358,7 +311,7 @@ def main() -> None:
             workdir = top / f"run{run}"
             try:
                 r = one_run(args.primary, args.ha_timeout, workdir)
-            except Failed as exc:
+            except (Failed, AssertionError) as exc:  # AssertionError: a step that timed out
                 failure = f"run {run}: {exc} (logs: {workdir})"
                 break
             results.append(r)
@@ -375,8 +328,7 @@ def main() -> None:
     if results:
         print(f"\nover {len(results)} runs (secondary on {results[0]['secondary']}):")
         for key, label, what in FIGURES:
-            values = [r[key] for r in results]
-            print(f"  {label:16s} p50 {statistics.median(values):6.3f} s  max {max(values):6.3f} s   {what}")
+            print_spread(label, [r[key] for r in results], what, width=16)
     ok = failure is None and bool(results)
     if results:
         worst = max(r["failover"] for r in results)
@@ -385,13 +337,7 @@ def main() -> None:
         print(f"\nLevel 2 failover after host loss, guest serving again minus guest start: p50 "
               f"{statistics.median(r['failover'] for r in results):.3f} s, max {worst:.3f} s (budget {BUDGET_S:g} s) "
               f"{verdict(good)}")
-    if failure:
-        print(f"\nFAILED: {failure}")
-    else:
-        shutil.rmtree(top, ignore_errors=True)
-    print_overall(ok)
-    if not ok:
-        sys.exit(1)
+    conclude(ok, failure, top)
 
 
 if __name__ == "__main__":

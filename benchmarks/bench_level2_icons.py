@@ -43,8 +43,6 @@ import contextlib
 import json
 import os
 import random
-import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -53,7 +51,15 @@ import uuid
 from pathlib import Path
 
 import common
-from common import argument_parser, bench_database, drop_bench_database, print_overall, verdict
+from common import (
+    argument_parser,
+    bench_database,
+    drop_bench_database,
+    interrupt_on_termination,
+    live_bed_unavailable,
+    print_overall,
+    verdict,
+)
 
 BENCH_DB = "eac_bench_level2_icons"
 VM_NAME = "vpn-gw"  # a live guest on xcp-host-4, whose AM peer is xcp-host-3: neither is the pool's master
@@ -80,26 +86,14 @@ document.addEventListener('htmx:wsAfterMessage', function () {
 
 
 def can_run() -> str | None:
-    if os.geteuid() != 0:
-        return "the live test bed needs root (network namespaces, veths, nftables)"
-    for tool in ("ip", "nft"):
-        if not (shutil.which(tool) or Path(f"/usr/sbin/{tool}").exists()):
-            return f"the live test bed needs {tool}"
+    """Why this benchmark cannot run here (the live bed, the browser), or None."""
     if not Path("/usr/bin/chromium").exists():
         return "Debian's chromium is not installed"
-    return None
+    return live_bed_unavailable()
 
 
 def now_ms() -> float:
     return time.time() * 1000
-
-
-class Stop(Exception):
-    """SIGTERM or SIGHUP: leave through the cleanup."""
-
-
-def stop_on_signal(signum, frame):  # noqa: ARG001 - a signal handler's signature
-    raise Stop
 
 
 def main() -> None:
@@ -113,8 +107,7 @@ def main() -> None:
     if why := can_run():
         print(f"bench_level2_icons: skipped: {why}")
         return
-    signal.signal(signal.SIGTERM, stop_on_signal)
-    signal.signal(signal.SIGHUP, stop_on_signal)
+    interrupt_on_termination()
 
     queue = f"eacbench-{uuid.uuid4().hex[:12]}"
     os.environ["CELERY_TASK_DEFAULT_QUEUE"] = queue  # this process's tasks (the protection's run) go there too
@@ -260,7 +253,7 @@ def main() -> None:
                           f"{down['recorded'] or float('nan'):.3f}, icon {down['icon']:.3f}; repaired: icon OK "
                           f"after {up['icon']:.3f}")
             browser.close()
-    except Stop:
+    except KeyboardInterrupt:
         interrupted = True
     finally:
         for proc in reversed(procs):

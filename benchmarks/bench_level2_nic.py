@@ -33,16 +33,13 @@ budget is applied to the failback.
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import signal
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import argument_parser, print_overall, verdict
+from common import argument_parser, conclude, interrupt_on_termination, live_bed_unavailable, verdict
 
 BUDGET_S = 1.0
 VM_NAME = "web-01"
@@ -51,20 +48,6 @@ SETTLE_S = 1.0  # the gap is measured until this long after the AM acted
 
 class Failed(Exception):
     """The session broke or the pairing did not happen: the benchmark fails, whatever the figures."""
-
-
-def can_run() -> str | None:
-    """Why the live bed cannot run here, or None."""
-    if os.geteuid() != 0:
-        return "the live test bed needs root (network namespaces, veths, nftables)"
-    for tool in ("ip", "nft", "bridge"):
-        if not (shutil.which(tool) or Path(f"/usr/sbin/{tool}").exists()):
-            return f"the live test bed needs {tool}"
-    return None
-
-
-def stop_on_sigterm(signum, frame):  # noqa: ARG001 - a signal handler's signature
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def acted_at(am, after_seq: int, mode: str, timeout: float = 10.0) -> tuple[float, int]:
@@ -105,12 +88,11 @@ def main() -> None:
     parser = argument_parser(__doc__)
     parser.add_argument("--runs", type=int, default=5, help="NIC failures and failbacks measured, on one bed")
     args = parser.parse_args()
-    why = can_run()
+    why = live_bed_unavailable("bridge")
     if why:
         print(f"bench_level2_nic: skipped: {why}")
         return
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
-    signal.signal(signal.SIGHUP, stop_on_sigterm)
+    interrupt_on_termination()
 
     from am.config import Timers
     from tests.support import wait_for
@@ -172,13 +154,7 @@ def main() -> None:
                   f"{statistics.median(r['acted'] for r in runs):6.3f} s  {verdict(good)}")
     if session is not None and not session.errors and failure is None:
         print(f"  the session: one connection, {session.count()} answers, none wrong, never reset")
-    if failure:
-        print(f"\nFAILED: {failure}")
-    else:
-        shutil.rmtree(top, ignore_errors=True)
-    print_overall(ok)
-    if not ok:
-        sys.exit(1)
+    conclude(ok, failure, top)
 
 
 if __name__ == "__main__":

@@ -34,17 +34,14 @@ Budget (../shared/ARCHITECTURE.md): Level 2 client-visible gap on a role swap â‰
 from __future__ import annotations
 
 import contextlib
-import os
 import random
-import shutil
-import signal
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import argument_parser, print_overall, verdict
+from common import argument_parser, conclude, interrupt_on_termination, live_bed_unavailable, print_spread, verdict
 
 BUDGET_S = 1.0
 VM_NAME = "web-01"
@@ -56,61 +53,18 @@ class Failed(Exception):
     """A swap that did not happen, a reset, an error or a lost record: the benchmark fails, whatever the figures."""
 
 
-def can_run() -> str | None:
-    """Why the live bed cannot run here, or None."""
-    if os.geteuid() != 0:
-        return "the live test bed needs root (network namespaces, veths, nftables)"
-    for tool in ("ip", "nft"):
-        if not (shutil.which(tool) or Path(f"/usr/sbin/{tool}").exists()):
-            return f"the live test bed needs {tool}"
-    return None
-
-
-def stop_on_sigterm(signum, frame):  # noqa: ARG001 - a signal handler's signature
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def protect(live, primary: str) -> dict:
-    """web-01 protected on ``primary`` by hand (docs/level2.md); what the swaps need."""
+    """web-01 moved to ``primary`` and protected there by hand (docs/level2.md); what the swaps need."""
     from tests.support import wait_for
-    from tests.xapisim.level2_support import AM, RESOURCE_KEY, copy_for_secondary, first_disk
+    from tests.xapisim.level2_support import protect_by_hand
 
-    api = live.api
-    token = (Path(live.live()["workdir"]) / "am" / "mgmt.token").read_text().strip()
-    host_p = api.host.get_by_name_label(primary)[0]
-    config_p = api.host.get_other_config(host_p)
-    if "eac_am_peer" not in config_p:
-        raise SystemExit(f"{primary} has no AM on the live bed (the pairs are hosts 1-2 and 3-4)")
-    host_s = api.host.get_by_uuid(config_p["eac_am_peer"])
-    secondary = api.host.get_name_label(host_s)
-    am_p, am_s = AM(config_p["eac_am_url"], token), AM(api.host.get_other_config(host_s)["eac_am_url"], token)
-    wait_for(lambda: am_p.peer_state() == "connected", timeout=20, message=f"the AMs of {primary} and {secondary}")
-    vm = live.vm(VM_NAME)
-    if api.VM.get_resident_on(vm) != host_p:
-        api.VM.pool_migrate(vm, host_p, {})
-    vdi = first_disk(api, vm)
-    vdi_uuid, sr_uuid = api.VDI.get_uuid(vdi), api.SR.get_uuid(api.VDI.get_SR(vdi))
-    name = f"vdi-{vdi_uuid}"
-    api.VM.pause(vm)
-    code, body = am_p.call("POST", "/v1/resources",
-                           {"name": name, "role": "primary", "sr": sr_uuid, "vdi": vdi_uuid, "vm": api.VM.get_uuid(vm)})
-    if code != 201:
-        raise Failed(f"the primary resource: {code} {body}")
-    api.VDI.add_to_other_config(vdi, RESOURCE_KEY, name)
-    api.VM.unpause(vm)
-    local_s = api.SR.get_by_name_label(f"Local storage {secondary}")[0]
-    copy = copy_for_secondary(api, vm, VM_NAME, local_s)
-    replica = first_disk(api, copy)
-    code, body = am_s.call("POST", "/v1/resources", {"name": name, "role": "secondary", "sr": api.SR.get_uuid(local_s),
-                                                      "vdi": api.VDI.get_uuid(replica), "vm": api.VM.get_uuid(copy)})
-    if code != 201:
-        raise Failed(f"the secondary resource: {code} {body}")
-    api.VDI.add_to_other_config(replica, RESOURCE_KEY, name)
-    wait_for(lambda: (am_s.resource(name) or {}).get("disk") == "UpToDate", timeout=120,
-             message="the secondary's full resync")
-    api.VM.start_on(copy, host_s, True, False)
-    return {"vm": vm, "copy": copy, "resource": name, "hosts": {primary: host_p, secondary: host_s},
-            "ams": {primary: am_p, secondary: am_s}}
+    api, vm = live.api, live.vm(VM_NAME)
+    host = api.host.get_by_name_label(primary)[0]
+    if api.VM.get_resident_on(vm) != host:
+        api.VM.pool_migrate(vm, host, {})
+    wait_for(lambda: (g := live.guest(VM_NAME)) and g["host"] == primary, timeout=15,
+             message=f"{VM_NAME}'s guest on {primary}")
+    return protect_by_hand(live, VM_NAME, primary)
 
 
 def swap(live, setup: dict, source: str, target: str) -> dict:
@@ -159,12 +113,11 @@ def main() -> None:
     parser.add_argument("--primary", default="xcp-host-3", help="the host web-01 is protected on (pairs 1-2, 3-4)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the bed's logs (its workdir) at the end")
     args = parser.parse_args()
-    why = can_run()
+    why = live_bed_unavailable()
     if why:
         print(f"bench_level2_swap: skipped: {why}")
         return
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
-    signal.signal(signal.SIGHUP, stop_on_sigterm)
+    interrupt_on_termination()
 
     from tests.support import XapisimCommand, wait_for
     from tests.xapisim.level2_support import Writer, connect
@@ -225,6 +178,8 @@ def main() -> None:
                     conn.close()
                 if missing:
                     failure = f"ACKNOWLEDGED WRITES LOST: {len(missing)} of {writer.count()} (e.g. {missing[:10]})"
+    except AssertionError as exc:  # the protection by hand, or the first records, did not happen
+        failure = f"before the first swap: {exc} (logs: {top})"
     except KeyboardInterrupt:
         print("\ninterrupted: the bed is stopped (namespaces and processes removed)", file=sys.stderr)
         failure = "interrupted"
@@ -239,8 +194,7 @@ def main() -> None:
         print(f"\nover {len(results)} swaps:")
         for key, what in (("swap", "the whole sequence"), ("migrate", "VM.pool_migrate alone"),
                           ("gap", "client-visible gap")):
-            values = [r[key] for r in results]
-            print(f"  {key:8s} p50 {statistics.median(values):6.3f} s  max {max(values):6.3f} s   {what}")
+            print_spread(key, [r[key] for r in results], what)
     ok = failure is None and bool(results)
     if results:
         worst = max(r["gap"] for r in results)
@@ -249,15 +203,7 @@ def main() -> None:
         print(f"\nLevel 2 client-visible gap on a planned role swap (TCP session kept, every acknowledged record "
               f"there): p50 {statistics.median(r['gap'] for r in results):.3f} s, max {worst:.3f} s (budget "
               f"{BUDGET_S:g} s) {verdict(good)}")
-    if failure:
-        print(f"\nFAILED: {failure}")
-    elif args.keep_logs:
-        print(f"\nlogs kept in {top}")
-    else:
-        shutil.rmtree(top, ignore_errors=True)
-    print_overall(ok)
-    if not ok:
-        sys.exit(1)
+    conclude(ok, failure, top, keep=args.keep_logs)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -156,6 +158,49 @@ def verdict(ok: bool, missed: str = "OVER BUDGET") -> str:
 def print_overall(ok: bool) -> None:
     """The last line of a script whose figures each have a budget."""
     print("\nall within budget" if ok else "\nSOME TIMINGS OVER BUDGET")
+
+
+# -- the live test bed ------------------------------------------------------------------------------
+
+def live_bed_unavailable(*tools: str) -> str | None:
+    """Why xapisim's live test bed cannot run here (it needs root, ``ip``, ``nft`` and any other ``tools``), or
+    None."""
+    if os.geteuid() != 0:
+        return "the live test bed needs root (network namespaces, veths, nftables)"
+    for tool in ("ip", "nft", *tools):
+        if not (shutil.which(tool) or Path(f"/usr/sbin/{tool}").exists()):
+            return f"the live test bed needs {tool}"
+    return None
+
+
+def _interrupt(signum, frame):  # noqa: ARG001 - a signal handler's signature
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def interrupt_on_termination() -> None:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt, as Ctrl-C does: a benchmark leaves through its cleanup (the
+    bed's namespaces and processes stopped) whichever way it is stopped."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
+
+
+def print_spread(label: str, values: list[float], what: str, width: int = 8) -> None:
+    """One figure over the runs: its median and its worst, and what it measures."""
+    print(f"  {label:{width}s} p50 {statistics.median(values):6.3f} s  max {max(values):6.3f} s   {what}")
+
+
+def conclude(ok: bool, failure: str | None, workdir: Path, *, keep: bool = False) -> None:
+    """The end of a benchmark with a work folder: a failure said (the folder kept for its logs) or the folder
+    removed (unless ``keep``), the overall verdict, and exit status 1 unless ``ok``."""
+    if failure:
+        print(f"\nFAILED: {failure}")
+    elif keep:
+        print(f"\nlogs kept in {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print_overall(ok)
+    if not ok:
+        sys.exit(1)
 
 
 def start_xapisim(*args: str, op_delay: float | None = None):

@@ -550,15 +550,22 @@ class StartSecondaryPaused(Step):
             raise StepFailed("SECONDARY_STATE", f"The secondary VM is {state.lower()}, not halted: it must only "
                                                 "ever be started paused by the console.")
         ctx.progress(0.3, f"Starting the secondary VM paused on {host_name} (reserving its memory)…")
-        try:
-            ctx.call("VM.start_on", copy, host_ref, True, False)
-        except XapiError as exc:
-            if exc.transient:
-                raise
-            raise StepFailed("SECONDARY_NOT_RESERVED", f"The secondary VM's memory could not be reserved on "
-                             f"{host_name}: {xapi_error_describe(exc, ctx.pool)[1]} The protection is aborted; "
-                             "unprotect removes what it made.", [exc.code]) from None
+        start_paused(ctx, copy, host_ref, f"The secondary VM's memory could not be reserved on {host_name}: "
+                     "{reason} The protection is aborted; unprotect removes what it made.")
         return {"message": f"The secondary VM holds its memory on {host_name}, paused."}
+
+
+def start_paused(ctx, vm_ref, host_ref, refused: str) -> None:
+    """``VM.start_on`` paused: the secondary VM's memory reserved on the host (hardened reservation). A refusal
+    ends the step as SECONDARY_NOT_RESERVED with ``refused``, its ``{reason}`` replaced by XAPI's reason in words
+    (not str.format: a host's name may hold braces); a transient error is raised for the runner to retry."""
+    try:
+        ctx.call("VM.start_on", vm_ref, host_ref, True, False)
+    except XapiError as exc:
+        if exc.transient:
+            raise
+        reason = xapi_error_describe(exc, ctx.pool)[1]
+        raise StepFailed("SECONDARY_NOT_RESERVED", refused.replace("{reason}", reason), [exc.code]) from None
 
 
 class VerifyLevel2(Step):
@@ -872,14 +879,8 @@ class StartCopyOnFormerPrimary(Step):
                                                                "qos_algorithm_params")},
                                     "VM": copy, "VDI": ctx.call("VDI.get_by_uuid", want)})
         ctx.progress(0.5, f"Starting the secondary VM paused on {from_name} (reserving its memory)…")
-        try:
-            ctx.call("VM.start_on", copy, from_ref, True, False)
-        except XapiError as exc:
-            if exc.transient:
-                raise
-            raise StepFailed("SECONDARY_NOT_RESERVED", f"The VM runs on its new host, but its copy could not be "
-                             f"started paused on {from_name}: {xapi_error_describe(exc, ctx.pool)[1]} Start it "
-                             "paused there to be protected again.", [exc.code]) from None
+        start_paused(ctx, copy, from_ref, f"The VM runs on its new host, but its copy could not be started paused "
+                     f"on {from_name}: {{reason}} Start it paused there to be protected again.")
         return {"message": f"The secondary VM waits paused on {from_name}."}
 
 

@@ -182,6 +182,33 @@ def writing_backends() -> list[int]:
         return [row[0] for row in cursor.fetchall()]
 
 
+@contextmanager
+def table_held(model):
+    """``model``'s table locked against every write (EXCLUSIVE: reads go on) by a transaction of another
+    connection, for the ``with`` block: a writer that touches it waits, mid-transaction, until the block ends."""
+    import psycopg
+    from django.db import connection
+
+    db = connection.settings_dict
+    with psycopg.connect(dbname=db["NAME"], user=db["USER"], password=db["PASSWORD"] or None,
+                         host=db["HOST"] or None, port=db["PORT"] or None) as conn:
+        conn.execute(f'LOCK TABLE "{model._meta.db_table}" IN EXCLUSIVE MODE')
+        try:
+            yield
+        finally:
+            conn.rollback()
+
+
+def lock_waiters() -> list[int]:
+    """Backends of the database waiting for a lock (one that ``table_held`` holds, say)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                       " AND wait_event_type = 'Lock'")  # fmt: skip
+        return [row[0] for row in cursor.fetchall()]
+
+
 def pool_lock_holders(pool_id: int) -> list[str]:
     """The sessions holding the watcher's advisory lock of the pool, by application name."""
     from django.db import connection

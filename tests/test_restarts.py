@@ -29,9 +29,11 @@ from tests.restart_support import (
     api_post,
     copy_schema,
     live_socket,
+    lock_waiters,
     manage_shell,
     mirror_matches,
     pool_lock_holders,
+    table_held,
     together,
     writing_backends,
 )
@@ -269,14 +271,16 @@ def test_watcher_killed_in_the_middle_of_a_batch_and_of_its_full_sync_converges_
         (watcher,) = console(console_env, "watcher")
         wait_for(lambda: following(watcher), timeout=PATIENCE, message="the watcher's full sync")
         hosts = [h["name"] for h in sim.state()["hosts"] if not h["master"]][:2]
-        for host in hosts:
-            sim.control("POST", f"/sim/hosts/{host}/crash")
-        # Killed while it writes the hosts' loss (their VMs halted, disks and interfaces detached): once the
-        # simulator declared them dead, the first write transaction the watcher opens is that batch.
-        wait_for(lambda: not any(h["live"] for h in sim.state()["hosts"] if h["name"] in hosts),
-                 timeout=PATIENCE, interval=0.01, message="the hosts declared dead")  # fmt: skip
-        wait_for(writing_backends, timeout=PATIENCE, interval=0.005, message="the watcher writing the batch")
-        watcher.kill()
+        # Killed while it writes the hosts' loss (their VMs halted, disks and interfaces detached): the VM table
+        # held, the batch waits in the middle of its transaction until the kill, whatever the machine's load (a
+        # kill as soon as a write transaction was seen came after its commit once, under CI's load).
+        with table_held(VM):
+            for host in hosts:
+                sim.control("POST", f"/sim/hosts/{host}/crash")
+            wait_for(lambda: not any(h["live"] for h in sim.state()["hosts"] if h["name"] in hosts),
+                     timeout=PATIENCE, interval=0.01, message="the hosts declared dead")  # fmt: skip
+            wait_for(lock_waiters, timeout=PATIENCE, interval=0.005, message="the watcher writing the batch")
+            watcher.kill()
         # Negative control: the batch was cut before its commit, the mirror still has the hosts' VMs running.
         assert not vm_states_match(sim, pool.pk)
 

@@ -88,9 +88,9 @@ def test_sr_and_vdi_are_checked_before_anything_is_made(healthy):
     assert [p.name for p in (c.workdir / "hosta" / "srs" / sr).iterdir()] == []
 
 
-def test_a_takeover_runs_on_promote_once_and_a_swap_does_not(healthy):
-    c = healthy
-    name, vm_a, vm_b = "vdi-hook", str(uuid.uuid4()), str(uuid.uuid4())
+def make_vm_pair(c, name: str, vm_a: str, vm_b: str) -> None:
+    """Resource ``name`` on an SR's VDI of each host, primary on hosta (serving ``vm_a``) and secondary on hostb
+    (``vm_b``), in sync."""
     for host, vm in (("hosta", vm_a), ("hostb", vm_b)):
         sr, vdi = str(uuid.uuid4()), str(uuid.uuid4())
         sr_dir(c, host, sr)
@@ -99,6 +99,12 @@ def test_a_takeover_runs_on_promote_once_and_a_swap_does_not(healthy):
                             {"name": name, "role": role, "sr": sr, "vdi": vdi, "vm": vm, "size": SIZE})
         assert code == 201, body
     c.wait_in_sync(name)
+
+
+def test_a_takeover_runs_on_promote_once_and_a_swap_does_not(healthy):
+    c = healthy
+    name, vm_a, vm_b = "vdi-hook", str(uuid.uuid4()), str(uuid.uuid4())
+    make_vm_pair(c, name, vm_a, vm_b)
     before = {h: len(c.promoted(h)) for h in HOSTS}
     code, body = c.call("hosta", "POST", f"/v1/resources/{name}/swap")
     assert code == 200, body

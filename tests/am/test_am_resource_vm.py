@@ -6,24 +6,13 @@ from __future__ import annotations
 import uuid
 
 from tests.am.cluster import HOSTS
-from tests.am.test_am_level2 import SIZE, sr_dir, wait_for
-
-
-def make_pair(c, name: str, vm_a: str, vm_b: str) -> None:
-    for host, vm in (("hosta", vm_a), ("hostb", vm_b)):
-        sr, vdi = str(uuid.uuid4()), str(uuid.uuid4())
-        sr_dir(c, host, sr)
-        role = "primary" if host == "hosta" else "secondary"
-        code, body = c.call(host, "POST", "/v1/resources",
-                            {"name": name, "role": role, "sr": sr, "vdi": vdi, "vm": vm, "size": SIZE})
-        assert code == 201, body
-    c.wait_in_sync(name)
+from tests.am.test_am_level2 import make_vm_pair, wait_for
 
 
 def test_after_a_swap_each_sides_vm_is_changed_kept_and_told_to_the_next_takeover(healthy):
     c = healthy
     name, vm_a, vm_b = "vdi-vm-follows", str(uuid.uuid4()), str(uuid.uuid4())
-    make_pair(c, name, vm_a, vm_b)
+    make_vm_pair(c, name, vm_a, vm_b)
     before = {h: len(c.promoted(h)) for h in HOSTS}
     code, body = c.call("hosta", "POST", f"/v1/resources/{name}/swap")
     assert code == 200, body
@@ -53,7 +42,7 @@ def test_after_a_swap_each_sides_vm_is_changed_kept_and_told_to_the_next_takeove
 def test_a_bad_patch_is_refused_with_a_sentence_and_changes_nothing(healthy):
     c = healthy
     name, vm_a, vm_b = "vdi-vm-patch", str(uuid.uuid4()), str(uuid.uuid4())
-    make_pair(c, name, vm_a, vm_b)
+    make_vm_pair(c, name, vm_a, vm_b)
     cases = [
         ({"vm": "../../etc"}, 400),
         ({"vm": vm_b.upper()}, 400),

@@ -12,6 +12,7 @@ import pytest
 from am import config, network, pairing
 from am.network import ETH_P_RARP, rarp_frame
 from am.pairing import Decision, Mode, PeerNic, Situation, decide, ports, steps
+from tests.am.test_am_input import BASE  # a whole valid configuration, on addresses nothing answers
 
 PAIRING = {"a": "pa", "b": "pb"}
 
@@ -279,25 +280,6 @@ def test_the_macs_behind_a_bridge_are_those_learned_on_its_vm_ports_and_its_own(
 
 # -- configuration ----------------------------------------------------------------------------------------------
 
-BASE = """\
-node = "n1"
-data_dir = "data"
-[management]
-listen = "192.0.2.1:7480"
-token = "0123456789abcdef"
-[nbd]
-listen = "192.0.2.1:10809"
-[links]
-a = "192.0.2.1:7481"
-b = "192.0.2.2:7481"
-[peer]
-name = "n2"
-a = "192.0.2.3:7481"
-b = "192.0.2.4:7481"
-[witness]
-url = "http://192.0.2.9:7490"
-token = "0123456789abcdef"
-"""
 NETWORK = '[network]\nbridge = "xenbr0"\nnic = "eth0"\npairing = { a = "pa", b = "pb" }\n'
 
 

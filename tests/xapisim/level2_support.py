@@ -1,6 +1,6 @@
-"""What tests/xapisim/test_live_level2.py and benchmarks/bench_level2.py share to follow docs/level2.md by hand on
-the live bed (``python -m xapisim --preset demo --live``): a host's AM API, a writing client in the client
-namespace, the pool's master of the moment, and the secondary VM made as the console makes it.
+"""What tests/xapisim/test_live_level2.py and the Level 2 benchmarks share to follow docs/level2.md by hand on the
+live bed (``python -m xapisim --preset demo --live``): a host's AM API, a writing client in the client namespace,
+the pool's master of the moment, the secondary VM made as the console makes it, and a whole protection by hand.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import XenAPI
 
@@ -196,3 +197,45 @@ def copy_for_secondary(api, vm: str, name: str, sr: str) -> str:
         api.VIF.create({key: record[key] for key in ("device", "network", "MAC", "MTU", "other_config",
                                                       "qos_algorithm_type", "qos_algorithm_params")} | {"VM": copy})
     return copy
+
+
+def protect_by_hand(live: Live, vm_name: str, primary: str) -> dict:
+    """``vm_name`` (a live guest, resident on ``primary``) protected at Level 2 by hand as docs/level2.md says: its
+    disk routed through the primary's AM while paused, the secondary VM on the AM peer's local SR with its replica
+    resynced, started paused. What the caller needs of it: ``vm``, ``copy``, ``resource``, ``secondary`` (a name),
+    ``hosts`` and ``ams`` (each by host name). A step that does not happen fails with an AssertionError."""
+    api = live.api
+    token = (Path(live.live()["workdir"]) / "am" / "mgmt.token").read_text().strip()
+    host_p = api.host.get_by_name_label(primary)[0]
+    config_p = api.host.get_other_config(host_p)
+    assert "eac_am_peer" in config_p, f"{primary} has no AM on the live bed (the pairs are hosts 1-2 and 3-4)"
+    host_s = api.host.get_by_uuid(config_p["eac_am_peer"])
+    secondary = api.host.get_name_label(host_s)
+    am_p, am_s = AM(config_p["eac_am_url"], token), AM(api.host.get_other_config(host_s)["eac_am_url"], token)
+    wait_for(lambda: am_p.peer_state() == "connected", timeout=20, message=f"the AMs of {primary} and {secondary}")
+    vm = live.vm(vm_name)
+    assert api.VM.get_resident_on(vm) == host_p, f"{vm_name} is not on {primary}"
+
+    vdi = first_disk(api, vm)
+    vdi_uuid, sr_uuid = api.VDI.get_uuid(vdi), api.SR.get_uuid(api.VDI.get_SR(vdi))
+    name = f"vdi-{vdi_uuid}"
+    api.VM.pause(vm)
+    code, body = am_p.call("POST", "/v1/resources", {"name": name, "role": "primary", "sr": sr_uuid,
+                                                      "vdi": vdi_uuid, "vm": api.VM.get_uuid(vm)})
+    assert code == 201, f"the primary resource: {code} {body}"
+    api.VDI.add_to_other_config(vdi, RESOURCE_KEY, name)
+    api.VM.unpause(vm)
+
+    local_s = api.SR.get_by_name_label(f"Local storage {secondary}")[0]
+    copy = copy_for_secondary(api, vm, vm_name, local_s)
+    replica = first_disk(api, copy)
+    code, body = am_s.call("POST", "/v1/resources", {"name": name, "role": "secondary", "sr": api.SR.get_uuid(local_s),
+                                                      "vdi": api.VDI.get_uuid(replica), "vm": api.VM.get_uuid(copy)})
+    assert code == 201, f"the secondary resource: {code} {body}"
+    api.VDI.add_to_other_config(replica, RESOURCE_KEY, name)
+    wait_for(lambda: (am_s.resource(name) or {}).get("disk") == "UpToDate", timeout=120,
+             message="the secondary's full resync")
+    api.VM.start_on(copy, host_s, True, False)
+    assert api.VM.get_power_state(copy) == "Paused", "the secondary VM did not start paused"
+    return {"vm": vm, "copy": copy, "resource": name, "secondary": secondary,
+            "hosts": {primary: host_p, secondary: host_s}, "ams": {primary: am_p, secondary: am_s}}

@@ -96,6 +96,30 @@ class Live:
         return self.cmd.proc.output()[-5000:]
 
 
+@contextlib.contextmanager
+def running_bed(tmp: Path):
+    """A live bed started in ``tmp`` and a logged-in ``Live`` of it, for a ``with`` block (a module's fixture);
+    the bed stopped after it, its namespaces and processes gone."""
+    cmd = start_live(tmp)
+    live = None
+    try:
+        live = Live(cmd)
+        yield live
+    finally:
+        if live is not None:
+            with contextlib.suppress(Exception):
+                live.session.xenapi.session.logout()
+        cmd.stop()
+
+
+def bridge_ports(live: Live, host: str) -> list[str]:
+    """The ports of ``host``'s xenbr0 (its NIC, its guests' VIFs, pairing interfaces)."""
+    ns = next(h["namespace"] for h in live.live()["hosts"] if h["name"] == host)
+    out = subprocess.run(["ip", "-n", ns, "-o", "link", "show", "master", "xenbr0"], capture_output=True, text=True,
+                         check=True, timeout=10).stdout
+    return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()]
+
+
 class Conn:
     """A client connection to a guest; a receive that times out can be tried again (no file object)."""
 
@@ -148,16 +172,8 @@ def records_on_disk(bed: dict, export: str) -> list[bytes]:
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    cmd = start_live(tmp_path_factory.mktemp("live"))
-    bed = None
-    try:
-        bed = Live(cmd)
+    with running_bed(tmp_path_factory.mktemp("live")) as bed:
         yield bed
-    finally:
-        if bed is not None:
-            with contextlib.suppress(Exception):
-                bed.session.xenapi.session.logout()
-        cmd.stop()
 
 
 def am_status(host: dict) -> dict | None:

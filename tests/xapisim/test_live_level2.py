@@ -8,7 +8,6 @@ the crash to the first acknowledged write on the secondary is printed (``-s`` sh
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 
@@ -25,22 +24,14 @@ from tests.xapisim.level2_support import (
     first_disk,
     master_session,
 )
-from tests.xapisim.test_live import Live, alive, start_live
+from tests.xapisim.test_live import alive, running_bed
 from tests.xapisim.test_live import pytestmark as pytestmark  # root, ip and nft, as the live bed's tests
 
 
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory):
-    cmd = start_live(tmp_path_factory.mktemp("level2"))
-    live = None
-    try:
-        live = Live(cmd)
+    with running_bed(tmp_path_factory.mktemp("level2")) as live:
         yield live
-    finally:
-        if live is not None:
-            with contextlib.suppress(Exception):
-                live.session.xenapi.session.logout()
-        cmd.stop()
 
 
 def test_a_routed_guest_rides_out_a_dropped_disk_connection_and_is_unrouted_while_paused(bed):

@@ -7,18 +7,15 @@ is printed (``-s``), not asserted.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import subprocess
 
 import pytest
 import XenAPI
 
 from tests.support import wait_for
 from tests.xapisim.level2_support import Writer
-from tests.xapisim.test_live import Live, alive, start_live
+from tests.xapisim.test_live import alive, bridge_ports, running_bed
 from xapisim.live.guest import garp_frame
-from xapisim.live.netns import IP
 from xapisim.live.reconcile import (
     GuestState,
     HostState,
@@ -84,24 +81,10 @@ def test_the_gratuitous_arp_is_a_broadcast_request_for_the_guests_own_address():
 def bed(tmp_path_factory):
     if os.geteuid() != 0:
         pytest.skip("the live bed needs root")
-    cmd = start_live(tmp_path_factory.mktemp("migrate"))
-    live = None
-    try:
-        live = Live(cmd)
+    with running_bed(tmp_path_factory.mktemp("migrate")) as live:
         yield live
-    finally:
-        if live is not None:
-            with contextlib.suppress(Exception):
-                live.session.xenapi.session.logout()
-        cmd.stop()
 
 
-def host_ports(live: Live, host_name: str) -> list[str]:
-    """The ports of a host's xenbr0."""
-    ns = next(h["namespace"] for h in live.live()["hosts"] if h["name"] == host_name)
-    out = subprocess.run([IP, "-n", ns, "-o", "link", "show", "master", "xenbr0"], capture_output=True, text=True,
-                         check=True, timeout=10).stdout
-    return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()]
 
 
 def largest_gap(writer: Writer, after: float) -> float:
@@ -131,7 +114,7 @@ def test_a_migrated_guest_keeps_its_process_and_its_clients_connection(bed):
             assert moved["host"] == name and moved["pid"] == pid and alive(pid)
             assert api.VM.get_resident_on(vm) == ref
             domid = api.VM.get_domid(vm)
-            assert f"vif{domid}.0" in host_ports(live, name)
+            assert f"vif{domid}.0" in bridge_ports(live, name)
             assert moved["disk"]["address"].split(":")[0] == next(
                 h["address"] for h in live.live()["hosts"] if h["name"] == name)
             wait_for(lambda c=count: writer.count() >= c + 20, timeout=15, message=f"records after the move to {name}")
@@ -140,7 +123,7 @@ def test_a_migrated_guest_keeps_its_process_and_its_clients_connection(bed):
         api.VM.pool_migrate(vm, host1, {})  # to the host it runs on: a new domain, the same guest
         same = live.guest("web-01")
         assert same["host"] == "xcp-host-1" and same["pid"] == pid
-        assert f"vif{api.VM.get_domid(vm)}.0" in host_ports(live, "xcp-host-1")
+        assert f"vif{api.VM.get_domid(vm)}.0" in bridge_ports(live, "xcp-host-1")
         wait_for(lambda: writer.count() >= count + 20, timeout=15, message="records after the move in place")
     finally:
         writer.stop()

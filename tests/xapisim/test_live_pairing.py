@@ -10,38 +10,25 @@ benchmarks/bench_level2_nic.py. Conditions are waited on with deadlines.
 
 from __future__ import annotations
 
-import contextlib
-import subprocess
 import time
 
 import pytest
 
 from tests.support import wait_for
 from tests.xapisim.pairing_support import Session, am_of, network, protect_something
-from tests.xapisim.test_live import Live, start_live
+from tests.xapisim.test_live import Live, bridge_ports, running_bed
 from tests.xapisim.test_live import pytestmark as pytestmark  # root, ip and nft, as the live bed's tests
 
 
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory):
-    cmd = start_live(tmp_path_factory.mktemp("pairing"))
-    live = None
-    try:
-        live = Live(cmd)
+    with running_bed(tmp_path_factory.mktemp("pairing")) as live:
         yield live
-    finally:
-        if live is not None:
-            with contextlib.suppress(Exception):
-                live.session.xenapi.session.logout()
-        cmd.stop()
 
 
 def bridged(live: Live, host: str) -> set[str]:
     """The ports of ``host``'s xenbr0 that are its NIC or a pairing interface."""
-    ns = next(h["namespace"] for h in live.live()["hosts"] if h["name"] == host)
-    out = subprocess.run(["ip", "-n", ns, "-o", "link", "show", "master", "xenbr0"], capture_output=True, text=True,
-                         timeout=10, check=True).stdout
-    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()} & {"eth0", "pa", "pb"}
+    return set(bridge_ports(live, host)) & {"eth0", "pa", "pb"}
 
 
 def mode_is(am, mode: str, paired: str | None = None):
