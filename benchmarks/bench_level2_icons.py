@@ -67,6 +67,7 @@ LINK_TIMEOUT_S = 0.5  # the AMs' default (am.config.Timers), their detection of 
 READ_S = 0.5  # both AMs read by the console (GET /v1/status and each disk's resource), with room
 DOM_BUDGET_S = 0.25  # ARCHITECTURE.md: an event to the updated DOM, p95
 PASSWORD = "pw-bench-admin"
+FOLLOW_DEBOUNCE_S = 0.2  # protection.follow.Follower's default
 
 # In the page: when the component's row (VM panel) and its tree item show the awaited health, note the time.
 PROBE = """
@@ -102,6 +103,8 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=5.0,
                         help="EAC_AM_HEALTH_INTERVAL of the console, seconds (its default: 5)")
     parser.add_argument("--faults", default="link,nic", help="which faults, of link and nic")
+    parser.add_argument("--no-follower", action="store_true",
+                        help="without manage.py follow_ams: only the beat's poll every --interval reads the AMs")
     args = parser.parse_args()
     faults = [f for f in args.faults.split(",") if f]
     if why := can_run():
@@ -152,6 +155,9 @@ def main() -> None:
         procs.append(Proc("beat", [sys.executable, "-m", "celery", "-A", "eac", "beat", "-l", "INFO", "-s",
                                    str(work / "beat.schedule"), "--scheduler", "celery.beat:PersistentScheduler"],
                           env=env, ready="beat: Starting", log=work / "beat.log").start())
+        if not args.no_follower:
+            procs.append(Proc("follower", [sys.executable, "manage.py", "follow_ams"], env=env,
+                              ready="follow_ams: following", log=work / "follower.log").start())
         static = work / "static"
         Proc("collectstatic", [sys.executable, "manage.py", "collectstatic", "--noinput", "-v", "0"],
              env={**env, "STATIC_ROOT": str(static)}, log=work / "collectstatic.log").start().proc.wait(120)
@@ -239,8 +245,8 @@ def main() -> None:
                 return {"call": (injected - t0) / 1000, "seen": seen and (seen - t0) / 1000,
                         "recorded": recorded and (recorded - t0) / 1000, "icon": (shown - t0) / 1000}
 
-            print(f"\nEAC_AM_HEALTH_INTERVAL {args.interval:g} s; {args.runs} runs of each fault; seconds from the "
-                  f"fault call")
+            print(f"\nEAC_AM_HEALTH_INTERVAL {args.interval:g} s, AM follower "
+                  f"{'off' if args.no_follower else 'on'}; {args.runs} runs of each fault; seconds from the fault call")
             for i in range(args.runs):
                 for fault in faults:
                     component = "link:a" if fault == "link" else nic
@@ -270,9 +276,12 @@ def main() -> None:
         print("\ninterrupted: the bed and the console's processes are stopped", file=sys.stderr)
         return
 
-    budget = args.interval + LINK_TIMEOUT_S + READ_S + DOM_BUDGET_S
+    # With the follower a change is read when the AM's feed shows it (after its debounce), not at the next beat.
+    wait_s = args.interval if args.no_follower else FOLLOW_DEBOUNCE_S
+    budget = wait_s + LINK_TIMEOUT_S + READ_S + DOM_BUDGET_S
     ok = bool(any(results.values()))
-    print(f"\nfault → icon in the browser (budget, derived: interval {args.interval:g} + AM link timeout "
+    waited = f"beat interval {args.interval:g}" if args.no_follower else f"AM feed debounce {wait_s:g}"
+    print(f"\nfault → icon in the browser (budget, derived: {waited} + AM link timeout "
           f"{LINK_TIMEOUT_S:g} + AM reads {READ_S:g} + event→DOM {DOM_BUDGET_S:g} = {budget:.2f} s, worst run):")
     for fault, runs in results.items():
         if not runs:

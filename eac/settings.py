@@ -268,6 +268,9 @@ EAC_AM_POLL_INTERVAL = env.float("EAC_AM_POLL_INTERVAL", default=0.5)
 # reads (short: a dead host's AM must not hold the poll of the others); how long after a primary host's loss
 # the secondary may take to take over before "failover failed"; how often the replicas are validated.
 EAC_AM_HEALTH_INTERVAL = env.float("EAC_AM_HEALTH_INTERVAL", default=5.0)
+# manage.py follow_ams long-polls each AM's change feed for this long at a time (the AM answers at once when
+# something changes): a change is read within a second, the beat above is the safety net.
+EAC_AM_FOLLOW_WAIT = env.float("EAC_AM_FOLLOW_WAIT", default=15.0)
 EAC_AM_HEALTH_TIMEOUT = env.float("EAC_AM_HEALTH_TIMEOUT", default=3.0)
 EAC_L2_FAILOVER_GRACE = env.float("EAC_L2_FAILOVER_GRACE", default=30.0)
 # Level 2: start paused again, on its host once it is back, the VM that holds the memory for a takeover

@@ -136,6 +136,11 @@ class AMClient:
         """GET /v1/status: node, peer (state, links), witness reachability, resources."""
         return self._request("GET", "/v1/status")
 
+    def events(self, after: int, wait: float = 0.0) -> list[dict]:
+        """GET /v1/events: the AM's changes numbered above ``after``; when there are none yet, the AM holds the
+        answer up to ``wait`` seconds for the next (a long poll: this client's own timeout must exceed it)."""
+        return self._request("GET", f"/v1/events?after={int(after)}&timeout={wait:g}")
+
     def resources(self) -> list[dict]:
         return self._request("GET", "/v1/resources")
 

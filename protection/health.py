@@ -104,6 +104,11 @@ def _targets(protection: Protection) -> _Targets:
     return _Targets(disks, (primary_host, secondary_host), (primary_url, secondary_url))
 
 
+def am_urls(protection: Protection) -> tuple[str, str]:
+    """The management URLs of the protection's primary and secondary AMs ("" where a host has none)."""
+    return _targets(protection).urls
+
+
 def am_reads(protections: list[Protection]) -> dict[str, AMView]:
     """Every AM of these protections read once (its status and the resources of all of them), side by side: a
     poll of many protections waits for a silent AM once, not once per protection that uses it."""

@@ -12,9 +12,9 @@ def _compose() -> dict:
 
 def test_compose_has_every_production_service_and_xapisim_only_in_demo_profile():
     services = _compose()["services"]
-    assert {"postgres", "redis", "web", "worker", "beat", "watcher", "xapisim"} <= set(services)
+    assert {"postgres", "redis", "web", "worker", "beat", "watcher", "follower", "xapisim"} <= set(services)
     assert services["xapisim"]["profiles"] == ["demo"]
-    for name in ("web", "worker", "beat", "watcher"):
+    for name in ("web", "worker", "beat", "watcher", "follower"):
         assert "profiles" not in services[name]
 
 

@@ -72,8 +72,15 @@ def _use_queue(name: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, django_db_blocker):
-    """The live bed, the pool registered, an administrator and a mail recipient, and the console's processes."""
+def console_settings() -> dict[str, str]:
+    """The environment of the console's processes for Level 2 health (a module may override this fixture)."""
+    return HEALTH
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, django_db_blocker, console_settings):
+    """The live bed, the pool registered, an administrator and a mail recipient, and the console's processes:
+    watcher, worker, beat and the AM follower."""
     from alerts.models import Recipient
     from eac.celery import app
 
@@ -98,7 +105,7 @@ def stack(tmp_path_factory, django_db_blocker):
                 env = subprocess_env(
                     CELERY_TASK_DEFAULT_QUEUE=queue, EMAIL_URL=box.url, EAC_WORKFLOW_LEASE="3",
                     EAC_WORKFLOW_RETRY_DELAY="0.2", EAC_MAIL_RETRY_DELAY="0.5", EAC_SWEEP_INTERVAL="1",
-                    EAC_EVENT_TIMEOUT="5", LOG_LEVEL="INFO", EAC_AM_TOKEN_FILE=token_file, **HEALTH)
+                    EAC_EVENT_TIMEOUT="5", LOG_LEVEL="INFO", EAC_AM_TOKEN_FILE=token_file, **console_settings)
                 procs.append(Proc("watcher", [sys.executable, "manage.py", "watch_pools", "--poll", "1"], env=env,
                                   ready=None, log=tmp / "watcher.log").start())
                 procs.append(Proc("worker", [sys.executable, "-m", "celery", "-A", "eac", "worker", "-Q", queue,
@@ -109,6 +116,8 @@ def stack(tmp_path_factory, django_db_blocker):
                                            str(tmp / "beat.schedule"), "--scheduler",
                                            "celery.beat:PersistentScheduler"],
                                   env=env, ready="beat: Starting", log=tmp / "beat.log").start())
+                procs.append(Proc("follower", [sys.executable, "manage.py", "follow_ams"], env=env,
+                                  ready="follow_ams: following", log=tmp / "follower.log").start())
                 yield {"cmd": cmd, "live": live, "pool": pool, "admin": admin, "mail": box, "procs": procs,
                        "tmp": tmp}
         finally:

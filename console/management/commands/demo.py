@@ -30,7 +30,7 @@ ADMIN_USER = "admin"
 
 
 class Command(BaseCommand):
-    help = "Run the embedded demo: simulated pool, watcher, worker, beat and web server."
+    help = "Run the embedded demo: simulated pool, watcher, AM follower, worker, beat and web server."
 
     def add_arguments(self, parser):
         parser.add_argument("--port", type=int, default=int(os.environ.get("EAC_PORT", 8000)))
@@ -54,6 +54,7 @@ class Command(BaseCommand):
             self._register_pool(f"http://127.0.0.1:{xapisim_port}", sim_password)
             manage = [sys.executable, str(settings.BASE_DIR / "manage.py")]
             self._start("watcher", [*manage, "watch_pools"])
+            self._start("follower", [*manage, "follow_ams"])
             celery = [sys.executable, "-m", "celery", "-A", "eac", "--quiet"]
             self._start("worker", [*celery, "worker", "--concurrency", "2", "--loglevel", "WARNING"])
             self._start("beat", [*celery, "beat", "--loglevel", "WARNING",
