@@ -281,6 +281,8 @@ def main() -> None:
     budget = wait_s + LINK_TIMEOUT_S + READ_S + DOM_BUDGET_S
     ok = bool(any(results.values()))
     waited = f"beat interval {args.interval:g}" if args.no_follower else f"AM feed debounce {wait_s:g}"
+    polled_by = (f"the wait for its next AM poll, every {args.interval:g} s," if args.no_follower
+                 else "the AM's feed, the follower's debounce, a worker's")
     print(f"\nfault → icon in the browser (budget, derived: {waited} + AM link timeout "
           f"{LINK_TIMEOUT_S:g} + AM reads {READ_S:g} + event→DOM {DOM_BUDGET_S:g} = {budget:.2f} s, worst run):")
     for fault, runs in results.items():
@@ -297,7 +299,7 @@ def main() -> None:
               f"{verdict(within)}")
         if polled:
             print(f"       seen → recorded p50 {statistics.median(polled):6.3f} s  max {max(polled):6.3f} s   "
-                  f"(the console's part: the wait for its next AM poll, every {args.interval:g} s, and the read)")
+                  f"(the console's part: {polled_by} and the read)")
         if pushed:
             print(f"       recorded → icon p50 {statistics.median(pushed):6.3f} s  max {max(pushed):6.3f} s   "
                   f"(after commit: the push and the swap)")
