@@ -30,3 +30,12 @@ def admin_client(client, admin_user):
 def operator_client(client, operator_user):
     client.force_login(operator_user)
     return client
+
+
+@pytest.fixture(scope="module")
+def console_settings() -> dict[str, str]:
+    """The environment of the Level 2 console stack's processes for its health reads (the ``stack`` fixture of
+    test_level2_faults.py, which other modules import); a module may override this fixture."""
+    from tests.protection.test_level2_faults import HEALTH
+
+    return HEALTH

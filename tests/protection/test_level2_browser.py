@@ -17,7 +17,7 @@ from protection.models import Protection, WorkflowRun
 from protection.workflows import steps_for
 from tests.browser_support import Server, login, screenshot
 from tests.browser_waits import wait_until
-from tests.protection.test_level2_faults import HEALTH, VM_NAME, api, console_settings, stack  # noqa: F401 - fixtures
+from tests.protection.test_level2_faults import HEALTH, VM_NAME, api, stack  # noqa: F401 - fixtures
 from tests.protection.test_level2_live import pytestmark as live_only
 from tests.support import subprocess_env
 

@@ -72,12 +72,6 @@ def _use_queue(name: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def console_settings() -> dict[str, str]:
-    """The environment of the console's processes for Level 2 health (a module may override this fixture)."""
-    return HEALTH
-
-
-@pytest.fixture(scope="module")
 def stack(tmp_path_factory, django_db_blocker, console_settings):
     """The live bed, the pool registered, an administrator and a mail recipient, and the console's processes:
     watcher, worker, beat and the AM follower."""
