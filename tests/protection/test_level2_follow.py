@@ -1,8 +1,8 @@
 """The console follows the AMs' change feeds (``manage.py follow_ams``, protection/follow.py): a change on either
 AM of a Level 2 protection becomes a read of that protection within a second, whatever the beat's interval and
-whatever XAPI says (a cut availability link is nothing to XAPI). The follower runs here in the test's process,
-against the live bed's real AMs, with the protection the console made; the console's own follower runs beside it
-(the stack), so that a crash of an AM is also seen by the one under test."""
+whatever XAPI says (a cut availability link is nothing to XAPI). The follower under test runs in the test's
+process, against the live bed's real AMs, with the protection the console made (the stack runs its own beside it:
+end to end, inventory changes of the pool also make reads, so only the follower's own calls can tell)."""
 from __future__ import annotations
 
 import queue
