@@ -15,6 +15,8 @@ class Condition(models.TextChoices):
     VALIDATION_MISMATCH = "validation_mismatch", "Level 2 validation mismatch"
     FAILOVER_DONE = "failover_done", "Level 2 failover done"
     FAILOVER_FAILED = "failover_failed", "Level 2 failover failed"
+    # Level 3: the primary AM's checkpoints are not acknowledged (its output held), keyed vm:<uuid>/checkpoint.
+    CHECKPOINT_STALLED = "checkpoint_stalled", "Level 3 checkpointing stalled"
     TEST = "test", "Test alert"
 
 
@@ -32,6 +34,8 @@ SEVERITY = {
     Condition.VALIDATION_MISMATCH: "critical",
     Condition.FAILOVER_DONE: "warning",
     Condition.FAILOVER_FAILED: "critical",
+    # The VM's network output is held while no checkpoint is acknowledged: its clients see it frozen.
+    Condition.CHECKPOINT_STALLED: "critical",
     Condition.TEST: "info",
 }
 

@@ -16,7 +16,7 @@ from django.db.models import Count, Exists, F, OuterRef, QuerySet
 
 from inventory.choices import ConnectionState, PowerState
 from inventory.models import PBD, PIF, VM, Host, Pool
-from protection.choices import Health, Level, ProtectionStatus, SummaryGroup
+from protection.choices import Health, ProtectionStatus, SummaryGroup, uses_ams
 from protection.selectors import (
     Component,
     level2_component_list,
@@ -126,7 +126,7 @@ def vm_node(vm: VM) -> VMNode:
     if shown != vm.resident_on_id:  # failed over: it runs as its secondary VM there
         host = Host.objects.filter(pk=shown).only("uuid", "name_label").first()
     components: tuple[Component, ...] = ()
-    if state.level == Level.COMPONENT_FT:
+    if uses_ams(state.level):
         components = tuple(level2_component_list(vm.prot_components) if hasattr(vm, "prot_components")
                            else vm_protection_components(vm))
     return VMNode(

@@ -8,6 +8,8 @@ text holds it (the URL in messages is the AM's address alone).
 """
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,8 @@ from urllib.parse import quote, urlsplit
 
 import requests
 from django.conf import settings
+
+from .choices import EPOCH_MS_MAX, EPOCH_MS_MIN, LEVEL3_MAX_NICS, CheckpointState
 
 
 class AMError(Exception):
@@ -158,10 +162,12 @@ class AMClient:
 
     def resource_create(self, *, name: str, role: str, sr: str | None = None, vdi: str | None = None,
                         vm: str | None = None, size: int | None = None, image: str | None = None,
-                        peer: str | None = None) -> dict:
-        """POST /v1/resources. Level 2 gives ``sr``, ``vdi`` and ``vm`` (docs/level2.md) instead of ``image``."""
+                        peer: str | None = None, checkpoint: dict | None = None) -> dict:
+        """POST /v1/resources. Level 2 gives ``sr``, ``vdi`` and ``vm`` (docs/level2.md) instead of ``image``;
+        Level 3 adds ``checkpoint`` (``checkpoint_body``: the epoch length and the VM's MACs, docs/level3.md)."""
         body: dict[str, Any] = {"name": name, "role": role}
-        for key, value in (("sr", sr), ("vdi", vdi), ("vm", vm), ("size", size), ("image", image), ("peer", peer)):
+        for key, value in (("sr", sr), ("vdi", vdi), ("vm", vm), ("size", size), ("image", image), ("peer", peer),
+                           ("checkpoint", checkpoint)):
             if value is not None:
                 body[key] = value
         return self._request("POST", "/v1/resources", body)
@@ -192,3 +198,105 @@ def pair_problems(status: dict) -> list[str]:
     if not (status.get("witness") or {}).get("reachable"):
         problems.append("the witness is not reachable")
     return problems
+
+
+# -- Level 3: checkpointing (docs/level3.md) -------------------------------------------------------------
+
+MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+CHECKPOINT_STATES = tuple(CheckpointState.values)
+
+
+def checkpoint_body(*, epoch_ms: int, macs: list[str]) -> dict:
+    """The ``checkpoint`` object of ``POST /v1/resources``: the epoch length and the VM's VIF MACs, lowercase colon
+    form. ValueError with a sentence when they are outside what the AM's API takes (20..500 ms, 1..8 MACs)."""
+    if isinstance(epoch_ms, bool) or not isinstance(epoch_ms, int) or not EPOCH_MS_MIN <= epoch_ms <= EPOCH_MS_MAX:
+        raise ValueError(f"The epoch length {epoch_ms!r} is not a whole number of milliseconds from {EPOCH_MS_MIN} "
+                         f"to {EPOCH_MS_MAX}.")
+    macs = [str(m).strip().lower().replace("-", ":") for m in macs]
+    bad = [m for m in macs if not MAC_RE.match(m)]
+    if bad:
+        raise ValueError(f"The MAC address {bad[0]!r} of the VM is not of the form 02:ab:cd:ef:01:23.")
+    if not 1 <= len(macs) <= LEVEL3_MAX_NICS:
+        raise ValueError(f"The VM has {len(macs)} network interface(s): Level 3 holds the output of 1 to "
+                         f"{LEVEL3_MAX_NICS}.")
+    return {"epoch_ms": epoch_ms, "macs": macs}
+
+
+class MalformedAnswer(ValueError):
+    """An AM answered something the console cannot read (bad input from an AM: logged and shown, never a 500)."""
+
+    def __init__(self, sentence: str) -> None:
+        super().__init__(sentence)
+        self.sentence = sentence
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A resource's ``checkpoint`` as its AM reports it (``GET /v1/resources/{name}``); a figure the AM left out
+    is None."""
+
+    epoch_ms: int
+    state: str  # one of CHECKPOINT_STATES
+    why: str = ""
+    last_committed: int | None = None
+    last_commit_age_ms: float | None = None
+    size_bytes: int | None = None
+    capture_ms: float | None = None
+    commit_ms: float | None = None
+    output_hold_ms: float | None = None
+    held_packets: int | None = None
+
+    def figures(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("epoch_ms", "state", "last_committed", "last_commit_age_ms",
+                                              "size_bytes", "capture_ms", "commit_ms", "output_hold_ms",
+                                              "held_packets")}
+
+
+def _count(data: dict, key: str) -> int | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise MalformedAnswer(f"its checkpoint's {key} is {str(value)[:40]!r}, not a whole number ≥ 0")
+    return value
+
+
+def _ms(data: dict, key: str) -> float | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise MalformedAnswer(f"its checkpoint's {key} is {str(value)[:40]!r}, not a number of milliseconds ≥ 0")
+    return float(value)
+
+
+def checkpoint_of(resource: Any) -> Checkpoint | None:
+    """The ``checkpoint`` of an AM's resource answer: None when the answer has none (a Level 2 resource, or an AM
+    without Level 3: the key missing or null). MalformedAnswer, whose sentence says what was wrong, when it is
+    there but not what docs/level3.md says."""
+    if not isinstance(resource, dict):
+        return None
+    data = resource.get("checkpoint")
+    if data is None:
+        return None
+    try:
+        if not isinstance(data, dict):
+            raise MalformedAnswer(f"its checkpoint is a {type(data).__name__}, not an object")
+        state = data.get("state")
+        if state not in CHECKPOINT_STATES:
+            raise MalformedAnswer(f"its checkpoint state {str(state)[:40]!r} is none of {', '.join(CHECKPOINT_STATES)}")
+        epoch = data.get("epoch_ms")
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or not 1 <= epoch <= 60_000:
+            raise MalformedAnswer(f"its checkpoint's epoch_ms is {str(epoch)[:40]!r}, not a number of milliseconds")
+        why = data.get("why") or ""
+        if not isinstance(why, str):
+            raise MalformedAnswer("its checkpoint's why is not a sentence")
+        return Checkpoint(epoch_ms=epoch, state=state, why=why.strip()[:500],
+                          last_committed=_count(data, "last_committed"),
+                          last_commit_age_ms=_ms(data, "last_commit_age_ms"), size_bytes=_count(data, "size_bytes"),
+                          capture_ms=_ms(data, "capture_ms"), commit_ms=_ms(data, "commit_ms"),
+                          output_hold_ms=_ms(data, "output_hold_ms"), held_packets=_count(data, "held_packets"))
+    except MalformedAnswer as exc:
+        name = resource.get("name")
+        raise MalformedAnswer(f"The answer about {str(name)[:80] if name else 'a resource'} cannot be read: "
+                              f"{exc.sentence}.") from None

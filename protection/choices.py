@@ -8,11 +8,34 @@ class Level(models.IntegerChoices):
     SYSTEM_FT = 3, "Level 3 — system fault tolerance"
 
 
-# Level 3 waits for the AMs' checkpointing (epoch mirroring, the checkpoint source).
-AVAILABLE_LEVELS = frozenset({Level.BASIC_RESTART, Level.COMPONENT_FT})
-UNAVAILABLE_REASON = {
-    Level.SYSTEM_FT: "Needs checkpointing in the Availability Manager agents, which is not released yet.",
-}
+AVAILABLE_LEVELS = frozenset({Level.BASIC_RESTART, Level.COMPONENT_FT, Level.SYSTEM_FT})
+# Why a level that is not in AVAILABLE_LEVELS cannot be chosen (the wizard shows it; the service refuses with it).
+UNAVAILABLE_REASON: dict[Level, str] = {}
+
+# The levels whose protection is a pair of Availability Managers (Level 2's machinery: replicas, a paused
+# secondary VM, component health, failover). Level 3 is Level 2 plus checkpointing.
+AM_LEVELS = frozenset({Level.COMPONENT_FT, Level.SYSTEM_FT})
+
+
+def uses_ams(level: int | None) -> bool:
+    return level in AM_LEVELS
+
+
+# Level 3: the epoch length (ms) between two checkpoints, bounded as the AM's API bounds it; and the one vCPU
+# a checkpoint captures (XAPI's VM.VCPUs_max), and the VM's NICs whose output the AM holds (1..8 MACs).
+EPOCH_MS_MIN, EPOCH_MS_MAX, EPOCH_MS_DEFAULT = 20, 500, 50
+LEVEL3_VCPUS = 1
+LEVEL3_MAX_NICS = 8
+
+
+class CheckpointState(models.TextChoices):
+    """A Level 3 resource's checkpointing, as its AM names it (``GET /v1/resources/{name}`` ``checkpoint.state``)."""
+
+    CHECKPOINTING = "Checkpointing", "Checkpointing"  # primary: its checkpoints acknowledged by the secondary
+    STALLED = "Stalled", "Stalled"  # primary: no acknowledgement for max(10 epochs, 1 s), the peer connected
+    UNPROTECTED = "Unprotected", "Unprotected"  # primary without a peer: runs on, output not held
+    STANDBY = "Standby", "Standby"  # secondary: receiving checkpoints
+    NO_GUEST = "NoGuest", "No guest"  # primary: the guest's checkpoint control is not reachable
 
 # What each level protects against (the comparison table of the original product).
 LEVEL_COMPARISON = [

@@ -34,7 +34,7 @@ from inventory.xapi import XapiError, pool_client
 
 from . import selectors
 from .am_client import AMClient, AMError
-from .choices import RUNNING_STATES, Level, ProtectionStatus, RunKind, RunState, StepState
+from .choices import RUNNING_STATES, Level, ProtectionStatus, RunKind, RunState, StepState, uses_ams
 from .models import ProtectedDisk, Protection, WorkflowRun, WorkflowStep
 from .workflows import StepFailed, step_named
 
@@ -377,8 +377,8 @@ def _after_run(run: WorkflowRun, failed: tuple[str, str, list] | None) -> None:
             protection.status_reason = (run.params or {}).get("reason_before") or ""
             protection.save()
         elif run.kind == RunKind.UNPROTECT and protection is not None:
-            if vm is not None and protection.level == Level.COMPONENT_FT:
-                _level2_alerts_clear(vm)
+            if vm is not None and uses_ams(protection.level):
+                _level2_alerts_clear(vm, protection.level)
             protection.delete()
             audit_record(user=None, action=AuditAction.UNPROTECTED, pool=run.pool, vm=vm, detail={"run": run.pk})
         alerts.alert_clear(condition=Condition.WORKFLOW_FAILED, object_key=object_key,
@@ -400,12 +400,12 @@ def runs_to_resume() -> list[int]:
     return [*resumed, *lost]
 
 
-def _level2_alerts_clear(vm) -> None:
-    """Unprotected: the Level 2 components of the VM are gone, so are their open alerts (cleared once)."""
+def _level2_alerts_clear(vm, level: int) -> None:
+    """Unprotected: the Level 2 (or 3) components of the VM are gone, so are their open alerts (cleared once)."""
     prefix = component_key(vm, "")
     for condition in (Condition.REDUNDANCY_LOST, Condition.VALIDATION_MISMATCH, Condition.FAILOVER_DONE,
-                      Condition.FAILOVER_FAILED):
+                      Condition.FAILOVER_FAILED, Condition.CHECKPOINT_STALLED):
         for key in alert_reads.open_object_keys(condition=condition, pool=vm.pool):
             if key.startswith(prefix):
                 alerts.alert_clear(condition=condition, object_key=key, new_state="unprotected",
-                                   message=f"{vm.name_label} is no longer protected at Level 2.")
+                                   message=f"{vm.name_label} is no longer protected at Level {level}.")

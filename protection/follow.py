@@ -20,7 +20,7 @@ from django.conf import settings
 from django.db import close_old_connections, connections
 
 from .am_client import AMClient, AMError
-from .choices import Level
+from .choices import AM_LEVELS
 from .health import am_urls
 from .models import Protection
 
@@ -30,10 +30,11 @@ RETRY_S = 1.0  # an AM that did not answer is asked again after this
 
 
 def followed() -> dict[str, set[int]]:
-    """Each AM URL that a Level 2 protection uses, and those protections' ids."""
+    """Each AM URL that a Level 2 or 3 protection uses, and those protections' ids. (A Level 3 AM's checkpoint
+    state changes are ``state`` events of its feed like the others: each one enqueues a read.)"""
     out: dict[str, set[int]] = {}
-    for protection in Protection.objects.filter(level=Level.COMPONENT_FT).select_related("observed_host",
-                                                                                          "secondary_host"):
+    for protection in Protection.objects.filter(level__in=AM_LEVELS).select_related("observed_host",
+                                                                                     "secondary_host"):
         for url in am_urls(protection):
             if url:
                 out.setdefault(url, set()).add(protection.pk)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from django import forms
 
-from .choices import ORDER_MAX, START_DELAY_MAX, Level, RestartPriority
+from .choices import EPOCH_MS_MAX, EPOCH_MS_MIN, ORDER_MAX, START_DELAY_MAX, Level, RestartPriority
 
 SETTINGS_FIELDS = ("restart_priority", "order", "start_delay", "heartbeat_sr", "failures_to_tolerate",
-                   "secondary_host")
+                   "secondary_host", "epoch_ms")
 MIB = 2**20
 
 
@@ -27,6 +27,9 @@ class ProtectForm(forms.Form):
     secondary_host = forms.CharField(max_length=64, required=False, label="Secondary host")
     secondary_memory_mib = forms.IntegerField(min_value=1, max_value=2**24, required=False,
                                               label="Secondary memory (MiB)")
+    # Level 3: the time between two checkpoints (blank: the default, choices.EPOCH_MS_DEFAULT).
+    epoch_ms = forms.IntegerField(min_value=EPOCH_MS_MIN, max_value=EPOCH_MS_MAX, required=False,
+                                  label="Epoch length (ms)")
 
     def level_or_default(self) -> int:
         return self.cleaned_data.get("level") or Level.BASIC_RESTART

@@ -16,6 +16,7 @@ the result (statuses, alerts, failover) in one transaction.
 """
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -23,9 +24,11 @@ from django.conf import settings
 
 from inventory.models import PIF, VIF, VM, Host
 
-from .am_client import AMClient, AMError
-from .choices import ComponentState
+from .am_client import AMClient, AMError, Checkpoint, MalformedAnswer, checkpoint_of
+from .choices import CheckpointState, ComponentState, Level
 from .models import ProtectedDisk, Protection
+
+log = logging.getLogger(__name__)
 
 OK, DEGRADED, FAILED, UNKNOWN = (ComponentState.OK.value, ComponentState.DEGRADED.value,
                                  ComponentState.FAILED.value, ComponentState.UNKNOWN.value)
@@ -320,7 +323,121 @@ def components_of(reading: Reading) -> list[dict]:
 
     for nic in reading.nics:
         out.append(_nic_component(nic, reading))
+    if reading.protection.level == Level.SYSTEM_FT and reading.disks:
+        for view in reading.ams:
+            out.append(_checkpoint_component(reading, view))
     return out
+
+
+# -- Level 3: checkpointing (docs/level3.md) ------------------------------------------------------------
+
+
+def _figure_words(value: float | None, unit: str, bounds: tuple[float, ...]) -> str:
+    """A figure in words coarse enough not to change at every reading (as ``_rtt_words``): the exact figures are
+    the component's ``checkpoint``, which is not a change worth pushing to the pages."""
+    if value is None:
+        return "unknown"
+    for bound in bounds:
+        if value < bound:
+            return f"under {bound:g} {unit}"
+    return f"over {bounds[-1]:g} {unit}"
+
+
+def _size_words(size: int | None) -> str:
+    if size is None:
+        return "of unknown size"
+    for bound, label in ((64 * 2**10, "64 KiB"), (2**20, "1 MiB"), (16 * 2**20, "16 MiB")):
+        if size < bound:
+            return f"under {label}"
+    return "over 16 MiB"
+
+
+def checkpoint_read(reading: Reading, view: AMView) -> tuple[Checkpoint | None, str]:
+    """The checkpoint that ``view``'s AM reports for the protection (its first disk's resource: the AM
+    checkpoints the VM once for all its disks), or why it cannot be read: (None, sentence). (None, "") when the
+    resource has no checkpoint (a Level 2 resource, or an AM without Level 3)."""
+    res = view.resources.get(reading.disks[0].resource) if reading.disks else None
+    try:
+        return checkpoint_of(res), ""
+    except MalformedAnswer as exc:
+        log.warning("AM at %s: %s", view.url, exc.sentence)
+        return None, exc.sentence
+
+
+def _checkpoint_component(reading: Reading, view: AMView) -> dict:
+    """Checkpointing as one host's AM sees it: the AM that serves the disks as primary checkpoints the VM
+    (Checkpointing), its peer receives the checkpoints (Standby). Its ``checkpoint`` holds the exact figures."""
+    cid = f"checkpoint@{view.host.uuid if view.host else view.url}"
+    where, kind = view.host_name, "Checkpointing"
+    if view.error:
+        return _component(cid, kind, where, view, UNKNOWN,
+                          f"The checkpointing on {where} is unknown: its AM does not answer.")
+    disk = reading.disks[0]
+    res = view.resources.get(disk.resource)
+    if res is None:
+        return _component(cid, kind, where, view, UNKNOWN,
+                          f"The AM on {where} has no resource {disk.resource} to checkpoint with.")
+    cp, unreadable = checkpoint_read(reading, view)
+    if unreadable:
+        return _component(cid, kind, where, view, UNKNOWN, f"The AM on {where} says something the console cannot "
+                                                           f"read: {unreadable}", "Check the AM's version and log.")
+    if cp is None:
+        return _component(cid, kind, where, view, FAILED,
+                          f"The AM on {where} serves disk {disk.userdevice or disk.resource} without checkpointing "
+                          "(a Level 2 resource): the VM is not checkpointed.",
+                          f"Update the AM on {where} to one with checkpointing, then unprotect the VM and protect it "
+                          "again at Level 3.")
+    primary = res.get("role") == "Primary"
+    figures = cp.figures()
+    why = f" {cp.why}" if cp.why else ""
+    epoch = f"every {cp.epoch_ms} ms"
+    if cp.state == CheckpointState.CHECKPOINTING and primary:
+        return _component(
+            cid, kind, where, view, OK,
+            f"Checkpointing {epoch}: each checkpoint {_size_words(cp.size_bytes)}, captured in "
+            f"{_figure_words(cp.capture_ms, 'ms', (1, 5, 20, 100))}, acknowledged in "
+            f"{_figure_words(cp.commit_ms, 'ms', (5, 20, 100, 500))}; output held "
+            f"{_figure_words(cp.output_hold_ms, 'ms', (20, 100, 500))}.", checkpoint=figures)
+    if cp.state == CheckpointState.STANDBY and not primary:
+        return _component(cid, kind, where, view, OK, f"Receiving the checkpoints ({epoch}).", checkpoint=figures)
+    if cp.state == CheckpointState.STALLED:
+        return _component(cid, kind, where, view, FAILED,
+                          f"Checkpointing stalled on {where}: no checkpoint acknowledged by its peer for more than "
+                          f"max(10 epochs, 1 s) while the peer is connected; the VM's network output is held.{why}",
+                          f"Check the availability links between {reading.primary.host_name} and "
+                          f"{reading.secondary.host_name} and the AM on the peer (its log).", checkpoint=figures)
+    if cp.state == CheckpointState.UNPROTECTED:
+        return _component(cid, kind, where, view, DEGRADED,
+                          f"Checkpointing on {where} has no peer: the VM runs on with its output not held, and a "
+                          f"failure of {where} would lose what it did since its last committed checkpoint.{why}",
+                          f"Bring back the peer of {where} and both availability links.", checkpoint=figures)
+    if cp.state == CheckpointState.NO_GUEST:
+        return _component(cid, kind, where, view, FAILED,
+                          f"The AM on {where} cannot reach the guest's checkpoint control: no checkpoint is taken."
+                          f"{why}", f"Check that the VM runs on {where} and that its checkpoint control answers.",
+                          checkpoint=figures)
+    expected = CheckpointState.CHECKPOINTING if primary else CheckpointState.STANDBY
+    return _component(cid, kind, where, view, DEGRADED,
+                      f"The AM on {where} ({res.get('role', '?')}) is {CheckpointState(cp.state).label}, not "
+                      f"{expected.label}.{why}", "Check the AMs' logs.", checkpoint=figures)
+
+
+def checkpoint_stalled(reading: Reading) -> bool | None:
+    """Whether the primary AM's checkpointing is Stalled (True), Checkpointing (False), or neither can be said
+    (None: another state, or no AM answers as the primary with a readable checkpoint)."""
+    if not reading.disks:
+        return None
+    view = _primary_of(reading, reading.disks[0].resource)
+    if view is None:
+        return None
+    cp, _ = checkpoint_read(reading, view)
+    if cp is None:
+        return None
+    if cp.state == CheckpointState.STALLED:
+        return True
+    if cp.state == CheckpointState.CHECKPOINTING:
+        return False
+    return None
 
 
 def _nic_component(nic: dict, reading: Reading) -> dict:

@@ -40,6 +40,8 @@ class Protection(models.Model):
     secondary_host = models.ForeignKey(Host, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     secondary_memory = models.BigIntegerField(null=True, blank=True, help_text="Bytes reserved for the secondary VM")
     secondary_vm_uuid = models.CharField(max_length=64, blank=True)
+    # Level 3 setting: the time between two checkpoints, in ms (choices.EPOCH_MS_MIN..EPOCH_MS_MAX); None below Level 3.
+    epoch_ms = models.PositiveIntegerField(null=True, blank=True, help_text="Level 3: ms between two checkpoints")
     # Level 2 component health, as the last poll of both AMs found it (``protection/health.py``): a list of
     # {"id", "kind", "name", "host", "host_name", "state" (ComponentState), "detail", "repair", "since",
     # "progress"?}. A JSON list rather than a table: it is always read and written whole, by one poller, and

@@ -23,7 +23,7 @@ from inventory.choices import ConnectionState
 from inventory.models import Host, Pool
 
 from . import selectors, tasks
-from .choices import RUNNING_STATES, Level, ProtectionStatus
+from .choices import RUNNING_STATES, ProtectionStatus, uses_ams
 from .models import FailoverEvent, Protection
 
 log = logging.getLogger(__name__)
@@ -147,8 +147,8 @@ def _evaluate_protection(protection: Protection, hosts: dict[int, Host], plan_ok
                          open_events: dict[tuple[str, str], FailoverEvent]) -> None:
     if protection.status in (ProtectionStatus.PROTECTING, ProtectionStatus.UNPROTECTING, ProtectionStatus.CANDIDATE):
         return  # a workflow owns the status
-    if protection.level == Level.COMPONENT_FT:
-        # Level 2: its AMs, not XAPI HA, take over a lost host's VM; its status and failovers follow what
+    if uses_ams(protection.level):
+        # Level 2 (and 3): its AMs, not XAPI HA, take over a lost host's VM; its status and failovers follow what
         # they say (health.py, services.protection_health_record). A change seen here is a reason to ask them.
         transaction.on_commit(lambda pk=protection.pk: tasks.level2_poll.delay(pk))
         return

@@ -7,7 +7,20 @@ from django.db.models import Count, F, Q, QuerySet
 
 from inventory.models import SR, VDI, VIF, VM, Host, Pool
 
-from .choices import ACTIVE_RUN_STATES, AVAILABLE_LEVELS, RUNNING_STATES, UNAVAILABLE_REASON, Level, RestartPriority
+from .choices import (
+    ACTIVE_RUN_STATES,
+    AVAILABLE_LEVELS,
+    EPOCH_MS_DEFAULT,
+    EPOCH_MS_MAX,
+    EPOCH_MS_MIN,
+    LEVEL3_MAX_NICS,
+    LEVEL3_VCPUS,
+    RUNNING_STATES,
+    UNAVAILABLE_REASON,
+    Level,
+    RestartPriority,
+    uses_ams,
+)
 from .models import WorkflowRun
 from .selectors import plan_blockers_text, pool_planner
 
@@ -138,15 +151,58 @@ def level2_secondary_candidates(vm: VM) -> list[dict]:
     return out
 
 
-def _level2_checks(vm: VM, settings: dict, check) -> dict:
+def level3_vm_problems(vm: VM) -> dict[str, str]:
+    """Why the VM itself cannot be checkpointed ({check name: sentence}): more than one vCPU (a checkpoint
+    captures one vCPU's state: XAPI's VM.VCPUs_max), or no NIC or too many (the AM holds the output of 1 to
+    LEVEL3_MAX_NICS MACs)."""
+    problems = {}
+    if vm.vcpus_max != LEVEL3_VCPUS:
+        problems["vcpus"] = (f"The VM has {vm.vcpus_max} vCPUs (VM.VCPUs_max): Level 3 needs exactly "
+                             f"{LEVEL3_VCPUS}, because checkpointing captures one vCPU's state. Halt the VM, set "
+                             "its VCPUs_max to 1, and protect it again.")
+    nics = VIF.objects.filter(vm=vm).count()
+    if not 1 <= nics <= LEVEL3_MAX_NICS:
+        problems["nics"] = (f"The VM has {nics} network interface(s): Level 3 holds the VM's network output until "
+                            f"each checkpoint is safe, for 1 to {LEVEL3_MAX_NICS} interfaces.")
+    return problems
+
+
+def _level3_checks(vm: VM, settings: dict, check) -> dict:
+    problems = level3_vm_problems(vm)
+    check("vcpus", "vcpus" not in problems, problems.get("vcpus") or
+          "The VM has 1 vCPU (VM.VCPUs_max): its state can be checkpointed.")
+    check("nics", "nics" not in problems, problems.get("nics") or
+          "The VM's network output is held until each checkpoint is acknowledged: its clients never see what a "
+          "failover would undo.")
+    epoch = settings.get("epoch_ms")
+    try:
+        epoch = EPOCH_MS_DEFAULT if epoch in (None, "") else int(epoch)
+    except (TypeError, ValueError):
+        epoch = None
+    if epoch is None or not EPOCH_MS_MIN <= epoch <= EPOCH_MS_MAX:
+        check("epoch", False, f"The epoch length must be a whole number of milliseconds from {EPOCH_MS_MIN} to "
+                              f"{EPOCH_MS_MAX}.")
+    else:
+        check("epoch", True, f"A checkpoint every {epoch} ms: after a host failure the VM continues from the last "
+                             f"one; each packet it sends is held up to {epoch} ms and the time to commit the "
+                             "checkpoint.")
+    return {"epoch_ms": epoch, "epoch_min": EPOCH_MS_MIN, "epoch_max": EPOCH_MS_MAX, "vcpus_max": vm.vcpus_max}
+
+
+def _level2_checks(vm: VM, settings: dict, check, level: int = Level.COMPONENT_FT) -> dict:
     choice = level2_choice(vm, settings)
     primary, secondary = choice.primary, choice.secondary
     problems = level2_setting_problems(vm, choice)
-    check("level", True, "Level 2: the AMs of two hosts mirror every disk of the VM; a paused copy of it on "
-                         "the secondary host takes over if the VM, its host, a disk or a NIC fails.")
+    if level == Level.SYSTEM_FT:
+        check("level", True, "Level 3: as Level 2, the AMs of two hosts mirror every disk of the VM, and the VM is "
+                             "checkpointed to its paused copy on the secondary host, which continues from the last "
+                             "checkpoint if the VM or its host fails: clients keep their sessions.")
+    else:
+        check("level", True, "Level 2: the AMs of two hosts mirror every disk of the VM; a paused copy of it on "
+                             "the secondary host takes over if the VM, its host, a disk or a NIC fails.")
     running = vm.power_state == "Running"
     check("power", running, "The VM is running." if running else
-          f"The VM is {vm.get_power_state_display().lower()}: Level 2 protects a running VM (start it first).")
+          f"The VM is {vm.get_power_state_display().lower()}: Level {level} protects a running VM (start it first).")
     disks = list(vm_disk_vdis(vm))
     check("disks", bool(disks), f"{len(disks)} disk(s) to mirror: "
           + ", ".join(f"{d.name_label or d.uuid} ({d.virtual_size / GIB:.1f} GiB)" for d in disks) + "."
@@ -208,21 +264,23 @@ def protection_preflight(*, vm: VM, level: int, settings: dict | None = None) ->
     titles = {"level": "Level", "vm": "VM", "agility": "Agility", "plan": "Failover plan", "capacity": "Capacity",
               "ha": "High availability", "busy": "Workflow", "power": "Power state", "disks": "Disks",
               "am": "Availability Manager", "secondary": "Secondary host", "footprint": "Secondary memory",
-              "memory": "Memory on the secondary", "storage": "Storage on the secondary", "links": "AM links"}
+              "memory": "Memory on the secondary", "storage": "Storage on the secondary", "links": "AM links",
+              "vcpus": "vCPUs", "nics": "Network output", "epoch": "Epoch length"}
 
     def check(name: str, ok: bool, message: str, blocking: bool = True) -> None:
         checks.append({"name": name, "title": titles[name], "ok": ok, "message": message,
                        "blocking": blocking and not ok})
 
-    if level == Level.COMPONENT_FT:
+    if uses_ams(level):
         if not vm.is_ordinary:
             check("vm", False, "Only ordinary VMs can be protected (not templates, snapshots or control domains).")
-        level2 = _level2_checks(vm, settings, check)
+        level2 = _level2_checks(vm, settings, check, level)
+        level3 = _level3_checks(vm, settings, check) if level == Level.SYSTEM_FT else None
         _busy(vm, check)
         return {"vm": vm.pk, "level": level, "can_proceed": not any(c["blocking"] for c in checks),
                 "checks": checks, "ha_enabled": pool.ha_enabled, "failures_to_tolerate":
                 pool.ha_host_failures_to_tolerate, "max_failures_with_vm": 0, "heartbeat_srs": [],
-                "level2": level2}
+                "level2": level2, "level3": level3}
 
     if level not in AVAILABLE_LEVELS:
         check("level", False, UNAVAILABLE_REASON.get(Level(level), "This level is not available."))
@@ -270,6 +328,7 @@ def protection_preflight(*, vm: VM, level: int, settings: dict | None = None) ->
         "max_failures_with_vm": best,
         "heartbeat_srs": candidates,
         "level2": None,
+        "level3": None,
     }
 
 

@@ -17,6 +17,7 @@ from typing import NamedTuple
 from django.db import models
 from django.db.models import Case, Count, Exists, F, OuterRef, Q, QuerySet, Subquery, Value, When
 from django.db.models.functions import Coalesce
+from django.template.defaultfilters import filesizeformat
 from django.utils.dateparse import parse_datetime
 
 from eac.audit import AuditAction, AuditEntry
@@ -25,13 +26,14 @@ from inventory.models import VBD, VM, Host, Pool
 from . import planner
 from .choices import (
     ACTIVE_RUN_STATES,
+    AM_LEVELS,
     RUNNING_STATES,
     ComponentState,
     Health,
-    Level,
     ProtectionStatus,
     RestartPriority,
     SummaryGroup,
+    uses_ams,
 )
 from .models import FailoverEvent, Protection, WorkflowRun
 
@@ -103,7 +105,7 @@ def vm_annotate_placement(qs: QuerySet[VM]) -> QuerySet[VM]:
     mirrored disks with the VM's MACs and address: the protected VM is shown there, running, under its own name
     (and its copy is left out of the lists, ``vm_exclude_stand_ins``). Otherwise XAPI's ``resident_on`` and
     ``power_state``."""
-    failed_over = {"protection__level": Level.COMPONENT_FT, "protection__failed_over_to__isnull": False}
+    failed_over = {"protection__level__in": AM_LEVELS, "protection__failed_over_to__isnull": False}
     copy = _running_copy()
     return qs.annotate(
         shown_host_id=Case(
@@ -123,7 +125,7 @@ def vm_exclude_stand_ins(qs: QuerySet[VM]) -> QuerySet[VM]:
     """Without the secondary VMs that stand in for their protected VM after a Level 2 failover: the protected
     VM is shown in their place (``vm_annotate_placement``)."""
     return qs.exclude(Exists(Protection.objects.filter(
-        pool=OuterRef("pool"), level=Level.COMPONENT_FT, failed_over_to__isnull=False,
+        pool=OuterRef("pool"), level__in=AM_LEVELS, failed_over_to__isnull=False,
         secondary_vm_uuid=OuterRef("uuid"))))
 
 
@@ -348,6 +350,8 @@ class Component:
     repair: str = ""  # Level 2: what to do when it is not well
     progress: float | None = None  # Level 2: a disk being synced, 0..1
     id: str = ""  # Level 2: the component's id in ``Protection.components`` (``link:a``, ``disk:0@<host>``…)
+    # Level 3 checkpointing: its figures as the AM last reported them, in words ((label, value) pairs: hashable)
+    figures: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -380,6 +384,7 @@ class ProtectionInfo:
     last_verify: dict | None = None
     last_verify_at: dt.datetime | None = None
     failed_disks: tuple[str, ...] = ()
+    epoch_ms: int | None = None  # Level 3
 
     @property
     def can_unprotect(self) -> bool:
@@ -411,6 +416,7 @@ def vm_protection_info(vm: VM) -> ProtectionInfo | None:
         last_verify_at=parse_datetime(protection.last_verify["at"]) if protection.last_verify.get("at") else None,
         failed_disks=tuple(c["name"] for c in protection.components or []
                            if c.get("kind") == "Disk replica" and c.get("state") == ComponentState.FAILED),
+        epoch_ms=protection.epoch_ms,
     )
 
 
@@ -419,7 +425,7 @@ def vm_protection_components(vm: VM) -> list[Component]:
     protection = Protection.objects.filter(vm=vm).select_related("pool").first()
     if protection is None:
         return []  # not protected: no component to show
-    if protection.level == Level.COMPONENT_FT:
+    if uses_ams(protection.level):
         return level2_components(protection)
     out = []
     host = vm.resident_on
@@ -459,15 +465,45 @@ def level2_component_list(components: list | None) -> list[Component]:
             health=_COMPONENT_HEALTH.get(c.get("state"), "unknown"),
             since=parse_datetime(c["since"]) if c.get("since") else None,
             detail=c.get("detail", ""), host=c.get("host_name", ""), repair=c.get("repair", ""),
-            progress=c.get("progress"), id=str(c.get("id", "")),
+            progress=c.get("progress"), id=str(c.get("id", "")), figures=checkpoint_figures(c.get("checkpoint")),
         ))
     return out
+
+
+def _ms_words(value) -> str:
+    return f"{value:.1f} ms" if isinstance(value, int | float) and not isinstance(value, bool) else "—"
+
+
+def checkpoint_figures(figures) -> tuple[tuple[str, str], ...]:
+    """A checkpoint component's figures (``health._checkpoint_component``: the AM's checkpoint as read) in words,
+    in the order the VM page shows them; () when there are none (or they are not a dict: an old record)."""
+    if not isinstance(figures, dict):
+        return ()
+
+    def count(key: str) -> str:
+        value = figures.get(key)
+        return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else "—"
+
+    size = figures.get("size_bytes")
+    age = figures.get("last_commit_age_ms")
+    committed = count("last_committed")
+    if committed != "—" and isinstance(age, int | float) and not isinstance(age, bool):
+        committed += f" ({age:.0f} ms before the AMs were read)"
+    return (
+        ("Epoch length", f"{figures['epoch_ms']} ms" if isinstance(figures.get("epoch_ms"), int) else "—"),
+        ("Last committed epoch", committed),
+        ("Checkpoint size", filesizeformat(size) if isinstance(size, int) and not isinstance(size, bool) else "—"),
+        ("Capture (pause to resume)", _ms_words(figures.get("capture_ms"))),
+        ("Commit (capture to acknowledged)", _ms_words(figures.get("commit_ms"))),
+        ("Output hold (mean)", _ms_words(figures.get("output_hold_ms"))),
+        ("Packets held now", count("held_packets")),
+    )
 
 
 def vm_events(vm: VM, *, limit: int = 20) -> list[VMEvent]:
     """What happened to the VM's protection, newest first: failovers and protection changes."""
     events = []
-    level2 = Protection.objects.filter(vm=vm, level=Level.COMPONENT_FT).exists()
+    level2 = Protection.objects.filter(vm=vm, level__in=AM_LEVELS).exists()
     for e in FailoverEvent.objects.filter(vm_uuid=vm.uuid, pool=vm.pool).order_by("-detected_at")[:limit]:
         if level2 and e.state == FailoverEvent.State.RESTARTED:
             text = (f"Failed over to {e.to_host_name} (its AM took over the disks) after {e.from_host_name} was "

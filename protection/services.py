@@ -29,15 +29,20 @@ from . import health, selectors, tasks
 from .choices import (
     ACTIVE_RUN_STATES,
     AVAILABLE_LEVELS,
+    EPOCH_MS_DEFAULT,
+    EPOCH_MS_MAX,
+    EPOCH_MS_MIN,
     ORDER_MAX,
     START_DELAY_MAX,
     UNAVAILABLE_REASON,
+    CheckpointState,
     ComponentState,
     Level,
     Level2Action,
     ProtectionStatus,
     RestartPriority,
     RunKind,
+    uses_ams,
 )
 from .models import FailoverEvent, Protection, WorkflowRun, WorkflowStep
 from .preflight import heartbeat_sr_candidates, level2_choice, level2_setting_problems, protection_preflight
@@ -94,7 +99,7 @@ def _clean_settings(vm: VM, raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _clean_level2(vm: VM, raw: dict[str, Any]) -> dict[str, Any]:
+def _clean_level2(vm: VM, raw: dict[str, Any], level: int = Level.COMPONENT_FT) -> dict[str, Any]:
     """Level 2 settings: the secondary host (default: the AM peer of the VM's host) and the memory it
     reserves for the secondary VM in bytes (default: the VM's; not below its dynamic minimum)."""
     errors: dict[str, str] = {}
@@ -115,7 +120,7 @@ def _clean_level2(vm: VM, raw: dict[str, Any]) -> dict[str, Any]:
     if not errors and choice.secondary is None:
         primary = choice.primary
         errors["secondary_host"] = (
-            f"{primary} has no Availability Manager: Level 2 needs one on the VM's host and on its peer."
+            f"{primary} has no Availability Manager: Level {level} needs one on the VM's host and on its peer."
             if primary is not None and not primary.am_url
             else "Choose the secondary host: the VM's host has no AM peer to suggest."
         )
@@ -128,6 +133,32 @@ def _clean_level2(vm: VM, raw: dict[str, Any]) -> dict[str, Any]:
         "secondary_memory": choice.footprint,
         "secondary_sr": choice.sr.uuid if choice.sr else "",
     }
+
+
+def _clean_level3(vm: VM, raw: dict[str, Any]) -> dict[str, Any]:
+    """Level 3 settings: Level 2's, and the epoch length in ms (EPOCH_MS_MIN..EPOCH_MS_MAX, default
+    EPOCH_MS_DEFAULT). Whether the VM itself suits Level 3 (one vCPU, 1 to 8 NICs) is the preflight's to say."""
+    errors: dict[str, list[str]] = {}
+    epoch = raw.get("epoch_ms")
+    if epoch in (None, ""):
+        epoch = EPOCH_MS_DEFAULT
+    try:
+        if isinstance(epoch, bool) or isinstance(epoch, float) and not epoch.is_integer():
+            raise ValueError
+        epoch = int(epoch)
+    except (TypeError, ValueError, OverflowError):
+        errors["epoch_ms"] = ["Must be a whole number of milliseconds."]
+    else:
+        if not EPOCH_MS_MIN <= epoch <= EPOCH_MS_MAX:
+            errors["epoch_ms"] = [f"Must be between {EPOCH_MS_MIN} and {EPOCH_MS_MAX} ms (the time between two "
+                                  "checkpoints)."]
+    try:
+        clean = _clean_level2(vm, raw, Level.SYSTEM_FT)
+    except ValidationError as exc:
+        errors.update(exc.message_dict)
+    if errors:
+        raise ValidationError(errors)
+    return {**clean, "level": int(Level.SYSTEM_FT), "epoch_ms": epoch}
 
 
 def protection_start(
@@ -154,8 +185,13 @@ def protection_start(
         raise ValidationError({"level": f"Level {level.value} is not available yet. {UNAVAILABLE_REASON[level]}"})
     if not vm.is_ordinary:
         raise ValidationError({"vm": "Only ordinary VMs can be protected (not templates, snapshots or dom0)."})
-    level2 = level == Level.COMPONENT_FT
-    clean = _clean_level2(vm, settings or {}) if level2 else _clean_settings(vm, settings or {})
+    level2 = uses_ams(level)  # Level 2, or Level 3 (Level 2 plus checkpointing)
+    if level == Level.SYSTEM_FT:
+        clean = _clean_level3(vm, settings or {})
+    elif level2:
+        clean = _clean_level2(vm, settings or {})
+    else:
+        clean = _clean_settings(vm, settings or {})
     with transaction.atomic():
         vm = VM.objects.select_for_update().select_related("pool").get(pk=vm.pk)
         pool = vm.pool
@@ -193,6 +229,7 @@ def protection_start(
         if level2:
             existing.secondary_host = Host.objects.get(pool=pool, uuid=clean["secondary_host"])
             existing.secondary_memory = clean["secondary_memory"]
+            existing.epoch_ms = clean.get("epoch_ms")
         else:
             for key in ("restart_priority", "order", "start_delay"):
                 setattr(existing, key, clean[key])
@@ -217,19 +254,19 @@ def protection_stop(
         vm = protection.vm
         if WorkflowRun.objects.filter(vm=vm, state__in=ACTIVE_RUN_STATES).exists():
             raise Conflict("A workflow is already running for this VM: wait for it to finish.")
-        if protection.level == Level.COMPONENT_FT and protection.failed_over_to_id is not None:
+        if uses_ams(protection.level) and protection.failed_over_to_id is not None:
             # Unprotect undoes a protection in place: after a failover the secondary VM is the one running, on
             # the replicas its AM serves as primary, and undoing would stop and destroy it.
             raise Conflict(f"The VM runs from its secondary copy on {protection.failed_over_to.name_label} since "
                            f"its failover at {protection.failed_over_at:%Y-%m-%d %H:%M:%S} UTC: unprotecting would "
                            "stop and destroy it. Bring the service back on the VM itself first.")
-        if protection.level == Level.COMPONENT_FT and protection.swapped:
+        if uses_ams(protection.level) and protection.swapped:
             # Unprotect gives the VM back its own disks, which the host it runs on now holds only as replicas.
             raise Conflict("The VM runs on its former secondary host after a planned swap: swap it back first, "
                            "then unprotect it.")
-        if protection.level == Level.COMPONENT_FT:
+        if uses_ams(protection.level):
             # What to undo is in the protection's disk rows and its secondary VM's uuid.
-            params = {"level": int(Level.COMPONENT_FT)}
+            params = {"level": int(protection.level)}
         else:
             params = {
                 # None: the protection never got as far as changing the VM, so there is nothing to undo.
@@ -309,8 +346,48 @@ _BAD = (ComponentState.DEGRADED, ComponentState.FAILED)
 
 def _alerting(component: dict) -> bool:
     """A component whose state is a loss of redundancy: degraded or failed, or an AM that does not answer
-    (unknown because of it). Other unknowns (what only a silent AM could tell) neither raise nor clear."""
+    (unknown because of it). Other unknowns (what only a silent AM could tell) neither raise nor clear. Stalled
+    checkpointing has an alert of its own (``_checkpoint_alert``), not this one as well."""
+    if (component.get("checkpoint") or {}).get("state") == CheckpointState.STALLED:
+        return False
     return component["state"] in _BAD or (component["kind"] == "AM" and component["state"] == ComponentState.UNKNOWN)
+
+
+def _checkpoint_alert(protection: Protection, reading: health.Reading) -> None:
+    """Level 3: "checkpointing stalled" raised once when the primary AM's checkpoint state is Stalled, cleared once
+    when it is Checkpointing again; any other state (or a silent AM) neither raises nor clears it."""
+    stalled = health.checkpoint_stalled(reading)
+    if stalled is None:
+        return
+    vm, pool = protection.vm, protection.pool
+    key = component_key(vm, "checkpoint")
+    if stalled:
+        view = next(v for v in reading.ams if (v.resources.get(reading.disks[0].resource) or {}).get("role")
+                    == "Primary")
+        cp, _ = health.checkpoint_read(reading, view)
+        figures = cp.figures() if cp else {}
+        age = f" (the last one, epoch {cp.last_committed}, {cp.last_commit_age_ms / 1000:.1f} s ago)" if (
+            cp and cp.last_committed is not None and cp.last_commit_age_ms is not None) else ""
+        alerts.alert_raise(
+            condition=Condition.CHECKPOINT_STALLED, object_key=key, pool=pool, vm_name=vm.name_label,
+            host_name=view.host_name, old_state=CheckpointState.CHECKPOINTING.value,
+            new_state=CheckpointState.STALLED.value,
+            message=(f"Level 3 checkpointing of {vm.name_label} stalled ({_pair_words(protection, reading)}): the AM "
+                     f"on {view.host_name} has no checkpoint acknowledged by its peer{age}, while the peer is "
+                     "connected; the VM's network output is held until one is. "
+                     + (f"The AM says: {cp.why} " if cp and cp.why else "")
+                     + f"To repair: check the availability links and the AM on {_other(reading, view).host_name}."),
+            details={"component": f"checkpoint@{view.host.uuid if view.host else view.url}", "checkpoint": figures},
+        )
+    else:
+        alerts.alert_clear(condition=Condition.CHECKPOINT_STALLED, object_key=key,
+                           new_state=CheckpointState.CHECKPOINTING.value,
+                           message=f"Level 3 checkpointing of {vm.name_label} goes on again "
+                                   f"({_pair_words(protection, reading)}): its checkpoints are acknowledged.")
+
+
+def _other(reading: health.Reading, view: health.AMView) -> health.AMView:
+    return reading.secondary if view is reading.primary else reading.primary
 
 
 def _pair_words(protection: Protection, reading: health.Reading) -> str:
@@ -327,24 +404,27 @@ def _component_alerts(protection: Protection, reading: health.Reading, component
     for c in components:
         key = component_key(vm, c["id"])
         seen.add(key)
-        what = f"{c['kind']} {c['name']}" + (f" on {c['host_name']}" if c["kind"] not in ("AM", "Witness") and
+        what = f"{c['kind']} {c['name']}" + (f" on {c['host_name']}" if c["kind"] not in ("AM", "Witness",
+                                                                                          "Checkpointing") and
                                              c["host"] else "")
         if _alerting(c) and key not in open_keys:
             alerts.alert_raise(
                 condition=Condition.REDUNDANCY_LOST, object_key=key, pool=pool, vm_name=vm.name_label,
                 host_name=c["host_name"], old_state=(previous.get(c["id"]) or {}).get("state", "ok"),
                 new_state=c["state"],
-                message=(f"Level 2 redundancy of {vm.name_label} lost ({_pair_words(protection, reading)}): "
-                         f"{what}: {c['detail']}" + (f" To repair: {c['repair']}" if c["repair"] else "")),
+                message=(f"Level {protection.level} redundancy of {vm.name_label} lost "
+                         f"({_pair_words(protection, reading)}): {what}: {c['detail']}"
+                         + (f" To repair: {c['repair']}" if c["repair"] else "")),
                 details={"component": c["id"], "kind": c["kind"], "host": c["host"], "repair": c["repair"]},
             )
         elif c["state"] == ComponentState.OK and key in open_keys:
             alerts.alert_clear(condition=Condition.REDUNDANCY_LOST, object_key=key, new_state="ok",
-                               message=f"Level 2 redundancy of {vm.name_label} is back "
+                               message=f"Level {protection.level} redundancy of {vm.name_label} is back "
                                        f"({_pair_words(protection, reading)}): {what} is OK again.")
     for key in open_keys - seen:  # a component that is no more (a disk unprotected)
         alerts.alert_clear(condition=Condition.REDUNDANCY_LOST, object_key=key, new_state="gone",
-                           message=f"{vm.name_label}: this Level 2 component is no longer part of its protection.")
+                           message=f"{vm.name_label}: this Level {protection.level} component is no longer part of its "
+                                   "protection.")
 
 
 def _failover(protection: Protection, reading: health.Reading, now) -> tuple[str, str] | None:
@@ -374,7 +454,8 @@ def _failover(protection: Protection, reading: health.Reading, now) -> tuple[str
                 condition=Condition.FAILOVER_DONE, object_key=key, pool=pool, vm_name=vm.name_label,
                 host_name=to_name, old_state=f"running on {from_name}", new_state=f"running on {to_name}",
                 downtime_seconds=event.downtime_seconds,
-                message=(f"Level 2 failover of {vm.name_label} done ({_pair_words(protection, reading)}): the AM on "
+                message=(f"Level {protection.level} failover of {vm.name_label} done"
+                         f" ({_pair_words(protection, reading)}): the AM on "
                          f"{to_name} took over its disks after {lost}; the VM runs on {to_name}."),
                 details={"from_host": primary.uuid if primary else "", "to_host": secondary.uuid if secondary else "",
                          "event": event.pk},
@@ -407,7 +488,8 @@ def _failover(protection: Protection, reading: health.Reading, now) -> tuple[str
             condition=Condition.FAILOVER_FAILED, object_key=key, pool=pool, vm_name=vm.name_label,
             host_name=from_name, old_state=f"running on {from_name}", new_state="not running",
             downtime_seconds=down,
-            message=(f"Level 2 failover of {vm.name_label} failed ({_pair_words(protection, reading)}): host "
+            message=(f"Level {protection.level} failover of {vm.name_label} failed"
+                     f" ({_pair_words(protection, reading)}): host "
                      f"{from_name} was lost {down:.0f} s ago and no copy runs on {to_name}."),
             details={"from_host": primary.uuid if primary else "", "event": event.pk},
         )
@@ -432,7 +514,8 @@ def _failed_back(protection: Protection, reading: health.Reading, now) -> None:
         condition=Condition.FAILOVER_DONE, object_key=component_key(vm, "failover"), pool=protection.pool,
         vm_name=vm.name_label, host_name=back_on, old_state=f"running on {event.from_host_name}",
         new_state=f"running on {back_on}", downtime_seconds=event.downtime_seconds,
-        message=(f"Level 2 failover of {vm.name_label} done ({_pair_words(protection, reading)}): it runs on "
+        message=(f"Level {protection.level} failover of {vm.name_label} done"
+                 f" ({_pair_words(protection, reading)}): it runs on "
                  f"{back_on} again, from its own record, after its copy on {event.from_host_name} stopped."),
         details={"from_host": left.uuid if left else "", "to_host": reading.primary.host.uuid, "event": event.pk})
 
@@ -466,14 +549,15 @@ def protection_crash_restart_failed(*, protection: Protection, reading: health.R
         alerts.alert_raise(
             condition=Condition.FAILOVER_FAILED, object_key=component_key(vm, "failover"), pool=protection.pool,
             vm_name=vm.name_label, host_name=from_name, old_state=f"running on {from_name}", new_state="not running",
-            message=(f"Level 2 failover of {vm.name_label} failed ({_pair_words(protection, reading)}): its guest "
+            message=(f"Level {protection.level} failover of {vm.name_label} failed"
+                     f" ({_pair_words(protection, reading)}): its guest "
                      f"crashed on {from_name} and its copy on {to_name} could not be started: {why}"),
             details={"from_host": reading.primary.host.uuid if reading.primary.host else "",
                      "event": event.pk if event else None},
         )
 
 
-UNSHOWN = {"since", "rtt_ms"}  # component fields whose change alone is not pushed to the pages
+UNSHOWN = {"since", "rtt_ms", "checkpoint"}  # component fields whose change alone is not pushed to the pages
 
 
 def protection_health_record(*, reading: health.Reading) -> bool:
@@ -484,7 +568,7 @@ def protection_health_record(*, reading: health.Reading) -> bool:
     with transaction.atomic():
         protection = (Protection.objects.select_for_update(of=("self",))
                       .select_related("vm", "pool").filter(pk=reading.protection.pk).first())
-        if protection is None or protection.level != Level.COMPONENT_FT or protection.status not in LEVEL2_WATCHED:
+        if protection is None or not uses_ams(protection.level) or protection.status not in LEVEL2_WATCHED:
             return False
         if protection.status == ProtectionStatus.FAILED and not protection.components:
             return False  # failed by its workflow: only a new workflow changes that
@@ -499,6 +583,8 @@ def protection_health_record(*, reading: health.Reading) -> bool:
             old = previous.get(c["id"]) or {}
             c["since"] = old.get("since") if old.get("state") == c["state"] and old.get("since") else now.isoformat()
         _component_alerts(protection, reading, components, previous)
+        if protection.level == Level.SYSTEM_FT:
+            _checkpoint_alert(protection, reading)
         moved = ""
         if protection.failed_over_to_id is not None:
             moved = (f"Failed over: the VM runs on {protection.failed_over_to.name_label} since "
@@ -523,8 +609,8 @@ def protection_health_record(*, reading: health.Reading) -> bool:
         else:
             status, reason = ProtectionStatus.PROTECTED, moved.strip()
             alerts.alert_clear(condition=Condition.FAILOVER_DONE, object_key=component_key(protection.vm, "failover"),
-                               new_state="redundant", message=f"{protection.vm.name_label} has its Level 2 "
-                                                              "redundancy back after its failover.")
+                               new_state="redundant", message=f"{protection.vm.name_label} has its Level "
+                                                              f"{protection.level} redundancy back after its failover.")
         protection.status, protection.status_reason = status, reason
         protection.components, protection.components_checked_at = components, now
         if reading.secondary_vm_running and protection.failed_over_to_id is not None:
@@ -566,13 +652,15 @@ def protection_verify_record(*, protection: Protection, results: dict[str, dict]
             alerts.alert_raise(
                 condition=Condition.VALIDATION_MISMATCH, object_key=key, pool=pool, vm_name=vm.name_label,
                 old_state="identical", new_state=f"{mismatches} chunk(s) differ",
-                message=f"Validation of {vm.name_label}'s Level 2 replicas (pool {pool.name}, hosts {hosts}): "
+                message=f"Validation of {vm.name_label}'s Level {protection.level} replicas"
+                        f" (pool {pool.name}, hosts {hosts}): "
                         f"{message} Resync the replica from the primary (resync on its AM).",
                 details={"disks": {n: r.get("mismatches") for n, r in results.items()}},
             )
         elif ok:
             alerts.alert_clear(condition=Condition.VALIDATION_MISMATCH, object_key=key, new_state="identical",
-                               message=f"Validation of {vm.name_label}'s Level 2 replicas (pool {pool.name}, hosts "
+                               message=f"Validation of {vm.name_label}'s Level {protection.level} replicas"
+                                       f" (pool {pool.name}, hosts "
                                        f"{hosts}): the replicas are identical again.")
         protection.last_verify = record
         protection.save(update_fields=["last_verify", "updated_at"])
@@ -612,7 +700,7 @@ def _swap_request(*, protection: Protection, requested_by, via: str, remote_addr
         if copy is None or copy.get("state") != ComponentState.OK:
             raise Conflict(f"The secondary VM does not wait paused on {target.name_label}: "
                            + ((copy or {}).get("detail") or "its state is not known yet."))
-        params = {"level": int(Level.COMPONENT_FT), "from_host": source.uuid, "to_host": target.uuid,
+        params = {"level": int(protection.level), "from_host": source.uuid, "to_host": target.uuid,
                   "from_am": first.primary_am_url, "to_am": first.secondary_am_url, "swapped": not protection.swapped,
                   "status_before": protection.status, "reason_before": protection.status_reason}
         protection.status = ProtectionStatus.PROTECTING
@@ -639,7 +727,7 @@ def protection_level2_request(*, protection: Protection, action: str, disk: str 
     _require_administrator(requested_by)
     if action not in Level2Action.values:
         raise ValidationError({"action": f"Must be one of: {', '.join(Level2Action.values)}."})
-    if protection.level != Level.COMPONENT_FT:
+    if not uses_ams(protection.level):
         raise ValidationError({"action": f"The VM is protected at Level {protection.level}: only a Level 2 "
                                          "protection has Availability Managers to ask."})
     disks = list(protection.disks.all())

@@ -6,7 +6,7 @@ from django.conf import settings as django_settings
 
 # services enqueues these tasks and these call services: each module uses the other only at call time.
 from . import engine, health, observe, services
-from .choices import Level, ProtectionStatus
+from .choices import AM_LEVELS, ProtectionStatus
 from .models import Protection
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ def protection_sweep() -> dict:
 
 def _level2(protection_id: int):
     return Protection.objects.select_related("vm", "pool", "secondary_host", "observed_host").filter(
-        pk=protection_id, level=Level.COMPONENT_FT).first()
+        pk=protection_id, level__in=AM_LEVELS).first()
 
 
 @shared_task(ignore_result=True)
@@ -64,7 +64,7 @@ def level2_poll_all() -> int:
     """Beat (EAC_AM_HEALTH_INTERVAL): every Level 2 protection's components, each AM read once for all of them
     (``health.am_reads``). A failure on one is logged and the others go on."""
     protections = list(Protection.objects.select_related("vm", "pool", "secondary_host", "observed_host")
-                       .filter(level=Level.COMPONENT_FT))
+                       .filter(level__in=AM_LEVELS))
     ams = health.am_reads(protections)
     n = 0
     for protection in protections:
@@ -80,7 +80,7 @@ def level2_poll_all() -> int:
 def level2_validate_all() -> int:
     """Beat (EAC_AM_VERIFY_INTERVAL): the active validation of every protected Level 2 VM."""
     n = 0
-    for pk in Protection.objects.filter(level=Level.COMPONENT_FT, status__in=[
+    for pk in Protection.objects.filter(level__in=AM_LEVELS, status__in=[
             ProtectionStatus.PROTECTED, ProtectionStatus.DEGRADED]).values_list("pk", flat=True):
         try:
             level2_action(pk, "validate")

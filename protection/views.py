@@ -23,6 +23,9 @@ from inventory.models import VM, Pool
 from . import preflight, selectors, services
 from .choices import (
     AVAILABLE_LEVELS,
+    EPOCH_MS_DEFAULT,
+    EPOCH_MS_MAX,
+    EPOCH_MS_MIN,
     LEVEL_COMPARISON,
     ORDER_MAX,
     START_DELAY_MAX,
@@ -30,6 +33,7 @@ from .choices import (
     Level,
     RestartPriority,
     RunKind,
+    uses_ams,
 )
 from .filtersets import AuditEntryFilterSet, FailoverEventFilterSet
 from .forms import ProtectForm
@@ -97,8 +101,9 @@ def wizard(request: HttpRequest) -> HttpResponse:
         can_proceed=all(p["can_proceed"] for _, p in preflights),
         needs_heartbeat=any(not p.ha_enabled for p in pools.values()),
         step_labels=[step.label for step in steps_for(RunKind.PROTECT, level)],
-        level2=level == Level.COMPONENT_FT, secondary_hosts=_secondary_choices(vms),
+        level2=uses_ams(level), level3=level == Level.SYSTEM_FT, secondary_hosts=_secondary_choices(vms),
         secondary_memory_mib=(settings.get("secondary_memory") or 0) // 2**20 or "",
+        epoch_ms=settings.get("epoch_ms") or EPOCH_MS_DEFAULT, epoch_min=EPOCH_MS_MIN, epoch_max=EPOCH_MS_MAX,
     )
     # The wizard's own form refreshes the preflight alone; a boosted link or form (the table's
     # selection, "Protect…") navigates to the whole page.

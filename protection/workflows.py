@@ -19,8 +19,8 @@ from django.conf import settings
 from inventory.selectors import xapi_error_describe
 from inventory.xapi import XapiError
 
-from .am_client import AMError, pair_problems
-from .choices import Level, RestartPriority, RunKind
+from .am_client import AMError, checkpoint_body, checkpoint_of, pair_problems
+from .choices import EPOCH_MS_DEFAULT, LEVEL3_MAX_NICS, LEVEL3_VCPUS, Level, RestartPriority, RunKind, uses_ams
 
 if TYPE_CHECKING:
     from .engine import StepContext
@@ -295,6 +295,52 @@ class _PausedVM:
             ctx.save_result({"paused_by_us": False})
 
 
+# -- Level 3 protect: Level 2's steps, its AM resources made with a checkpoint (docs/level3.md) ----------------
+
+
+def _vm_macs(ctx: StepContext, vm_ref: str) -> list[str]:
+    """The MACs of the VM's VIFs, lowercase, in device order."""
+    vifs = [ctx.call("VIF.get_record", v) for v in ctx.call("VM.get_VIFs", vm_ref)]
+    return [str(v["MAC"]).lower() for v in sorted(vifs, key=lambda v: str(v.get("device", "")))]
+
+
+def _checkpoint(ctx: StepContext) -> dict | None:
+    """The ``checkpoint`` object of a Level 3 run's AM resources (the same on the primary's and the secondary's
+    AM: the epoch length asked and the MACs ``check_vm`` read); None at Level 2, whose resources have none."""
+    if int(ctx.params.get("level", 0)) != Level.SYSTEM_FT:
+        return None
+    macs = ctx.result_of("check_vm").get("macs")
+    if not macs:
+        raise StepFailed("NO_MACS", "The VM's MACs were not recorded by the first step: protect it again.")
+    try:
+        return checkpoint_body(epoch_ms=int(ctx.params.get("epoch_ms") or EPOCH_MS_DEFAULT), macs=macs)
+    except ValueError as exc:
+        raise StepFailed("BAD_CHECKPOINT", str(exc)) from None
+
+
+class CheckLevel3VM(Step):
+    """XAPI's word on what Level 3 needs of the VM itself (the preflight read the inventory): one vCPU
+    (VM.VCPUs_max: a checkpoint captures one vCPU's state) and 1 to LEVEL3_MAX_NICS VIFs, whose MACs the AMs hold
+    the output of and the secondary VM keeps."""
+
+    def run(self, ctx):
+        vcpus = int(ctx.call("VM.get_VCPUs_max", ctx.vm_ref))
+        if vcpus != LEVEL3_VCPUS:
+            raise StepFailed("LEVEL3_VCPUS", f"The VM has {vcpus} vCPUs (VM.VCPUs_max): Level 3 needs exactly "
+                                             f"{LEVEL3_VCPUS}, because checkpointing captures one vCPU's state. Halt "
+                                             "the VM, set its VCPUs_max to 1, and protect it again.", [str(vcpus)])
+        macs = _vm_macs(ctx, ctx.vm_ref)
+        if not 1 <= len(macs) <= LEVEL3_MAX_NICS:
+            raise StepFailed("LEVEL3_NICS", f"The VM has {len(macs)} network interface(s): Level 3 holds the output "
+                                            f"of 1 to {LEVEL3_MAX_NICS}.", [str(len(macs))])
+        try:
+            checkpoint_body(epoch_ms=int(ctx.params.get("epoch_ms") or EPOCH_MS_DEFAULT), macs=macs)
+        except ValueError as exc:
+            raise StepFailed("BAD_CHECKPOINT", str(exc)) from None
+        return {"macs": macs, "message": f"The VM has 1 vCPU and {len(macs)} network interface(s) "
+                                         f"({', '.join(macs)}): it can be checkpointed."}
+
+
 class CheckAMs(Step):
     """Both hosts' AMs answer, are each other's peers, and see both links up and the witness."""
 
@@ -367,7 +413,7 @@ class RouteDisks(Step):
                 if not disk.primary_resource:
                     sr_uuid = ctx.call("SR.get_uuid", ctx.call("VDI.get_SR", vdi_ref))
                     am.resource_create(name=disk.resource, role="primary", sr=sr_uuid, vdi=disk.primary_vdi_uuid,
-                                       vm=ctx.vm.uuid)
+                                       vm=ctx.vm.uuid, checkpoint=_checkpoint(ctx))
                     ctx.disk_save(disk, primary_resource=True)
                 _set_vdi_key(ctx, vdi_ref, disk.resource)
                 ctx.disk_save(disk, routed=True)
@@ -489,7 +535,7 @@ class CreateSecondaryResources(Step):
                 sr_uuid = ctx.call("SR.get_uuid", ctx.call("VDI.get_SR", vdi_ref))
                 # The size too: on a host where the replica's image does not exist yet, the AM makes it.
                 am.resource_create(name=disk.resource, role="secondary", sr=sr_uuid, vdi=disk.replica_vdi_uuid,
-                                   vm=vm_uuid, size=disk.size or None)
+                                   vm=vm_uuid, size=disk.size or None, checkpoint=_checkpoint(ctx))
             elif res.get("role") != "Secondary":
                 raise StepFailed("AM_RESOURCE_CLASH", f"The secondary's AM has {disk.resource} as {res.get('role')}, "
                                                       "not as a secondary replica.")
@@ -949,6 +995,37 @@ class SetFailuresToTolerate(Step):
         return {"message": f"The pool now tolerates {target} host failure(s)."}
 
 
+class VerifyLevel3(VerifyLevel2):
+    """Level 2's read-back, and: both AMs checkpoint each disk's resource with the epoch asked, and the secondary
+    VM's VIFs carry the primary's MACs (the guest continues there with its MAC and address)."""
+
+    def run(self, ctx):
+        super().run(ctx)
+        problems = []
+        want = int(ctx.params.get("epoch_ms") or EPOCH_MS_DEFAULT)
+        for disk in ctx.disks():
+            for url in (disk.primary_am_url, disk.secondary_am_url):
+                am = ctx.am(url)
+                try:
+                    cp = checkpoint_of(am.resource_or_none(disk.resource))
+                except ValueError as exc:
+                    problems.append(str(exc))
+                    continue
+                if cp is None:
+                    problems.append(f"the AM at {am.where} does not checkpoint {disk.resource}")
+                elif cp.epoch_ms != want:
+                    problems.append(f"the AM at {am.where} checkpoints {disk.resource} every {cp.epoch_ms} ms, "
+                                    f"not {want} ms")
+        copy = _secondary_vm_ref(ctx)
+        macs = sorted(_vm_macs(ctx, ctx.vm_ref))
+        if copy is not None and sorted(_vm_macs(ctx, copy)) != macs:
+            problems.append("the secondary VM's MACs are not the VM's")
+        if problems:
+            raise StepFailed("VERIFY_MISMATCH", "Read back from the pool and the AMs: " + "; ".join(problems) + ".")
+        return {"message": f"Read back from the pool and the AMs: every disk is mirrored, the VM is checkpointed every "
+                           f"{want} ms to its paused secondary, which has its MACs ({', '.join(macs)})."}
+
+
 LEVEL2_WORKFLOWS: dict[str, list[Step]] = {
     RunKind.PROTECT: [
         CheckAMs("check_ams", "Check both Availability Managers and both links"),
@@ -980,6 +1057,16 @@ LEVEL2_WORKFLOWS: dict[str, list[Step]] = {
     ],
 }
 
+# Level 3 = Level 2 plus checkpointing: the same steps (its resources made with a ``checkpoint``: ``_checkpoint``),
+# after a look at the VM itself, and a read-back of the checkpointing. Unprotect and the planned swap are Level 2's.
+LEVEL3_WORKFLOWS: dict[str, list[Step]] = {
+    RunKind.PROTECT: [
+        CheckLevel3VM("check_vm", "Check the VM has one vCPU and 1 to 8 network interfaces"),
+        *LEVEL2_WORKFLOWS[RunKind.PROTECT][:-1],
+        VerifyLevel3("verify", "Read back and verify (checkpointing too)"),
+    ],
+}
+
 WORKFLOWS: dict[str, list[Step]] = {
     RunKind.PROTECT: [
         CheckAgile("check_agile", "Check the VM can restart on any host"),
@@ -1000,8 +1087,11 @@ WORKFLOWS: dict[str, list[Step]] = {
 
 
 def steps_for(kind: str, level: int = Level.BASIC_RESTART) -> list[Step]:
-    """The steps of a workflow: Level 2 protects and unprotects with its own; the rest are Level 1's."""
-    if int(level) == Level.COMPONENT_FT and kind in LEVEL2_WORKFLOWS:
+    """The steps of a workflow: Level 2 protects, unprotects and swaps with its own, Level 3 protects with its own
+    and otherwise as Level 2; the rest are Level 1's."""
+    if int(level) == Level.SYSTEM_FT and kind in LEVEL3_WORKFLOWS:
+        return LEVEL3_WORKFLOWS[kind]
+    if uses_ams(int(level)) and kind in LEVEL2_WORKFLOWS:
         return LEVEL2_WORKFLOWS[kind]
     return WORKFLOWS[kind]
 

@@ -6,7 +6,16 @@ from eac.filters import id_schema
 from eac.models import AuditEntry
 from inventory.models import VM
 
-from ..choices import ORDER_MAX, START_DELAY_MAX, ComponentState, Level, RestartPriority
+from ..choices import (
+    EPOCH_MS_DEFAULT,
+    EPOCH_MS_MAX,
+    EPOCH_MS_MIN,
+    ORDER_MAX,
+    START_DELAY_MAX,
+    ComponentState,
+    Level,
+    RestartPriority,
+)
 from ..models import FailoverEvent, ProtectedDisk, Protection, WorkflowRun, WorkflowStep
 
 
@@ -52,6 +61,10 @@ class ProtectionSettingsSerializer(serializers.Serializer):
         help_text="Level 2: bytes of memory reserved for the secondary VM (default: the VM's; not below its "
                   "dynamic minimum — after a failover the VM runs with this much)",
     )
+    epoch_ms = serializers.IntegerField(
+        required=False, min_value=EPOCH_MS_MIN, max_value=EPOCH_MS_MAX,
+        help_text=f"Level 3: milliseconds between two checkpoints (default {EPOCH_MS_DEFAULT})",
+    )
 
 
 class ProtectionCreateSerializer(serializers.Serializer):
@@ -92,11 +105,27 @@ class ProtectedDiskSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+class CheckpointFiguresSerializer(serializers.Serializer):
+    """A Level 3 checkpoint as an AM last reported it (GET /v1/resources/{name}, docs/level3.md); null: not said."""
+
+    epoch_ms = serializers.IntegerField()
+    state = serializers.CharField(help_text="Checkpointing, Stalled, Unprotected, Standby or NoGuest")
+    last_committed = serializers.IntegerField(allow_null=True, help_text="The last committed epoch's number")
+    last_commit_age_ms = serializers.FloatField(allow_null=True)
+    size_bytes = serializers.IntegerField(allow_null=True, help_text="The last checkpoint's size")
+    capture_ms = serializers.FloatField(allow_null=True, help_text="The last checkpoint: pause to resume")
+    commit_ms = serializers.FloatField(allow_null=True, help_text="The last checkpoint: capture to acknowledged")
+    output_hold_ms = serializers.FloatField(allow_null=True, help_text="Mean hold of the last committed epoch's "
+                                                                       "packets")
+    held_packets = serializers.IntegerField(allow_null=True, help_text="Packets held now")
+
+
 class ComponentSerializer(serializers.Serializer):
     """One Level 2 component as both AMs were last read (``protection/health.py``)."""
 
     id = serializers.CharField(help_text="disk:<device>@<host uuid>, nic:<device>@<host uuid>, link:a, link:b, "
-                                         "peer, witness@<host uuid>, am@<host uuid>")
+                                         "peer, witness@<host uuid>, am@<host uuid>, checkpoint@<host uuid> "
+                                         "(Level 3)")
     kind = serializers.CharField()
     name = serializers.CharField()
     host = serializers.CharField(allow_blank=True, help_text="UUID of the host it belongs to (blank: the pair)")
@@ -106,6 +135,8 @@ class ComponentSerializer(serializers.Serializer):
     repair = serializers.CharField(allow_blank=True, help_text="What to repair, in words")
     since = serializers.DateTimeField(allow_null=True, required=False)
     progress = serializers.FloatField(required=False, help_text="A disk being synced: 0..1")
+    checkpoint = CheckpointFiguresSerializer(
+        required=False, help_text="Level 3, kind Checkpointing: the figures its AM last reported")
 
 
 class Level2ActionSerializer(serializers.Serializer):
@@ -140,7 +171,7 @@ class ProtectionSerializer(serializers.ModelSerializer):
         model = Protection
         fields = ["id", "vm", "vm_uuid", "vm_name", "pool", "level", "status", "status_label", "status_reason",
                   "restart_priority", "order", "start_delay", "ha_enabled_by_console", "secondary_host",
-                  "secondary_memory", "secondary_vm_uuid", "disks", "components", "components_checked_at",
+                  "secondary_memory", "secondary_vm_uuid", "epoch_ms", "disks", "components", "components_checked_at",
                   "last_verify", "failed_over_to", "failed_over_at", "created_at", "updated_at", "last_run"]
         read_only_fields = fields
 
@@ -232,6 +263,13 @@ class Level2PreflightSerializer(serializers.Serializer):
     secondary_sr = serializers.CharField(help_text="The local SR of the secondary for the replicas")
 
 
+class Level3PreflightSerializer(serializers.Serializer):
+    epoch_ms = serializers.IntegerField(allow_null=True, help_text="The epoch length asked (null: not a number)")
+    epoch_min = serializers.IntegerField()
+    epoch_max = serializers.IntegerField()
+    vcpus_max = serializers.IntegerField(help_text="The VM's VCPUs_max (Level 3 needs 1)")
+
+
 class PreflightSerializer(serializers.Serializer):
     vm = serializers.IntegerField()
     level = serializers.IntegerField()
@@ -241,7 +279,9 @@ class PreflightSerializer(serializers.Serializer):
     failures_to_tolerate = serializers.IntegerField()
     max_failures_with_vm = serializers.IntegerField()
     heartbeat_srs = serializers.ListField(child=serializers.DictField())
-    level2 = Level2PreflightSerializer(allow_null=True, help_text="Level 2's choices (null at other levels)")
+    level2 = Level2PreflightSerializer(allow_null=True, help_text="Level 2's choices, Level 3's too (null at "
+                                                                  "Level 1)")
+    level3 = Level3PreflightSerializer(allow_null=True, help_text="Level 3's own choices (null at other levels)")
 
 
 class PreflightQuerySerializer(serializers.Serializer):
@@ -252,6 +292,7 @@ class PreflightQuerySerializer(serializers.Serializer):
     heartbeat_sr = serializers.CharField(required=False, allow_blank=True)
     secondary_host = serializers.CharField(required=False, allow_blank=True, max_length=64)
     secondary_memory = serializers.IntegerField(required=False, min_value=1, max_value=2**52)
+    epoch_ms = serializers.IntegerField(required=False, min_value=EPOCH_MS_MIN, max_value=EPOCH_MS_MAX)
 
 
 class ConflictSerializer(serializers.Serializer):

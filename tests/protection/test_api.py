@@ -53,10 +53,10 @@ def test_anonymous_gets_nothing(client, pool_setup):
     assert client.get(f"/api/v1/pools/{pool_setup['pool'].pk}/failover-plan/").status_code in (401, 403)
 
 
-def test_level_3_is_refused_with_the_reason(admin_api, pool_setup):
+def test_level_3_without_availability_managers_is_refused_with_the_reason(admin_api, pool_setup):
     response = admin_api.post("/api/v1/protections/", {"vm": pool_setup["agile"].pk, "level": 3}, format="json")
     assert response.status_code == 400
-    assert "checkpointing" in str(response.json())
+    assert "has no Availability Manager: Level 3 needs one" in str(response.json())
 
 
 def test_vm_on_local_storage_is_refused_with_409_naming_the_sr(admin_api, pool_setup):

@@ -203,7 +203,7 @@ def wizard(vm, **params) -> str:
 def test_wizard_offers_level2_with_its_checks_choices_and_steps(admin_client, pair):
     page = admin_client.get(wizard(pair["vm"], level=2)).content.decode()
     assert 'name="level" value="2" checked' in page
-    assert "Not yet</span> Needs checkpointing" in page  # Level 3 still says why not
+    assert 'name="level" value="3" ' in page  # Level 3 is offered beside it
     assert f'id="preflight-{pair["vm"].uuid}" data-can-proceed="true"' in page
     for title in ("Secondary host", "Memory on the secondary", "Storage on the secondary", "AM links"):
         assert title in page

@@ -18,8 +18,8 @@ def wizard_url(*vms) -> str:
 def test_wizard_shows_levels_with_reasons_preflight_and_settings(admin_client, pool_setup):
     page = admin_client.get(wizard_url(pool_setup["agile"], pool_setup["pinned"])).content.decode()
     assert "Level 1 — basic restart" in page and "Level 2 — component fault tolerance" in page
-    assert "Not yet</span> Needs checkpointing in the Availability Manager agents" in page
-    assert 'value="3"' in page and "disabled" in page
+    assert "Level 3 — system fault tolerance" in page and "Not yet" not in page
+    assert 'name="level" value="3" ' in page and 'value="3" disabled' not in page
     assert "VM restarted on a surviving host" in page  # the comparison table
     assert 'id="preflight-' + pool_setup["agile"].uuid + '" data-can-proceed="true"' in page
     assert 'id="preflight-' + pool_setup["pinned"].uuid + '" data-can-proceed="false"' in page
