@@ -422,22 +422,16 @@ def _checkpoint_component(reading: Reading, view: AMView) -> dict:
                       f"{expected.label}.{why}", "Check the AMs' logs.", checkpoint=figures)
 
 
-def checkpoint_stalled(reading: Reading) -> bool | None:
-    """Whether the primary AM's checkpointing is Stalled (True), Checkpointing (False), or neither can be said
-    (None: another state, or no AM answers as the primary with a readable checkpoint)."""
+def primary_checkpoint(reading: Reading) -> tuple[AMView, Checkpoint] | None:
+    """The AM that serves the VM's disks as primary now (the secondary's after a failover) and the checkpoint it
+    reports; None when no AM answers as the primary with a readable checkpoint."""
     if not reading.disks:
         return None
     view = _primary_of(reading, reading.disks[0].resource)
     if view is None:
         return None
     cp, _ = checkpoint_read(reading, view)
-    if cp is None:
-        return None
-    if cp.state == CheckpointState.STALLED:
-        return True
-    if cp.state == CheckpointState.CHECKPOINTING:
-        return False
-    return None
+    return (view, cp) if cp is not None else None
 
 
 def _nic_component(nic: dict, reading: Reading) -> dict:

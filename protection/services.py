@@ -356,18 +356,15 @@ def _alerting(component: dict) -> bool:
 def _checkpoint_alert(protection: Protection, reading: health.Reading) -> None:
     """Level 3: "checkpointing stalled" raised once when the primary AM's checkpoint state is Stalled, cleared once
     when it is Checkpointing again; any other state (or a silent AM) neither raises nor clears it."""
-    stalled = health.checkpoint_stalled(reading)
-    if stalled is None:
+    found = health.primary_checkpoint(reading)
+    if found is None or found[1].state not in (CheckpointState.STALLED, CheckpointState.CHECKPOINTING):
         return
+    view, cp = found
     vm, pool = protection.vm, protection.pool
     key = component_key(vm, "checkpoint")
-    if stalled:
-        view = next(v for v in reading.ams if (v.resources.get(reading.disks[0].resource) or {}).get("role")
-                    == "Primary")
-        cp, _ = health.checkpoint_read(reading, view)
-        figures = cp.figures() if cp else {}
+    if cp.state == CheckpointState.STALLED:
         age = f" (the last one, epoch {cp.last_committed}, {cp.last_commit_age_ms / 1000:.1f} s ago)" if (
-            cp and cp.last_committed is not None and cp.last_commit_age_ms is not None) else ""
+            cp.last_committed is not None and cp.last_commit_age_ms is not None) else ""
         alerts.alert_raise(
             condition=Condition.CHECKPOINT_STALLED, object_key=key, pool=pool, vm_name=vm.name_label,
             host_name=view.host_name, old_state=CheckpointState.CHECKPOINTING.value,
@@ -375,9 +372,10 @@ def _checkpoint_alert(protection: Protection, reading: health.Reading) -> None:
             message=(f"Level 3 checkpointing of {vm.name_label} stalled ({_pair_words(protection, reading)}): the AM "
                      f"on {view.host_name} has no checkpoint acknowledged by its peer{age}, while the peer is "
                      "connected; the VM's network output is held until one is. "
-                     + (f"The AM says: {cp.why} " if cp and cp.why else "")
+                     + (f"The AM says: {cp.why} " if cp.why else "")
                      + f"To repair: check the availability links and the AM on {_other(reading, view).host_name}."),
-            details={"component": f"checkpoint@{view.host.uuid if view.host else view.url}", "checkpoint": figures},
+            details={"component": f"checkpoint@{view.host.uuid if view.host else view.url}",
+                     "checkpoint": cp.figures()},
         )
     else:
         alerts.alert_clear(condition=Condition.CHECKPOINT_STALLED, object_key=key,

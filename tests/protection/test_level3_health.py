@@ -163,6 +163,10 @@ def test_the_checkpoint_object_sent_is_what_the_am_takes():
 
 @pytest.fixture
 def level3(db):
+    return level3_records()
+
+
+def level3_records() -> dict:
     """A Level 3 protection of db-01 on hosta, its secondary hostb, one disk; no AM (the readings are by hand)."""
     pool = make_pool()
     a = make_host(pool, name_label="hosta", memory_free=16 * GiB, am_url="http://127.0.0.1:9/")
