@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 
 from am import hooks, roles, sync, wire
+from am.checkpoint import QUEUE_BASE, CheckpointConfig, Checkpointer, GuestSocketSource, stage_restore
 from am.config import Config
 from am.nbd import NBDServer
 from am.network import NetworkPairing
@@ -74,6 +75,7 @@ class Agent:
         self._role_tasks: dict[str, asyncio.Task] = {}
         self._controls: dict[str, asyncio.Future] = {}
         self._rid = 0
+        self._queues = 0  # output buffers made (each resource's NFQUEUE number)
         self._was_connected = False
         self.started = time.time()
 
@@ -91,6 +93,9 @@ class Agent:
             self.spawn(self._verify_schedule())
 
     async def stop(self) -> None:
+        for res in self.resources.values():
+            if res.checkpointer is not None:
+                await res.checkpointer.stop()  # its iptables rules go; what it held is dropped
         for task in [*self._tasks, *self._role_tasks.values()]:
             task.cancel()
         await self.nbd.close()
@@ -230,12 +235,27 @@ class Agent:
         bitmap = Bitmap(bitmap_path, meta.size, self.cfg.disk.bitmap_region_kib * 1024)
         res = Resource(self, meta, meta_path, image, bitmap)
         self.resources[meta.name] = res
+        if meta.checkpoint_epoch_ms:
+            self._queues += 1
+            cfg = CheckpointConfig(meta.checkpoint_epoch_ms, list(meta.checkpoint_macs))
+            res.checkpointer = Checkpointer(res, cfg, self.checkpoint_source, QUEUE_BASE + self._queues)
+            res.checkpointer.start()
         self._role_tasks[meta.name] = asyncio.create_task(roles.lease_loop(res))
         return res
 
+    def checkpoint_source(self, vm: str) -> GuestSocketSource:
+        """The checkpoint source of ``vm``: its Unix socket in ``[checkpoint] control_dir``."""
+        if self.cfg.control_dir is None or not vm:
+            return GuestSocketSource(Path("/nonexistent/eac-am: no [checkpoint] control_dir or no vm"))
+        return GuestSocketSource(self.cfg.control_dir / f"{vm}.ctl")
+
+    def restore_path(self, name: str) -> Path:
+        """Where a takeover leaves the last checkpoint of ``name`` for the toolstack to restore the VM from."""
+        return self.cfg.data_dir / f"{name}.ckpt"
+
     async def create(self, *, name: str, role: str, size: int | None, image: str | None,
                      peer: str | None, sr: str | None = None, vdi: str | None = None,
-                     vm: str | None = None) -> Resource:
+                     vm: str | None = None, checkpoint: CheckpointConfig | None = None) -> Resource:
         if not isinstance(name, str) or not NAME.fullmatch(name):
             raise RequestError(400, "name must be 1-64 letters, digits, '.', '_' or '-', starting with a letter "
                                     "or digit")
@@ -247,6 +267,11 @@ class Agent:
             raise RequestError(400, f"this agent's peer is {self.cfg.peer}, not {peer}")
         if vm is not None and (not isinstance(vm, str) or not UUID.fullmatch(vm)):
             raise RequestError(400, "vm must be a uuid (lowercase, 8-4-4-4-12 hexadecimal digits)")
+        if checkpoint is not None:
+            if (problem := checkpoint.check()) is not None:
+                raise RequestError(400, problem)
+            if not vm:
+                raise RequestError(400, "a checkpointed resource needs its vm (the VM whose state is checkpointed)")
         if (sr is not None or vdi is not None) and image is not None:
             raise RequestError(400, "give either image or sr and vdi, not both")
         if sr is not None or vdi is not None:
@@ -284,7 +309,9 @@ class Agent:
                 raise RequestError(409, f"the witness refused the primary role: {answer.reason}")
         meta = Meta(name=name, size=size, image=str(path), role=str(Role.SECONDARY),
                     disk=str(Disk.UP_TO_DATE if role == "primary" else Disk.INCONSISTENT),
-                    gen=new_gen() if role == "primary" else "", sr=sr or "", vdi=vdi or "", vm=vm or "")
+                    gen=new_gen() if role == "primary" else "", sr=sr or "", vdi=vdi or "", vm=vm or "",
+                    checkpoint_epoch_ms=checkpoint.epoch_ms if checkpoint else 0,
+                    checkpoint_macs=list(checkpoint.macs) if checkpoint else [])
         if role == "primary":
             meta.role, meta.epoch, meta.unclean = str(Role.PRIMARY), answer.epoch, False
         save_meta(self._paths(name)[0], meta)
@@ -298,7 +325,16 @@ class Agent:
         return res
 
     def on_promote(self, res: Resource) -> None:
-        """A takeover made ``res`` primary here: run ``[vm] on_promote`` for its VM, in the background."""
+        """A takeover made ``res`` primary here: run ``[vm] on_promote`` for its VM, in the background. A
+        checkpointed resource first leaves its last checkpoint where the toolstack restores the VM from."""
+        checkpoint = res.restore_point()
+        if checkpoint is not None:
+            try:
+                stage_restore(self.restore_path(res.name), checkpoint)
+                self.event("checkpoint", res.name, {"action": "restore", "epoch": res.standby_epoch,
+                                                    "size": len(checkpoint)})
+            except OSError as exc:
+                log.error("%s: cannot write the checkpoint to restore from: %s", res.name, exc)
         if not self.cfg.on_promote:
             return
         if not res.meta.vm:
@@ -329,6 +365,9 @@ class Agent:
         if res.role == Role.PRIMARY:
             raise RequestError(409, f"{name} is primary here: demote it (or swap) before deleting it")
         self._role_tasks.pop(name).cancel()
+        if res.checkpointer is not None:
+            await res.checkpointer.stop()
+        self.restore_path(name).unlink(missing_ok=True)
         self.nbd.drop_clients(name)
         del self.resources[name]
         res.image.close()

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from am import roles, sync
 from am.agent import UUID, Agent, RequestError
+from am.checkpoint import CheckpointConfig
 from am.states import Conn, Role
 
 log = logging.getLogger("am.api")
@@ -30,6 +31,7 @@ class CreateBody(msgspec.Struct, forbid_unknown_fields=True):
     sr: str | None = None  # with vdi, instead of image: <disks.sr_root>/<sr>/<vdi>.img
     vdi: str | None = None
     vm: str | None = None  # the VM on this replica's side (told to [vm] on_promote)
+    checkpoint: CheckpointConfig | None = None  # Level 3 (am/checkpoint.py); both sides get the same
 
 
 class PatchBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -92,7 +94,8 @@ async def resources(request: web.Request) -> web.Response:
 async def create(request: web.Request) -> web.Response:
     body = await _body(request, CreateBody)
     res = await request.app[AGENT].create(name=body.name, role=body.role, size=body.size, image=body.image,
-                                          peer=body.peer, sr=body.sr, vdi=body.vdi, vm=body.vm)
+                                          peer=body.peer, sr=body.sr, vdi=body.vdi, vm=body.vm,
+                                          checkpoint=body.checkpoint)
     return web.json_response(res.status(), status=201)
 
 

@@ -75,6 +75,10 @@ class VM(msgspec.Struct, forbid_unknown_fields=True):
     on_promote_timeout_s: float = 10.0  # a command still running then is killed
 
 
+class CheckpointSection(msgspec.Struct, forbid_unknown_fields=True):
+    control_dir: str = ""  # Level 3: the VMs' checkpoint sources, one Unix socket each: <control_dir>/<VM uuid>.ctl
+
+
 class Pairing(msgspec.Struct, forbid_unknown_fields=True):
     a: str = ""
     b: str = ""
@@ -108,6 +112,7 @@ class File(msgspec.Struct, forbid_unknown_fields=True):
     disk: Disk = msgspec.field(default_factory=Disk)
     disks: Disks = msgspec.field(default_factory=Disks)
     vm: VM = msgspec.field(default_factory=VM)
+    checkpoint: CheckpointSection = msgspec.field(default_factory=CheckpointSection)
     network: Network | None = None
     testbed: Testbed = msgspec.field(default_factory=Testbed)
 
@@ -130,6 +135,7 @@ class Config(msgspec.Struct):
     on_promote: list[str] = []
     on_promote_timeout_s: float = 10.0
     network: NetworkConfig | None = None  # None: no NIC failover through the pairing
+    control_dir: Path | None = None  # Level 3's checkpoint sources (None: this host checkpoints no VM)
 
 
 def _interface(name: str, what: str) -> str:
@@ -214,4 +220,5 @@ def load(path: str | Path) -> Config:
         on_promote=list(f.vm.on_promote),
         on_promote_timeout_s=f.vm.on_promote_timeout_s,
         network=_network(f.network),
+        control_dir=(base / f.checkpoint.control_dir).resolve() if f.checkpoint.control_dir else None,
     )

@@ -29,6 +29,7 @@ from am.store import Bitmap, Image, LocalDiskError, Meta, save_meta
 
 if TYPE_CHECKING:
     from am.agent import Agent
+    from am.checkpoint import Checkpointer
 
 log = logging.getLogger("am.resource")
 VERIFY_CHUNK = 1 << 20
@@ -45,6 +46,7 @@ class Pending:
     fua: bool = False
     digest: bytes = b""
     acked: bool = False
+    held: bool = False  # Level 3: applied by the secondary at the next checkpoint
     error: int = 0
     peer_digest: bytes = b""
     sent_at: float = field(default_factory=time.monotonic)
@@ -53,7 +55,7 @@ class Pending:
     def message(self, resource: str, epoch: int, meta: Meta | None = None) -> wire.Rep:
         extra = {"gen": meta.gen, "history": meta.history} if meta is not None else {}
         return wire.Rep(resource, epoch, self.seq, int(self.op), self.offset, self.length, self.data, self.fua,
-                        **extra)
+                        held=self.held, **extra)
 
 
 class Resource:
@@ -89,6 +91,13 @@ class Resource:
         self.region_writes: dict[int, int] = {}  # region -> writes while a pull resync is copying it
         self.pulled: set[int] = set()
         self.verify: dict = {}
+        # Level 3 (am/checkpoint.py): the primary's epoch loop, and what the secondary holds of the open epoch
+        self.checkpointer: Checkpointer | None = None
+        self.hold_writes = False  # primary: client ops are sent as held (applied at the next checkpoint)
+        self.held_ops: list[wire.Rep] = []  # secondary: the open epoch's writes, in stream order
+        self.standby_checkpoint: bytes | None = None  # secondary: the last committed checkpoint
+        self.standby_epoch = 0
+        self.standby_at = 0.0
         # secondary
         self.applied_seq = 0
         self._gap_nacked, self._gap_nacked_at = 0, 0.0
@@ -230,6 +239,9 @@ class Resource:
     def queue_op(self, op: wire.Op, offset: int, length: int, data: bytes, fua: bool = False,
                  digest: bytes = b"") -> Pending:
         p = Pending(self.next_seq, op, offset, length, data, fua, digest)
+        p.held = self.hold_writes and op in CLIENT_OPS
+        if p.held and op != wire.Op.FLUSH and self.checkpointer is not None:
+            self.checkpointer.open_regions.update(self.bitmap.regions_of(offset, length))
         self.next_seq += 1
         self.pending[p.seq] = p
         if self.peer_replicating():
@@ -349,6 +361,8 @@ class Resource:
 
     def peer_gone(self) -> None:
         self.attached = False
+        if self.checkpointer is not None:
+            self.checkpointer.peer_gone()
         if self.proxy:
             self.proxy = False
             self.agent.nbd.drop_clients(self.name)
@@ -392,16 +406,19 @@ class Resource:
                 self.agent.links.send_on(link, wire.RepAck(self.name, self.applied_seq + 1, errno.EAGAIN))
             return
         self.applied_seq = msg.seq
-        error, digest, durable = 0, b"", msg.fua or msg.op == wire.Op.FLUSH
+        error, digest, durable = 0, b"", (msg.fua or msg.op == wire.Op.FLUSH) and not msg.held
         try:
             if self.disk == Disk.FAILED:
                 raise LocalDiskError(5, "the replica failed earlier")
-            if msg.op in (wire.Op.WRITE, wire.Op.SYNC) and msg.data:
-                self.image.write(msg.offset, msg.data)
-            elif msg.op == wire.Op.SYNC:
-                self.image.zero(msg.offset, msg.length, keep_holes=True)  # a sparse replica stays sparse
-            elif msg.op == wire.Op.ZERO:
-                self.image.zero(msg.offset, msg.length)
+            if self.held_ops and not msg.held and msg.op != wire.Op.CHECKPOINT:
+                # the primary went on without checkpoints (its peer was lost meanwhile): they come first, in order
+                self._flush_held("the primary went on without checkpoints")
+            if msg.held:
+                self.held_ops.append(msg)  # made durable with its epoch's checkpoint
+            elif msg.op == wire.Op.CHECKPOINT:
+                self._commit_epoch(msg)
+            elif msg.op in (wire.Op.WRITE, wire.Op.SYNC, wire.Op.ZERO):
+                self._apply(msg)
             elif msg.op == wire.Op.VERIFY:
                 digest = self.digest(msg.offset, msg.length)
             elif msg.op == wire.Op.SYNC_DONE:
@@ -420,6 +437,67 @@ class Resource:
             self.agent.spawn(self._ack_when_durable(link, ack))
         else:
             self.agent.links.send_on(link, ack)
+
+    def _apply(self, msg: wire.Rep) -> None:
+        if msg.op in (wire.Op.WRITE, wire.Op.SYNC) and msg.data:
+            self.image.write(msg.offset, msg.data)
+        elif msg.op == wire.Op.SYNC:
+            self.image.zero(msg.offset, msg.length, keep_holes=True)  # a sparse replica stays sparse
+        elif msg.op == wire.Op.ZERO:
+            self.image.zero(msg.offset, msg.length)
+
+    def _commit_epoch(self, msg: wire.Rep) -> None:
+        """Level 3: the epoch's held writes go to the replica, in stream order, and its checkpoint is kept; the
+        acknowledgement follows once they are durable. An empty one ends checkpointing: the writes are applied
+        and no checkpoint is kept (a later takeover starts the VM from its disk)."""
+        self._flush_held(None)
+        if msg.data:
+            self.standby_checkpoint, self.standby_epoch, self.standby_at = msg.data, msg.offset, time.monotonic()
+        else:
+            self.standby_reset("the primary ended checkpointing")
+
+    def _flush_held(self, why: str | None) -> None:
+        """The held writes to the replica, in stream order; ``why``: the checkpoint is forgotten as well (the
+        replica has gone past it)."""
+        held, self.held_ops = self.held_ops, []
+        for op in held:
+            self._apply(op)
+        if why is not None and self.standby_checkpoint is not None:
+            log.info("%s: checkpoint %d forgotten: %s", self.name, self.standby_epoch, why)
+            self.standby_checkpoint, self.standby_epoch, self.standby_at = None, 0, 0.0
+
+    def standby_reset(self, why: str) -> None:
+        """Forget the open epoch and the checkpoint (a new stream starts: they belong to another)."""
+        if self.held_ops or self.standby_checkpoint is not None:
+            log.info("%s: checkpoint %d and %d held writes forgotten (%s)", self.name, self.standby_epoch,
+                     len(self.held_ops), why)
+        self.held_ops = []
+        self.standby_checkpoint, self.standby_epoch, self.standby_at = None, 0, 0.0
+
+    def restore_point(self) -> bytes | None:
+        """After a takeover: the open epoch's writes are dropped (the guest restarts from the checkpoint before
+        them, and none of its output after that checkpoint went out), and the checkpoint is returned."""
+        checkpoint = self.standby_checkpoint
+        if checkpoint is not None:
+            log.warning("%s: restoring from checkpoint %d; %d writes of the uncommitted epoch dropped", self.name,
+                        self.standby_epoch, len(self.held_ops))
+        self.held_ops = []
+        self.standby_checkpoint = None
+        return checkpoint
+
+    def _overlay(self, offset: int, data: bytes) -> bytes:
+        """What a read of the replica returns once the held writes are applied over it (a primary whose disk
+        failed reads from here: it must see its own writes of the open epoch)."""
+        if not self.held_ops:
+            return data
+        buf, end = bytearray(data), offset + len(data)
+        for op in self.held_ops:
+            lo, hi = max(offset, op.offset), min(end, op.offset + op.length)
+            if lo >= hi or op.op not in (wire.Op.WRITE, wire.Op.ZERO):
+                continue
+            chunk = op.data[lo - op.offset : hi - op.offset] if op.op == wire.Op.WRITE else bytes(hi - lo)
+            buf[lo - offset : hi - offset] = chunk
+        return bytes(buf)
 
     async def _ack_when_durable(self, link: str, ack: wire.RepAck) -> None:
         try:
@@ -460,7 +538,7 @@ class Resource:
             if msg.op == wire.Op.MAP:
                 data = self.zero_map(msg.offset, msg.length, int.from_bytes(msg.data, "big"))
             else:
-                data = self.image.read(msg.offset, msg.length)
+                data = self._overlay(msg.offset, self.image.read(msg.offset, msg.length))
             self.agent.links.send_on(link, wire.RemoteReply(self.name, msg.rid, 0, data))
         except LocalDiskError as exc:
             self.local_failed(exc)
@@ -471,7 +549,12 @@ class Resource:
         reading it, or zero bytes), 0 where it holds data. Raises LocalDiskError."""
         if region <= 0 or offset < 0 or length < 0 or offset + length > self.size:
             raise LocalDiskError(errno.EINVAL, "bad zero map request")
-        return bytes(int(self.image.is_zero(at, min(region, offset + length - at)))
+        def held(at: int, n: int) -> bool:  # a held write there: not known to be zeroes
+            return any(op.offset < at + n and at < op.offset + op.length for op in self.held_ops
+                       if op.op in (wire.Op.WRITE, wire.Op.ZERO))
+
+        return bytes(int(not held(at, min(region, offset + length - at))
+                         and self.image.is_zero(at, min(region, offset + length - at)))
                      for at in range(offset, offset + length, region))
 
     async def _serve_forwarded(self, link: str, msg: wire.Remote) -> None:
@@ -619,4 +702,5 @@ class Resource:
                 "role": peer.role, "disk": peer.disk, "generation": peer.gen, "dirty_regions": peer.dirty},
             "verify": self.verify,
             "clients": self.agent.nbd.clients(self.name),
+            "checkpoint": self.checkpointer.status() if self.checkpointer is not None else None,
         }

@@ -220,6 +220,8 @@ async def swap(res: Resource) -> dict:
     """Planned role swap: drain, flush both, hand the lease to the peer, let it take the role."""
     if res.role != Role.PRIMARY:
         raise RoleError(f"{res.agent.cfg.node} is not the primary of {res.name}")
+    if res.checkpointer is not None:
+        raise RoleError(f"{res.name} is checkpointed (Level 3): a planned swap of a Level 3 VM is not supported")
     if not res.peer_replicating() or res.conn != Conn.CONNECTED or res.peer.disk != Disk.UP_TO_DATE:
         raise RoleError(f"{res.name} can swap only with both replicas connected and UpToDate "
                         f"(connection {res.conn}, peer disk {res.peer.disk if res.peer else 'unknown'})")

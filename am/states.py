@@ -46,6 +46,16 @@ class IO(enum.StrEnum):
     UNAVAILABLE = "Unavailable"  # not primary (or no readable copy)
 
 
+class Checkpoint(enum.StrEnum):
+    """Level 3: where a resource's checkpointing stands (``am/checkpoint.py``)."""
+
+    CHECKPOINTING = "Checkpointing"  # primary, checkpoints acknowledged by the peer
+    STALLED = "Stalled"  # primary, the peer connected but no acknowledgement for max(10 epochs, 1 s)
+    UNPROTECTED = "Unprotected"  # primary without a replicating peer: the output is not held
+    STANDBY = "Standby"  # secondary: keeps the last committed checkpoint
+    NO_GUEST = "NoGuest"  # primary whose guest's checkpoint source does not answer
+
+
 class IllegalTransition(RuntimeError):
     pass
 
@@ -66,6 +76,8 @@ TRANSITIONS: dict[type[enum.Enum], dict[enum.Enum, set[enum.Enum]]] = {
         Conn.SPLIT_BRAIN: {Conn.STANDALONE, Conn.SYNC_SOURCE, Conn.SYNC_TARGET},
     },
     Link: {Link.UP: {Link.DOWN}, Link.DOWN: {Link.UP}},
+    # every move is possible: each state follows from what the peer, the guest and the role are at the moment
+    Checkpoint: {state: set(Checkpoint) - {state} for state in Checkpoint},
     IO: {
         IO.RUNNING: {IO.SUSPENDED, IO.UNAVAILABLE},
         IO.SUSPENDED: {IO.RUNNING, IO.UNAVAILABLE},
@@ -83,6 +95,7 @@ class StateCell(Generic[S]):
     def __init__(self, owner: str, initial: S, on_change: Callable[[str, S, S, str], None] | None = None) -> None:
         self.owner = owner
         self.value: S = initial
+        self.why = ""  # the reason given with the last change
         self._on_change = on_change
 
     def set(self, new: S, why: str) -> bool:
@@ -92,7 +105,7 @@ class StateCell(Generic[S]):
             return False
         if new not in TRANSITIONS[type(old)][old]:
             raise IllegalTransition(f"{self.owner}: {type(old).__name__} {old} -> {new} is not allowed ({why})")
-        self.value = new
+        self.value, self.why = new, why
         log.info("%s: %s %s -> %s (%s)", self.owner, type(old).__name__.lower(), old, new, why)
         if self._on_change is not None:
             self._on_change(self.owner, old, new, why)

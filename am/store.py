@@ -191,6 +191,8 @@ class Meta(msgspec.Struct):
     sr: str = ""  # the storage repository and VDI whose image this is (empty: an image given by path)
     vdi: str = ""
     vm: str = ""  # the VM that runs on this replica's side: the one ``[vm] on_promote`` is told of
+    checkpoint_epoch_ms: int = 0  # Level 3 (am/checkpoint.py): the epoch; 0 for a Level 2 resource
+    checkpoint_macs: list[str] = []  # Level 3: the VM's MACs, whose output is held until its checkpoint commits
 
 
 def write_atomically(path: Path, data: bytes) -> None:

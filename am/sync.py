@@ -78,6 +78,7 @@ def on_attach(res: Resource, link: str, msg: wire.Attach) -> None:
         new_stream = msg.boot != res.followed
         if new_stream:
             res.followed, res.applied_seq = msg.boot, msg.next_seq - 1
+            res.standby_reset("a new stream from the primary")
         else:
             res.applied_seq = max(res.applied_seq, msg.next_seq - 1)
         if new_stream or not res.attached or peer_session_new or not msg.attached:
@@ -349,6 +350,9 @@ async def mark_peer_current(res: Resource) -> None:
 async def verify(res: Resource) -> dict:
     """Online verify: every chunk hashed on both replicas at the same point of the stream, plus test traffic
     on both links. A mismatch is a fault, reported, never repaired silently."""
+    if res.hold_writes:
+        # the secondary holds the open epoch's writes: both sides would hash different points of the stream
+        raise Refused(f"{res.name} is checkpointed (Level 3): an online verify does not run while checkpoints do")
     started = time.time()
     links = await res.agent.links.probe()
     mismatches: list[int] = []

@@ -25,6 +25,8 @@ class Op(enum.IntEnum):
     SKIP = 7  # ops seq .. length - 1 completed without the peer (their regions are in the dirty bitmap)
     MAP = 8  # Remote only: which regions of a range read as zeroes (data: the region size, 8 bytes big-endian;
     #          the reply: one byte per region, 1 = zeroes): a pull copies only the others
+    CHECKPOINT = 9  # Level 3: offset = the epoch, data = the guest's state; the secondary applies the writes it held
+    #                 since the last one, keeps the state, then acknowledges. Empty data: checkpointing ended
 
 
 class Hello(msgspec.Struct, tag="hello"):
@@ -71,6 +73,7 @@ class Rep(msgspec.Struct, tag="rep"):
     fua: bool = False
     gen: str = ""  # SYNC_DONE: the generation the target adopts
     history: list[str] = []
+    held: bool = False  # Level 3: a client op of the open epoch, applied at the next CHECKPOINT (am/checkpoint.py)
 
 
 class RepAck(msgspec.Struct, tag="ack"):

@@ -199,11 +199,13 @@ def copy_for_secondary(api, vm: str, name: str, sr: str) -> str:
     return copy
 
 
-def protect_by_hand(live: Live, vm_name: str, primary: str) -> dict:
+def protect_by_hand(live: Live, vm_name: str, primary: str, epoch_ms: int | None = None) -> dict:
     """``vm_name`` (a live guest, resident on ``primary``) protected at Level 2 by hand as docs/level2.md says: its
     disk routed through the primary's AM while paused, the secondary VM on the AM peer's local SR with its replica
     resynced, started paused. What the caller needs of it: ``vm``, ``copy``, ``resource``, ``secondary`` (a name),
-    ``hosts`` and ``ams`` (each by host name). A step that does not happen fails with an AssertionError."""
+    ``hosts`` and ``ams`` (each by host name). A step that does not happen fails with an AssertionError.
+
+    With ``epoch_ms``, Level 3: both AM resources are checkpointed with that epoch and the VM's MACs."""
     api = live.api
     token = (Path(live.live()["workdir"]) / "am" / "mgmt.token").read_text().strip()
     host_p = api.host.get_by_name_label(primary)[0]
@@ -219,9 +221,11 @@ def protect_by_hand(live: Live, vm_name: str, primary: str) -> dict:
     vdi = first_disk(api, vm)
     vdi_uuid, sr_uuid = api.VDI.get_uuid(vdi), api.SR.get_uuid(api.VDI.get_SR(vdi))
     name = f"vdi-{vdi_uuid}"
+    level3 = {} if epoch_ms is None else {"checkpoint": {
+        "epoch_ms": epoch_ms, "macs": sorted(api.VIF.get_MAC(v).lower() for v in api.VM.get_VIFs(vm))}}
     api.VM.pause(vm)
     code, body = am_p.call("POST", "/v1/resources", {"name": name, "role": "primary", "sr": sr_uuid,
-                                                      "vdi": vdi_uuid, "vm": api.VM.get_uuid(vm)})
+                                                      "vdi": vdi_uuid, "vm": api.VM.get_uuid(vm)} | level3)
     assert code == 201, f"the primary resource: {code} {body}"
     api.VDI.add_to_other_config(vdi, RESOURCE_KEY, name)
     api.VM.unpause(vm)
@@ -230,7 +234,8 @@ def protect_by_hand(live: Live, vm_name: str, primary: str) -> dict:
     copy = copy_for_secondary(api, vm, vm_name, local_s)
     replica = first_disk(api, copy)
     code, body = am_s.call("POST", "/v1/resources", {"name": name, "role": "secondary", "sr": api.SR.get_uuid(local_s),
-                                                      "vdi": api.VDI.get_uuid(replica), "vm": api.VM.get_uuid(copy)})
+                                                      "vdi": api.VDI.get_uuid(replica), "vm": api.VM.get_uuid(copy)}
+                           | level3)
     assert code == 201, f"the secondary resource: {code} {body}"
     api.VDI.add_to_other_config(replica, RESOURCE_KEY, name)
     wait_for(lambda: (am_s.resource(name) or {}).get("disk") == "UpToDate", timeout=120,

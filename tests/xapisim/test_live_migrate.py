@@ -17,6 +17,7 @@ from tests.xapisim.level2_support import Writer
 from tests.xapisim.test_live import alive, bridge_ports, running_bed
 from xapisim.live.guest import garp_frame
 from xapisim.live.reconcile import (
+    CrashHost,
     GuestState,
     HostState,
     MigrateGuest,
@@ -63,7 +64,7 @@ def test_a_paused_guest_migrates_paused_and_a_source_host_that_died_kills_it():
     unpaused = World(want.hosts, {"vm1": GuestState("h2", 9)}, want.migrations)
     assert plan(unpaused, have) == [MigrateGuest("vm1", "h2", 9), PauseGuest("vm1", False)]
     dead = World({"h1": DOWN, "h2": UP}, want.guests, want.migrations)
-    assert plan(dead, have)[0] == StopGuest("vm1", hard=True)
+    assert plan(dead, have)[:2] == [CrashHost("h1"), StopGuest("vm1", hard=True)]
 
 
 def test_the_gratuitous_arp_is_a_broadcast_request_for_the_guests_own_address():

@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 from .. import faults
 from . import pairing
 from .faults import LiveRoutes
+from .guest import closed_port_table
 from .migrate import LiveMigrations, move_guest
 from .netns import IP, Namespaces, NetnsError, cut_table, drop_table, free_prefix
 from .reconcile import (
@@ -183,6 +184,8 @@ class LiveBed:
         # on_promote hook reaches XAPI there. None: no hook.
         self.xapi_port = xapi_port
         self.prefix = prefix or free_prefix("xs")
+        # The guests' checkpoint control sockets (Level 3): a short path, as a Unix socket's is at most 107 bytes
+        self.control_dir = Path(tempfile.gettempdir()) / f"{self.prefix}-ctl"
         self.ns = Namespaces(self.prefix)
         self.octet = _free_octet(self.prefix)
         self._own_workdir = workdir is None
@@ -276,6 +279,7 @@ class LiveBed:
         engine, p, n = self.engine, self.prefix, self.ns.netns
         for sub in ("srs", "am", "logs", "guests", "xapi"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
+        self.control_dir.mkdir(mode=0o700, exist_ok=True)
         (self.workdir / "xapi").chmod(0o700)
         if self.xapi_port is not None:
             # The hook's XAPI credentials, readable by root only (as a host's own xapi is root's).
@@ -362,6 +366,8 @@ url = "http://{self.witness_addr}:{WITNESS_PORT}"
 token_file = "witness.token"
 [disks]
 sr_root = "{self.sr_root}"
+[checkpoint]
+control_dir = "{self.control_dir}"
 {self._vm_section(host)}{pairing.am_section()}[testbed]
 fault_injection = true
 """)
@@ -604,7 +610,10 @@ fault_injection = true
         if isinstance(action, StopGuest):
             self._stop_guest(action.vm, hard=action.hard)
         elif isinstance(action, CrashHost):
-            self.ns.kill_namespace_processes(self.host_ns[action.host])
+            guests = [g for g in self.guests.values() if g.host == action.host]
+            for guest in guests:
+                guest.stopping = True  # killed with its host: not a guest crash (``_check_exits``)
+            self.ns.kill_namespace_processes(self.host_ns[action.host], *(g.namespace for g in guests))
             self.host_procs.pop(action.host, None)
         elif isinstance(action, BootHost):
             self._boot(action.host, action.disk_failed)
@@ -714,6 +723,11 @@ fault_injection = true
         disk, export = self.disk_endpoint(vm, host)
         endpoint_file = self.workdir / "guests" / f"{uuid}.endpoint"
         write_endpoint(endpoint_file, f"{disk}/{export}")
+        # Level 3: after a takeover the host's AM left the VM's last checkpoint here (am/checkpoint.py); the guest
+        # starts from it, its service port closed to the network until its connections are restored (a client's
+        # segment would draw a reset before them): it opens it itself.
+        restore = self.workdir / "am" / self.host_name(host) / f"{export}.ckpt"
+        restoring = host in self.peers and disk.endswith(f":{AM_NBD_PORT}") and restore.exists()
         g, h, n = f"g{uuid[:8]}", self.host_ns[host], self.ns.netns
         vif = f"vif{domid}.0" if 0 < domid < 10**9 else f"vif{secrets.token_hex(3)}"
         self.ns.delete_namespaces([g])  # a leftover of an interrupted stop
@@ -723,8 +737,14 @@ fault_injection = true
             g: ["link set lo up", f"addr add {ip}/20 dev eth0", "link set eth0 up"],
             h: [f"link set {vif} master xenbr0", f"link set {vif} up"],
         })
+        if restoring:
+            self.ns.nft([g], closed_port_table(GUEST_PORT))
         argv = [sys.executable, "-m", "xapisim.live.guest", "--name", name, "--listen", f"{ip}:{GUEST_PORT}",
-                "--endpoint-file", str(endpoint_file), "--nic", "eth0"]
+                "--endpoint-file", str(endpoint_file), "--nic", "eth0",
+                "--control", str(self.control_dir / f"{uuid}.ctl")]
+        if restoring:
+            argv += ["--restore", str(restore)]
+            log.info("live bed: guest %s restores from its checkpoint on %s", name, self.host_name(host))
         proc = self.ns.spawn(g, argv, log_path=self._log(f"guest-{name}"), env=self._env())
         self.guests[vm] = LiveGuest(vm, name, uuid, g, ip, mac, host, disk, export, proc, endpoint_file=endpoint_file,
                                     vif=vif)
@@ -763,6 +783,7 @@ fault_injection = true
         guest.stopping = True
         self.ns.delete_namespaces([guest.namespace])  # SIGKILLs what is left, and the veth goes with it
         guest.endpoint_file.unlink(missing_ok=True)
+        (self.control_dir / f"{guest.uuid}.ctl").unlink(missing_ok=True)
         guest.proc.poll()
         guests = dict(self.have.guests)
         guests.pop(vm, None)
@@ -873,6 +894,7 @@ fault_injection = true
         try:
             self.ns.close()
         finally:
+            shutil.rmtree(self.control_dir, ignore_errors=True)
             if self._own_workdir:
                 shutil.rmtree(self.workdir, ignore_errors=True)
             self._started = False

@@ -26,19 +26,24 @@ import logging
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+import msgspec
+
+from am import checkpoint
 from am.config import Address, ConfigError
 from am.nbd_client import NBDClient, NBDOptionError, NBDReplyError
 
+from . import tcprepair
 from .guest_core import (
-    MAX_PAYLOAD,
+    MAX_LINE,
+    Add,
     BadRequest,
     Count,
     Get,
-    LineBuffer,
     LogScanner,
     Ping,
     Put,
@@ -51,6 +56,7 @@ log = logging.getLogger("xapisim.live.guest")
 
 EXIT_DISK_LOST = 3
 EXIT_NO_DISK = 4
+EXIT_BAD_CHECKPOINT = 5
 
 
 class DiskLost(Exception):
@@ -154,15 +160,170 @@ class Disk:
             await self.client.close()
 
 
+class Gate:
+    """Where the guest pauses for a checkpoint: a request runs whole between two checkpoints (one waiting on its
+    disk write finishes first), and none starts while paused."""
+
+    def __init__(self) -> None:
+        self._open = asyncio.Event()
+        self._open.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._busy = 0
+
+    async def enter(self) -> None:
+        while not self._open.is_set():
+            await self._open.wait()
+        self._busy += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self._busy -= 1
+        if not self._busy:
+            self._idle.set()
+
+    async def pause(self) -> None:
+        self._open.clear()
+        await self._idle.wait()
+
+    def resume(self) -> None:
+        self._open.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._open.is_set()
+
+
+class ConnImage(msgspec.Struct, frozen=True):
+    tcp: tcprepair.TcpState
+    inbox: bytes  # read from the socket, not answered yet
+    outbox: bytes  # answered, not taken by the kernel yet
+
+
+class GuestImage(msgspec.Struct, frozen=True):
+    """The guest's checkpoint: its memory (the ledger, where its log ends) and its client connections. Its records
+    are on its disk, which the AM keeps at the same epoch (protocol D); a restored guest checks that they agree."""
+
+    name: str
+    adds: int
+    total: int
+    records: int
+    end: int
+    conns: list[ConnImage]
+
+
+_image_encoder = msgspec.msgpack.Encoder()
+_image_decoder = msgspec.msgpack.Decoder(GuestImage)
+
+
+class Connection:
+    """One client connection on a non-blocking socket. What was read and not answered (``inbox``) and what was
+    answered and not sent (``outbox``) are the guest's memory, so a checkpoint holds them; bytes move between the
+    kernel and them only in synchronous callbacks, never across an ``await`` a checkpoint could fall into."""
+
+    def __init__(self, guest: Guest, sock: socket.socket, inbox: bytes = b"", outbox: bytes = b"") -> None:
+        self.guest, self.sock = guest, sock
+        sock.setblocking(False)
+        self.inbox, self.outbox = bytearray(inbox), bytearray(outbox)
+        self.eof = False
+        self.closed = False
+        self._readable = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._writing = False
+        self._loop.add_reader(sock.fileno(), self._read)
+        if self.outbox:
+            self._flush()
+
+    def _read(self) -> None:
+        try:
+            data = self.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.inbox += data
+        else:
+            self.eof = True
+            self._loop.remove_reader(self.sock.fileno())
+        self._readable.set()
+
+    def send(self, data: bytes) -> None:
+        self.outbox += data
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.closed:
+            return
+        try:
+            sent = self.sock.send(self.outbox) if self.outbox else 0
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.eof = True
+            self._readable.set()
+            return
+        del self.outbox[:sent]
+        if self.outbox and not self._writing:
+            self._loop.add_writer(self.sock.fileno(), self._flush)
+            self._writing = True
+        elif not self.outbox and self._writing:
+            self._loop.remove_writer(self.sock.fileno())
+            self._writing = False
+
+    async def serve(self) -> None:
+        gate = self.guest.gate
+        try:
+            while True:
+                cut = self.inbox.find(b"\n")
+                if cut < 0:
+                    if len(self.inbox) > MAX_LINE:
+                        raise ValueError("line too long")
+                    if self.eof:
+                        return
+                    self._readable.clear()
+                    await self._readable.wait()
+                    continue
+                await gate.enter()
+                try:
+                    line = bytes(self.inbox[:cut]).rstrip(b"\r")
+                    del self.inbox[: cut + 1]
+                    self.send(await self.guest.answer(line) + b"\n")
+                finally:
+                    gate.leave()
+        except (ValueError, DiskLost) as exc:
+            log.info("client connection ends: %s", exc)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_reader(self.sock.fileno())
+                self._loop.remove_writer(self.sock.fileno())
+            self.sock.close()
+            self.guest.connections.discard(self)
+
+    def image(self) -> ConnImage:
+        return ConnImage(tcprepair.capture(self.sock), bytes(self.inbox), bytes(self.outbox))
+
+
 class Guest:
     def __init__(self, name: str, disk: Disk, payloads: list[bytes], end: int) -> None:
         self.name = name
         self.disk = disk
         self.payloads = payloads  # payloads[i] is record i + 1, all on the disk
         self.end = end
+        self.adds = 0  # the ledger of ADD requests: memory only
+        self.total = 0
         # One record at a time: a later record is never on the disk before an earlier one was acknowledged.
         self._write = asyncio.Lock()
         self.lost = asyncio.Event()
+        self.gate = Gate()
+        self.connections: set[Connection] = set()
+        self.listener: socket.socket | None = None
+        self._tasks: set[asyncio.Task] = set()
 
     async def put(self, payload: bytes) -> bytes:
         async with self._write:
@@ -189,6 +350,10 @@ class Guest:
             if 1 <= request.seq <= len(self.payloads):
                 return b"VAL %d " % request.seq + self.payloads[request.seq - 1]
             return b"NONE %d" % request.seq
+        if isinstance(request, Add):
+            self.adds += 1
+            self.total += request.amount
+            return b"SUM %d %d" % (self.adds, self.total)
         if isinstance(request, Count):
             return b"COUNT %d" % len(self.payloads)
         if isinstance(request, Ping):
@@ -196,16 +361,112 @@ class Guest:
         assert isinstance(request, BadRequest)
         return b"ERR " + request.reason.encode()
 
-    async def serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        lines = LineBuffer()
+    # -- serving ---------------------------------------------------------------------------------------------
+    def listen(self, host: str, port: int) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+        sock.setblocking(False)
+        self.listener = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        """Take every connection the kernel completed (also before a capture: one left in the accept queue would
+        be lost with the host, though the client saw it established)."""
+        while self.listener is not None:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept: %s", exc)
+                return
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.adopt(sock)
+
+    def adopt(self, sock: socket.socket, inbox: bytes = b"", outbox: bytes = b"") -> None:
+        conn = Connection(self, sock, inbox, outbox)
+        self.connections.add(conn)
+        task = asyncio.create_task(conn.serve())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def close(self) -> None:
+        if self.listener is not None:
+            asyncio.get_running_loop().remove_reader(self.listener.fileno())
+            self.listener.close()
+            self.listener = None
+        for conn in list(self.connections):
+            conn.close()
+
+    # -- the checkpoint source (am.checkpoint's control protocol) --------------------------------------------
+    def capture(self) -> bytes:
+        """The guest's state, taken at a pause: synchronous, so nothing moves between its parts."""
+        self._accept()
+        conns = []
+        for conn in list(self.connections):
+            if conn.eof:
+                continue  # the client closed it: not carried over
+            try:
+                conns.append(conn.image())
+            except OSError as exc:
+                log.warning("a connection is not carried over: %s", exc)
+        image = GuestImage(self.name, self.adds, self.total, len(self.payloads), self.end, conns)
+        return _image_encoder.encode(image)
+
+    def restore_state(self, image: GuestImage) -> None:
+        """The memory of a checkpoint, once the disk's log is read: both must say the same (protocol D)."""
+        if (image.records, image.end) != (len(self.payloads), self.end):
+            log.error("inconsistent restore: the checkpoint says %d records ending at %d, the disk holds %d ending "
+                      "at %d", image.records, image.end, len(self.payloads), self.end)
+            del self.payloads[image.records :]
+            self.end = min(self.end, image.end)
+        self.adds, self.total = image.adds, image.total
+
+    def restore_connections(self, image: GuestImage) -> int:
+        """The client connections of a checkpoint, each with the same TCP state: returns how many."""
+        restored = 0
+        for conn in image.conns:
+            try:
+                sock = tcprepair.restore(conn.tcp)
+            except OSError as exc:
+                log.error("connection from %s:%d not restored: %s", *conn.tcp.peer, exc)
+                continue
+            self.adopt(sock, conn.inbox, conn.outbox)
+            restored += 1
+        return restored
+
+    async def serve_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One client of the control socket (the host's AM): pause, capture, resume, hello. The guest never stays
+        paused once that client is gone."""
         try:
-            while data := await reader.read(MAX_PAYLOAD):
-                for line in lines.feed(data):
-                    writer.write(await self.answer(line) + b"\n")
+            while True:
+                request = await checkpoint.read_request(reader)
+                try:
+                    if request.op == "pause":
+                        await self.gate.pause()
+                        reply = checkpoint.SourceReply(True)
+                    elif request.op == "capture":
+                        if not self.gate.paused:
+                            reply = checkpoint.SourceReply(False, error="capture without a pause")
+                        else:
+                            reply = checkpoint.SourceReply(True, self.capture())
+                    elif request.op == "resume":
+                        self.gate.resume()
+                        reply = checkpoint.SourceReply(True)
+                    elif request.op == "hello":
+                        reply = checkpoint.SourceReply(True, self.name.encode())
+                    else:
+                        reply = checkpoint.SourceReply(False, error=f"unknown request {request.op[:32]!r}")
+                except OSError as exc:
+                    reply = checkpoint.SourceReply(False, error=str(exc))
+                writer.write(checkpoint.frame(reply))
                 await writer.drain()
-        except (ConnectionError, ValueError, DiskLost) as exc:
-            log.info("client connection ends: %s", exc)
+        except (EOFError, asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
+            log.info("control connection ends: %s", exc or type(exc).__name__)
         finally:
+            self.gate.resume()
             writer.close()
 
     async def keep_disk(self) -> None:
@@ -221,6 +482,24 @@ class Guest:
                     log.error("%s", exc)
                     self.lost.set()
                     return
+
+
+RESTORE_TABLE = "xapisim_restore"
+
+
+def closed_port_table(port: int) -> str:
+    """An nft script that drops TCP segments to ``port`` in a guest being restored: one reaching it before its
+    connections exist would draw a reset. The guest deletes the table once they do (``open_port``)."""
+    return (f"table inet {RESTORE_TABLE} {{\n"
+            f"  chain input {{ type filter hook input priority 0; policy accept; tcp dport {port} drop; }}\n}}\n")
+
+
+def open_port() -> None:
+    try:
+        subprocess.run(["nft", "delete", "table", "inet", RESTORE_TABLE], check=True, capture_output=True,
+                       timeout=10)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.error("the service port stays closed: nft: %s", exc)
 
 
 async def read_log(disk: Disk) -> tuple[list[bytes], int]:
@@ -250,23 +529,51 @@ def announce(ifname: str, ip: str) -> None:
 async def run(args: argparse.Namespace) -> int:
     endpoint_file = Path(args.endpoint_file) if args.endpoint_file else None
     disk = Disk(endpoint_file, args.disk, args.reconnect_timeout)
-    try:
-        disk.retry_for = args.disk_timeout  # the disk server may still be starting (a host that just booted)
-        await disk.ensure()
-        disk.retry_for = args.reconnect_timeout
-        payloads, end = await read_log(disk)
-    except (DiskLost, NBDReplyError) as exc:
-        print(f"guest {args.name}: {exc}", file=sys.stderr, flush=True)
-        return EXIT_NO_DISK
-    guest = Guest(args.name, disk, payloads, end)
+    image = None
+    if args.restore:
+        try:
+            image = _image_decoder.decode(Path(args.restore).read_bytes())
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            print(f"guest {args.name}: cannot restore from {args.restore}: {exc}", file=sys.stderr, flush=True)
+            return EXIT_BAD_CHECKPOINT
+    guest = Guest(args.name, disk, [], 0)
+    await guest.gate.pause()  # no request is answered before the log is read
     listen = Address.parse(args.listen, "--listen")
-    server = await asyncio.start_server(guest.serve_client, listen.host, listen.port, reuse_address=True)
+    guest.listen(listen.host, listen.port)
+    restored = ""
+    if image is not None:
+        # The connections first (the bed closed the port until they exist), then the disk: their requests wait for
+        # the log.
+        count = guest.restore_connections(image)
+        restored = f", restored from its checkpoint with {count} connections and {image.adds} ADDs"
+    if image is not None:
+        open_port()
     if args.nic:
         try:
             announce(args.nic, listen.host)
         except OSError as exc:  # not fatal: the switch learns the port from the guest's first answer
             log.warning("gratuitous ARP on %s failed: %s", args.nic, exc)
-    print(f"guest {args.name} ready on {args.listen}: {len(payloads)} records on the disk", flush=True)
+    try:
+        disk.retry_for = args.disk_timeout  # the disk server may still be starting (a host that just booted)
+        await disk.ensure()
+        disk.retry_for = args.reconnect_timeout
+        guest.payloads, guest.end = await read_log(disk)
+    except (DiskLost, NBDReplyError) as exc:
+        print(f"guest {args.name}: {exc}", file=sys.stderr, flush=True)
+        guest.close()
+        return EXIT_NO_DISK
+    if image is not None:
+        guest.restore_state(image)
+    guest.gate.resume()
+    control = None
+    if args.control:
+        Path(args.control).unlink(missing_ok=True)
+        try:
+            control = await asyncio.start_unix_server(guest.serve_control, path=args.control)
+        except OSError as exc:  # the guest runs on; its AM cannot checkpoint it (NoGuest)
+            log.error("no checkpoint control on %s: %s", args.control, exc)
+    print(f"guest {args.name} ready on {args.listen}: {len(guest.payloads)} records on the disk{restored}",
+          flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -276,7 +583,10 @@ async def run(args: argparse.Namespace) -> int:
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     for task in waits:
         task.cancel()
-    server.close()
+    guest.close()
+    if control is not None:
+        control.close()
+        Path(args.control).unlink(missing_ok=True)
     if guest.lost.is_set():
         print(f"guest {args.name}: the disk connection was lost", file=sys.stderr, flush=True)
         return EXIT_DISK_LOST
@@ -293,6 +603,9 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--disk", metavar="HOST:PORT/EXPORT", help="its disk, an NBD export")
     where.add_argument("--endpoint-file", metavar="FILE", help="a file holding HOST:PORT/EXPORT, followed")
     p.add_argument("--nic", help="announce the address on this interface (gratuitous ARP) once listening")
+    p.add_argument("--control", metavar="SOCKET",
+                   help="serve the AM's checkpoint requests (Level 3, am/checkpoint.py) on this Unix socket")
+    p.add_argument("--restore", metavar="FILE", help="start from this checkpoint (its connections too)")
     p.add_argument("--disk-timeout", type=float, default=10.0, help="how long to wait for the disk at start, s")
     p.add_argument("--reconnect-timeout", type=float, default=30.0,
                    help="how long to try to get a lost disk connection back before giving up, s")

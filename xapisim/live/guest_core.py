@@ -17,6 +17,8 @@ so every acknowledged record is before the first invalid one: a restarted guest 
     GET <seq>   ->  VAL <seq> <text>  |  NONE <seq>
     COUNT       ->  COUNT <n>         records on the disk
     PING        ->  PONG <guest name>
+    ADD <n>     ->  SUM <k> <total>   the k-th ADD; total: the sum of all k amounts (memory only, not on the disk:
+                                      a Level 3 guest keeps it through the loss of its host, docs/level3.md)
 """
 
 from __future__ import annotations
@@ -133,11 +135,16 @@ class Ping:
 
 
 @dataclass(frozen=True)
+class Add:
+    amount: int
+
+
+@dataclass(frozen=True)
 class BadRequest:
     reason: str
 
 
-Request = Put | Get | Count | Ping | BadRequest
+Request = Put | Get | Count | Ping | Add | BadRequest
 
 
 def parse_request(line: bytes) -> Request:
@@ -151,25 +158,12 @@ def parse_request(line: bytes) -> Request:
         if not rest.isdigit():
             return BadRequest("GET takes a sequence number")
         return Get(int(rest))
+    if verb == b"ADD":
+        if not rest.isdigit() or len(rest) > 12:
+            return BadRequest("ADD takes a whole number of at most 12 digits")
+        return Add(int(rest))
     if verb == b"COUNT" and not rest:
         return Count()
     if verb == b"PING" and not rest:
         return Ping()
     return BadRequest(f"unknown request {verb[:16].decode(errors='replace')!r}")
-
-
-class LineBuffer:
-    """Splits a byte stream into lines; a line longer than MAX_LINE is an error (the connection is closed)."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> list[bytes]:
-        self._buf += data
-        lines = []
-        while (cut := self._buf.find(b"\n")) >= 0:
-            lines.append(bytes(self._buf[:cut]).rstrip(b"\r"))
-            del self._buf[: cut + 1]
-        if len(self._buf) > MAX_LINE:
-            raise ValueError("line too long")
-        return lines

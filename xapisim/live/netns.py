@@ -230,14 +230,16 @@ class Namespaces:
                 found.append(int(entry.name))
         return found
 
-    def kill_namespace_processes(self, ns: str, timeout: float = 10.0) -> list[int]:
-        """SIGKILL every process in namespace ``ns`` and wait until they are gone: a host crash. Returns the pids.
+    def kill_namespace_processes(self, *namespaces: str, timeout: float = 10.0) -> list[int]:
+        """SIGKILL every process in the namespaces, in one sweep, and wait until they are gone: a host crash (a
+        host's own namespace and its guests'). Returns the pids.
 
         The calling process itself is never killed (it shows up there while its main thread is inside ``in_ns``)."""
         killed: list[int] = []
         deadline = time.monotonic() + timeout
+        ns = ", ".join(self.netns(n) for n in namespaces)
         while True:
-            pids = [pid for pid in self.pids(ns) if pid != os.getpid()]
+            pids = [pid for n in namespaces for pid in self.pids(n) if pid != os.getpid()]
             if not pids:
                 break
             for pid in pids:
@@ -247,14 +249,14 @@ class Namespaces:
                     killed.append(pid)
             self.reap()
             if time.monotonic() > deadline:
-                raise NetnsError(f"processes {pids} of {self.netns(ns)} survived SIGKILL for {timeout}s")
+                raise NetnsError(f"processes {pids} of {ns} survived SIGKILL for {timeout}s")
             time.sleep(0.01)
         # A process leaves its namespace early in its exit, before its memory and sockets are gone: wait for
         # the end of the exit too (no such process, or a zombie), so a crash is over when this returns.
         while not all(exited(pid) for pid in killed):
             self.reap()
             if time.monotonic() > deadline:
-                raise NetnsError(f"processes of {self.netns(ns)} still exiting after {timeout}s")
+                raise NetnsError(f"processes of {ns} still exiting after {timeout}s")
             time.sleep(0.01)
         self.reap()
         return killed

@@ -5,11 +5,13 @@ on, whose NIC, availability links and disk are broken, and which live guests run
 remembers what it made true (``have``). ``plan(want, have)`` lists the actions that take ``have`` to ``want``, in
 an order that is safe for the machines:
 
-1. guests that must stop (their VM halted, rebooted or restarted elsewhere, or their host lost power: then hard,
-   as a crash), and guests live-migrated (``VM.pool_migrate``: the same process, its NIC moved to the target host);
-2. hosts that lost power (every process of the host killed), then hosts powered on (AM and disk server started);
-3. NIC, link and disk faults;
-4. guests that must start (a VM started paused starts none until it is unpaused), then pause / unpause.
+1. hosts that lost power: every process of the host and of its guests killed in one sweep (a crash: nothing of the
+   host outlives the rest and acts on what it sees);
+2. guests that must stop (their VM halted, rebooted or restarted elsewhere, or their host lost power: then hard),
+   and guests live-migrated (``VM.pool_migrate``: the same process, its NIC moved to the target host);
+3. hosts powered on (AM and disk server started);
+4. NIC, link and disk faults;
+5. guests that must start (a VM started paused starts none until it is unpaused), then pause / unpause.
 
 ``after(have, action)`` is the world once an action is done, so the shell can record progress action by action.
 """
@@ -125,8 +127,9 @@ def migrated(want: World, vm: str, now: GuestState, target: GuestState) -> bool:
 
 
 def plan(want: World, have: World) -> list[Action]:
-    actions: list[Action] = []
     down = {h for h, s in want.hosts.items() if not s.up}
+    actions: list[Action] = [CrashHost(host) for host, target in want.hosts.items()
+                             if have.hosts.get(host, HostState(up=False)).up and not target.up]
     kept: dict[str, GuestState] = {}
     for vm, now in have.guests.items():
         target = want.guests.get(vm)
@@ -139,10 +142,6 @@ def plan(want: World, have: World) -> list[Action]:
         else:
             kept[vm] = now
 
-    for host, target in want.hosts.items():
-        now = have.hosts.get(host, HostState(up=False))
-        if now.up and not target.up:
-            actions.append(CrashHost(host))
     for host, target in want.hosts.items():
         now = have.hosts.get(host, HostState(up=False))
         if target.up and not now.up:
