@@ -153,13 +153,19 @@ def level2_secondary_candidates(vm: VM) -> list[dict]:
 
 def level3_vm_problems(vm: VM) -> dict[str, str]:
     """Why the VM itself cannot be checkpointed ({check name: sentence}): more than one vCPU (a checkpoint
-    captures one vCPU's state: XAPI's VM.VCPUs_max), or no NIC or too many (the AM holds the output of 1 to
-    LEVEL3_MAX_NICS MACs)."""
+    captures one vCPU's state: XAPI's VM.VCPUs_max), more than one disk, or no NIC or too many (the AM holds the
+    output of 1 to LEVEL3_MAX_NICS MACs)."""
     problems = {}
     if vm.vcpus_max != LEVEL3_VCPUS:
         problems["vcpus"] = (f"The VM has {vm.vcpus_max} vCPUs (VM.VCPUs_max): Level 3 needs exactly "
                              f"{LEVEL3_VCPUS}, because checkpointing captures one vCPU's state. Halt the VM, set "
                              "its VCPUs_max to 1, and protect it again.")
+    disks = vm_disk_vdis(vm).count()
+    if disks > 1:
+        # Each disk is its own AM resource with its own replication stream: their epochs would commit apart, and a
+        # restored VM could find one disk at its checkpoint and another past it.
+        problems["disks"] = (f"The VM has {disks} disks: Level 3 checkpoints a VM with one disk (its epochs are "
+                             "committed per disk, not yet across several). Protect it at Level 2.")
     nics = VIF.objects.filter(vm=vm).count()
     if not 1 <= nics <= LEVEL3_MAX_NICS:
         problems["nics"] = (f"The VM has {nics} network interface(s): Level 3 holds the VM's network output until "
@@ -171,6 +177,8 @@ def _level3_checks(vm: VM, settings: dict, check) -> dict:
     problems = level3_vm_problems(vm)
     check("vcpus", "vcpus" not in problems, problems.get("vcpus") or
           "The VM has 1 vCPU (VM.VCPUs_max): its state can be checkpointed.")
+    if "disks" in problems:
+        check("level3-disks", False, problems["disks"])
     check("nics", "nics" not in problems, problems.get("nics") or
           "The VM's network output is held until each checkpoint is acknowledged: its clients never see what a "
           "failover would undo.")
@@ -265,7 +273,7 @@ def protection_preflight(*, vm: VM, level: int, settings: dict | None = None) ->
               "ha": "High availability", "busy": "Workflow", "power": "Power state", "disks": "Disks",
               "am": "Availability Manager", "secondary": "Secondary host", "footprint": "Secondary memory",
               "memory": "Memory on the secondary", "storage": "Storage on the secondary", "links": "AM links",
-              "vcpus": "vCPUs", "nics": "Network output", "epoch": "Epoch length"}
+              "vcpus": "vCPUs", "nics": "Network output", "epoch": "Epoch length", "level3-disks": "Disks at Level 3"}
 
     def check(name: str, ok: bool, message: str, blocking: bool = True) -> None:
         checks.append({"name": name, "title": titles[name], "ok": ok, "message": message,

@@ -131,6 +131,18 @@ def test_a_vm_with_two_vcpus_is_refused_saying_checkpointing_captures_one(admin_
     assert admin_api.post("/api/v1/protections/", {"vm": pair["vm"].pk, "level": 2}, format="json").status_code == 202
 
 
+def test_a_vm_with_two_disks_is_refused_as_its_epochs_would_commit_apart(admin_api, pair):
+    make_disk(pair["vm"], pair["vm"].vbds.first().vdi.sr, virtual_size=GiB, userdevice="1")
+    body = checks(admin_api, pair["vm"])
+    disks = next(c for c in body["checks"] if c["name"] == "level3-disks")
+    assert body["can_proceed"] is False and disks["blocking"] is True and "2 disks" in disks["message"]
+    response = protect(admin_api, pair["vm"])
+    assert response.status_code == 409, response.content
+    assert any("Level 3 checkpoints a VM with one disk" in r for r in response.json()["reasons"])
+    assert nothing_recorded()
+    assert admin_api.post("/api/v1/protections/", {"vm": pair["vm"].pk, "level": 2}, format="json").status_code == 202
+
+
 def test_a_vm_without_a_network_interface_is_refused_with_the_reason(admin_api, pair):
     pair["vm"].vifs.all().delete()
     response = protect(admin_api, pair["vm"])
@@ -157,11 +169,16 @@ def test_the_preflight_says_level3s_checks_in_words(admin_api, pair):
     assert level2["level3"] is None and "vcpus" not in {c["name"] for c in level2["checks"]}
 
 
-def test_level3_unprotect_and_swap_are_level2s_workflows(admin_api, pair):
+def test_level3_unprotect_is_level2s_workflow_and_a_swap_is_refused_in_words(admin_api, pair):
     assert protect(admin_api, pair["vm"]).status_code == 202
     WorkflowRun.objects.update(state="succeeded")
     protection = Protection.objects.get()
     Protection.objects.filter(pk=protection.pk).update(status="protected")
+    runs = WorkflowRun.objects.count()
+    swap = admin_api.post(f"/api/v1/protections/{protection.pk}/swap/")
+    assert swap.status_code == 409, swap.content
+    assert "planned swap of a Level 3 VM is not supported" in str(swap.json())
+    assert WorkflowRun.objects.count() == runs
     response = admin_api.delete(f"/api/v1/protections/{protection.pk}/")
     assert response.status_code == 202, response.content
     assert response.json()["params"] == {"level": 3}
