@@ -1,0 +1,103 @@
+"""Level 3 end to end with the console, on the live bed: ``vpn-gw`` (1 vCPU, one disk, a live guest on
+xcp-host-4, whose AM peer is xcp-host-3) protected at Level 3 through the REST API by the real worker, its health
+read by the beat and the AM follower, a client holding one TCP connection to it (tests/xapisim/level3_support's
+Ledger); then the crash of its host: the VM continues on the secondary from its last checkpoint, the connection is
+never reset, no answer is lost or contradicted, and the console records the failover.
+
+The bed and the console's processes are test_level2_faults' (one stack for the module). Root only.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from alerts.choices import Condition
+from alerts.keys import component_key
+from alerts.models import Alert
+from inventory.models import VM
+from protection.choices import ProtectionStatus
+from protection.models import Protection
+from tests.protection import test_level2_faults as faults
+from tests.protection.test_level2_faults import VM_NAME, _logs, _new_alerts, _states, _until
+from tests.protection.test_level2_faults import pytestmark as pytestmark  # root, ip and nft
+from tests.support import wait_for, wait_run
+from tests.xapisim.level3_support import Ledger
+
+stack, api = faults.stack, faults.api
+EPOCH_MS = 40
+
+
+@pytest.fixture
+def protected(stack, api):
+    """VM_NAME protected at Level 3 through the API, every component ok; unprotected at the end unless it failed
+    over (then its crashed host is powered on again)."""
+    pool = stack["pool"]
+    vm = VM.objects.get(pool=pool, name_label=VM_NAME)
+    primary = vm.resident_on
+    secondary = pool.hosts.get(uuid=primary.am_peer)
+    response = api.post("/api/v1/protections/", {"vm": vm.uuid, "level": 3, "settings": {"epoch_ms": EPOCH_MS}},
+                        format="json")
+    assert response.status_code == 202, response.content
+    run = wait_run(response.json()["id"], timeout=240)
+    assert run.state == "succeeded", "\n".join(
+        f"{s.name}: {s.state} {s.error_code} {s.message}" for s in run.steps.order_by("position")) + _logs(stack)
+    protection = Protection.objects.get(vm=vm)
+    assert protection.level == 3 and protection.epoch_ms == EPOCH_MS
+    protection = _until(protection.pk, lambda p: p.status == ProtectionStatus.PROTECTED and p.components
+                        and set(_states(p).values()) == {"ok"}, 60, "the beat's poll: every component ok")
+    alerts_before = set(Alert.objects.values_list("pk", flat=True))
+    yield {"vm": vm, "primary": primary, "secondary": secondary, "protection": protection,
+           "alerts_before": alerts_before}
+    current = Protection.objects.filter(vm=vm).first()
+    if current is not None and current.failed_over_to_id is None:
+        stop = api.delete(f"/api/v1/protections/{current.pk}/")
+        assert stop.status_code == 202, stop.content
+        assert wait_run(stop.json()["id"], timeout=120).state == "succeeded"
+
+
+def _get_components(pk: int) -> list[dict]:
+    return Protection.objects.get(pk=pk).components
+
+
+def test_a_level3_protection_checkpoints_and_the_console_shows_its_figures(stack, protected, api):
+    live, pk = stack["live"], protected["protection"].pk
+    checkpointing = [c for c in _get_components(pk) if c["kind"] == "Checkpointing"]
+    assert len(checkpointing) == 2 and {c["state"] for c in checkpointing} == {"ok"}, checkpointing
+    body = api.get(f"/api/v1/protections/{pk}/")
+    assert body.status_code == 200 and body.json()["level"] == 3
+    ledger = Ledger(live, live.ip(VM_NAME)).start()
+    wait_for(lambda: ledger.answered() >= 100, timeout=20, message="answers through the output buffer")
+    run = ledger.stop()
+    assert run.resets == 0 and not run.ended and run.wrong == [], run
+
+
+def test_a_crash_of_the_primary_host_leaves_the_vm_running_on_with_its_client_connection(stack, protected):
+    cmd, live = stack["cmd"], stack["live"]
+    primary, secondary, vm = protected["primary"], protected["secondary"], protected["vm"]
+    pk = protected["protection"].pk
+    ledger = Ledger(live, live.ip(VM_NAME)).start()
+    try:
+        wait_for(lambda: ledger.answered() >= 50, timeout=20, message="answers before the crash")
+        crashed_at = time.monotonic()
+        cmd.control("POST", f"/sim/hosts/{primary.name_label}/crash")
+        at_crash = ledger.answered()
+        wait_for(lambda: ledger.answered() >= at_crash + 100 or ledger.run.ended, timeout=30,
+                 message="answers after the crash")
+        gap = ledger.gap_after(crashed_at)
+        done = _until(pk, lambda p: p.failed_over_to_id == secondary.pk, 60, "the failover recorded")
+        assert done.status != ProtectionStatus.FAILED, done.status_reason
+        wait_for(lambda: _new_alerts(protected, condition=Condition.FAILOVER_DONE,
+                                     object_key=component_key(vm, "failover")).exists(),
+                 timeout=10, message="the failover's alert")
+        before = ledger.answered()
+        wait_for(lambda: ledger.answered() >= before + 50 or ledger.run.ended, timeout=20,
+                 message="answers after the failover was recorded")
+    finally:
+        run = ledger.stop()
+        cmd.control("POST", f"/sim/hosts/{primary.name_label}/power-on")
+    print(f"\nlevel 3 through the console: crash of {primary.name_label} -> answers again after {gap:.2f} s; "
+          f"{run.answers} answers, {len(run.acked)} records stored")
+    assert run.resets == 0 and not run.ended, run.ended
+    assert run.wrong == [], run.wrong[:5]
+    assert not _new_alerts(protected, condition=Condition.FAILOVER_FAILED).exists()
