@@ -124,7 +124,7 @@ def test_level2_through_the_wizard_its_components_live_in_the_page_and_the_tree_
     comparison = page.locator("table.comparison")
     for words in ("Level 1", "Level 2", "Level 3", "Host failure", "Disk / NIC failure", "Storage"):
         assert words in comparison.inner_text(), words
-    assert page.locator("input[name=level][value='3']").is_disabled()
+    assert page.locator("input[name=level][value='3']").is_enabled()
     page.check("input[name=level][value='2']")
     card = f"#preflight-{uuid}"
     page.wait_for_selector(f"{card} li.check-secondary")
