@@ -144,6 +144,34 @@ def test_checkpoints_go_on_through_a_disk_failure_of_the_primary_and_its_repair(
     checkpointing_on(primary, name)
 
 
+def test_a_paused_vm_is_not_checkpointed_and_is_again_once_unpaused(bed, protected):
+    # Its checkpoint source does not answer (NoGuest): the peer is told the stream ended and forgets its checkpoint
+    # (a takeover now would start the VM from its disk); unpaused, a new stream starts. The client only waits.
+    live, p = bed, protected
+    primary, secondary, name = p["ams"]["xcp-host-1"], p["ams"][p["secondary"]], p["resource"]
+
+    def no_guest():
+        wait_for(lambda: checkpoint(primary, name).get("state") == "NoGuest", timeout=10,
+                 message="the primary's checkpoint source silent")
+        wait_for(lambda: checkpoint(secondary, name).get("last_committed") == 0, timeout=10,
+                 message="the peer's checkpoint forgotten")
+
+    ledger = Ledger(live, live.ip("web-01")).start()
+    try:
+        wait_for(lambda: ledger.answered() >= 50, timeout=20, message="answers before the pause")
+        live.api.VM.pause(p["vm"])
+        no_guest()
+        live.api.VM.unpause(p["vm"])
+        before = ledger.answered()
+        wait_for(lambda: ledger.answered() >= before + 100 or ledger.run.ended, timeout=30,
+                 message="answers after the pause")
+    finally:
+        run = ledger.stop()
+    assert run.resets == 0 and not run.ended and run.wrong == [], run.ended or run.wrong[:5]
+    checkpointing_on(primary, name)
+    assert checkpoint(secondary, name).get("last_committed") > 0
+
+
 def test_a_crash_of_the_secondary_leaves_the_primary_unprotected_then_protected_again(bed, protected):
     live, p = bed, protected
     primary, name, secondary = p["ams"]["xcp-host-1"], p["resource"], p["secondary"]
