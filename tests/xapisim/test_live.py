@@ -83,9 +83,11 @@ class Live:
         return out["value"]
 
     def connect(self, name: str, timeout: float = 10.0) -> Conn:
-        ip = self.ip(name)
-
         def attempt():
+            # the bed gives a VM its address when it starts its guest, just after XAPI's answer to the start
+            ip = self.api.VM.get_other_config(self.vm(name)).get("xapisim_live_ip")
+            if ip is None:
+                return None
             with contextlib.suppress(OSError):
                 return Conn(self.in_client(lambda: socket.create_connection((ip, 7000), timeout=1)))
             return None
