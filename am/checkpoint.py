@@ -360,8 +360,7 @@ class Checkpointer:
         res = self.res
         if not res.peer_replicating():
             return "the peer is not connected"
-        if res.peer is None or res.peer.disk != Disk.UP_TO_DATE or res.conn not in (Conn.CONNECTED,
-                                                                                     Conn.SYNC_TARGET):
+        if res.peer.disk != Disk.UP_TO_DATE or res.conn not in (Conn.CONNECTED, Conn.SYNC_TARGET):
             return f"the peer's replica is not UpToDate (connection {res.conn})"
         return None
 
@@ -453,8 +452,7 @@ class Checkpointer:
             self.res.agent.restore_path(self.res.name).unlink(missing_ok=True)
         self.last_committed, self.last_commit_at = epoch, now
         self.commit_ms = (now - flight.captured_at) * 1000
-        if self.state != Checkpoint.CHECKPOINTING:
-            self.state.set(Checkpoint.CHECKPOINTING, f"checkpoint {epoch} acknowledged")
+        self.state.set(Checkpoint.CHECKPOINTING, f"checkpoint {epoch} acknowledged")
 
     async def _unprotect(self, why: str) -> None:
         """No checkpoint can commit: once nothing held can be contradicted by the peer, run on without holding."""

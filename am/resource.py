@@ -464,7 +464,10 @@ class Resource:
             self._apply(op)
         if why is not None and self.standby_checkpoint is not None:
             log.info("%s: checkpoint %d forgotten: %s", self.name, self.standby_epoch, why)
-            self.standby_checkpoint, self.standby_epoch, self.standby_at = None, 0, 0.0
+            self._forget_checkpoint()
+
+    def _forget_checkpoint(self) -> None:
+        self.standby_checkpoint, self.standby_epoch, self.standby_at = None, 0, 0.0
 
     def standby_reset(self, why: str) -> None:
         """Forget the open epoch and the checkpoint (a new stream starts: they belong to another)."""
@@ -472,7 +475,7 @@ class Resource:
             log.info("%s: checkpoint %d and %d held writes forgotten (%s)", self.name, self.standby_epoch,
                      len(self.held_ops), why)
         self.held_ops = []
-        self.standby_checkpoint, self.standby_epoch, self.standby_at = None, 0, 0.0
+        self._forget_checkpoint()
 
     def restore_point(self) -> bytes | None:
         """After a takeover: the open epoch's writes are dropped (the guest restarts from the checkpoint before
@@ -549,13 +552,13 @@ class Resource:
         reading it, or zero bytes), 0 where it holds data. Raises LocalDiskError."""
         if region <= 0 or offset < 0 or length < 0 or offset + length > self.size:
             raise LocalDiskError(errno.EINVAL, "bad zero map request")
-        def held(at: int, n: int) -> bool:  # a held write there: not known to be zeroes
-            return any(op.offset < at + n and at < op.offset + op.length for op in self.held_ops
+        def zero(at: int) -> bool:  # a held write there: not known to be zeroes
+            n = min(region, offset + length - at)
+            held = any(op.offset < at + n and at < op.offset + op.length for op in self.held_ops
                        if op.op in (wire.Op.WRITE, wire.Op.ZERO))
+            return not held and self.image.is_zero(at, n)
 
-        return bytes(int(not held(at, min(region, offset + length - at))
-                         and self.image.is_zero(at, min(region, offset + length - at)))
-                     for at in range(offset, offset + length, region))
+        return bytes(int(zero(at)) for at in range(offset, offset + length, region))
 
     async def _serve_forwarded(self, link: str, msg: wire.Remote) -> None:
         data, error = b"", 0
