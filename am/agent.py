@@ -299,7 +299,8 @@ class Agent:
             try:
                 for _ in range(3):  # a refusal with a short retry_s (a witness just restarted) is waited out
                     sent = time.monotonic()
-                    answer = await self.witness.acquire(name)
+                    answer = await self.witness.acquire(
+                        name, self.cfg.checkpoint_lease_s if checkpoint else None)
                     if answer.ok or not 0 < answer.retry_s <= 2.0:
                         break
                     await asyncio.sleep(answer.retry_s)

@@ -77,6 +77,9 @@ class VM(msgspec.Struct, forbid_unknown_fields=True):
 
 class CheckpointSection(msgspec.Struct, forbid_unknown_fields=True):
     control_dir: str = ""  # Level 3: the VMs' checkpoint sources, one Unix socket each: <control_dir>/<VM uuid>.ctl
+    # The witness lease a checkpointed resource asks for: shorter than the 0.8 s of the others, so that the lease
+    # of a dead primary lapses within the links' timeout and the takeover waits for nothing else.
+    lease_ms: int = 400
 
 
 class Pairing(msgspec.Struct, forbid_unknown_fields=True):
@@ -136,6 +139,7 @@ class Config(msgspec.Struct):
     on_promote_timeout_s: float = 10.0
     network: NetworkConfig | None = None  # None: no NIC failover through the pairing
     control_dir: Path | None = None  # Level 3's checkpoint sources (None: this host checkpoints no VM)
+    checkpoint_lease_s: float = 0.4
 
 
 def _interface(name: str, what: str) -> str:
@@ -201,6 +205,8 @@ def load(path: str | Path) -> Config:
         raise ConfigError("vm.on_promote must be a list of non-empty strings (the command and its arguments)")
     if not 0 < f.vm.on_promote_timeout_s <= 300:
         raise ConfigError("vm.on_promote_timeout_s must be between 0 and 300 seconds")
+    if not 200 <= f.checkpoint.lease_ms <= 800:
+        raise ConfigError("checkpoint.lease_ms must be between 200 and 800 (the lease of a checkpointed resource)")
     base = path.parent
     return Config(
         node=f.node,
@@ -221,4 +227,5 @@ def load(path: str | Path) -> Config:
         on_promote_timeout_s=f.vm.on_promote_timeout_s,
         network=_network(f.network),
         control_dir=(base / f.checkpoint.control_dir).resolve() if f.checkpoint.control_dir else None,
+        checkpoint_lease_s=f.checkpoint.lease_ms / 1000,
     )

@@ -137,6 +137,16 @@ class Resource:
     def lease_valid(self) -> bool:
         return time.monotonic() < self.lease_until
 
+    @property
+    def wanted_lease_s(self) -> float | None:
+        """The lease to ask the witness for: a checkpointed resource's is shorter, so that a dead primary's lapses
+        within the links' timeout (None: the witness's own)."""
+        return self.agent.cfg.checkpoint_lease_s if self.meta.checkpoint_epoch_ms else None
+
+    @property
+    def lease_s(self) -> float:
+        return self.wanted_lease_s or self.agent.lease_s
+
     async def _admit(self) -> bool:
         """True: serve the request here; False: forward it to the new primary (this node handed the role over
         in a swap, and its clients stay connected); ExportGone: drop the client."""

@@ -62,7 +62,7 @@ async def lease_loop(res: Resource) -> None:
                 await _renew(res)
             elif resume or _should_take_over(res):
                 sent = time.monotonic()
-                answer = await witness.acquire(res.name)
+                answer = await witness.acquire(res.name, res.wanted_lease_s)
                 if answer.ok and res.role == Role.SECONDARY and (resume or _should_take_over(res)):
                     if resume:
                         become_primary(res, answer, sent, "resumed after a restart: the witness still grants it",
@@ -101,13 +101,13 @@ def _should_take_over(res: Resource) -> bool:
 
 
 async def _renew(res: Resource) -> None:
-    lease = res.agent.lease_s
     res.refresh_io()
-    if res.lease_until - time.monotonic() > lease * 0.6:
+    # Renewed with more than a tick and 0.6 lease left, so a late answer rarely lets the trusted part run out.
+    if res.lease_until - time.monotonic() > res.lease_s * 0.6 + TICK:
         return
     sent = time.monotonic()
     epoch = res.meta.epoch
-    answer = await res.agent.witness.renew(res.name, epoch)
+    answer = await res.agent.witness.renew(res.name, epoch, res.wanted_lease_s)
     if res.role != Role.PRIMARY or res.meta.epoch != epoch:
         return  # demoted meanwhile: this answer says nothing about the time after
     if answer.ok:
@@ -154,7 +154,7 @@ async def promote(res: Resource) -> dict:
         raise RoleError(f"the peer is primary of {res.name}: use a swap to move the role")
     sent = time.monotonic()
     try:
-        answer = await res.agent.witness.acquire(res.name)
+        answer = await res.agent.witness.acquire(res.name, res.wanted_lease_s)
     except WitnessError as exc:
         raise RoleError(f"the witness did not answer: {exc}") from None
     if not answer.ok:
@@ -268,7 +268,7 @@ async def on_control(res: Resource, link: str, msg: wire.Control) -> None:
     else:
         try:
             sent = time.monotonic()
-            answer = await res.agent.witness.acquire(res.name)
+            answer = await res.agent.witness.acquire(res.name, res.wanted_lease_s)
             if answer.ok:
                 become_primary(res, answer, sent, "swap: role taken from the peer", new_gen_=False)
                 sync.decide_sync(res)

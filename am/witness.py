@@ -43,6 +43,8 @@ MAX_BODY = 16 * 1024
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:@-]+$")]
 Epoch = Annotated[int, msgspec.Meta(ge=1, le=2**53)]
 Rseq = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]  # nanoseconds since 1970 at the client's start, and up
+# A lease shorter than the witness's own (a Level 3 VM's, whose takeover must come sooner); a longer one is cut.
+LeaseMs = Annotated[int, msgspec.Meta(ge=100, le=600_000)]
 
 
 # Unknown fields are refused: a misspelt "handover_to" silently ignored would turn a planned swap into a takeover.
@@ -50,6 +52,7 @@ class AcquireRequest(msgspec.Struct, forbid_unknown_fields=True):
     resource: Name
     node: Name
     rseq: Rseq
+    lease_ms: LeaseMs | None = None
 
 
 class RenewRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -57,6 +60,7 @@ class RenewRequest(msgspec.Struct, forbid_unknown_fields=True):
     node: Name
     epoch: Epoch
     rseq: Rseq
+    lease_ms: LeaseMs | None = None
 
 
 class ReleaseRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -234,9 +238,11 @@ def make_app(witness: Witness, token: str) -> web.Application:
     app = web.Application(middlewares=[guard], client_max_size=MAX_BODY)
     app.router.add_get("/v1/health", health)
     app.router.add_post("/v1/acquire", post(
-        "acquire", AcquireRequest, lambda r, core, now: core.acquire(r.resource, r.node, now, rseq=r.rseq)))
+        "acquire", AcquireRequest,
+        lambda r, core, now: core.acquire(r.resource, r.node, now, rseq=r.rseq, lease_s=_seconds(r.lease_ms))))
     app.router.add_post("/v1/renew", post(
-        "renew", RenewRequest, lambda r, core, now: core.renew(r.resource, r.node, r.epoch, now, rseq=r.rseq)))
+        "renew", RenewRequest,
+        lambda r, core, now: core.renew(r.resource, r.node, r.epoch, now, rseq=r.rseq, lease_s=_seconds(r.lease_ms))))
     app.router.add_post("/v1/release", post(
         "release", ReleaseRequest,
         lambda r, core, now: core.release(r.resource, r.node, r.epoch, now, handover_to=r.handover_to, rseq=r.rseq)))
@@ -293,6 +299,10 @@ async def serve(app: web.Application, host: str, port: int) -> None:
         await stop.wait()
     finally:
         await runner.cleanup()
+
+
+def _seconds(ms: int | None) -> float | None:
+    return None if ms is None else ms / 1000
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -56,6 +56,10 @@ class WitnessRejected(WitnessError):
         self.status = status
 
 
+def _lease_ms(lease_s: float | None) -> dict[str, int]:
+    return {} if lease_s is None else {"lease_ms": round(lease_s * 1000)}
+
+
 class _Error(msgspec.Struct):
     error: str
 
@@ -87,12 +91,14 @@ class WitnessClient:
 
     # -- the operations ---------------------------------------------------------------------------------------
 
-    async def acquire(self, resource: str) -> Answer:
-        return await self._call(resource, "POST", "/v1/acquire", {"resource": resource, "node": self.node})
+    async def acquire(self, resource: str, lease_s: float | None = None) -> Answer:
+        """``lease_s``: a lease shorter than the witness's own (the answer says which one it granted)."""
+        return await self._call(resource, "POST", "/v1/acquire", {"resource": resource, "node": self.node,
+                                                                   **_lease_ms(lease_s)})
 
-    async def renew(self, resource: str, epoch: int) -> Answer:
+    async def renew(self, resource: str, epoch: int, lease_s: float | None = None) -> Answer:
         return await self._call(resource, "POST", "/v1/renew", {"resource": resource, "node": self.node,
-                                                                 "epoch": epoch})
+                                                                 "epoch": epoch, **_lease_ms(lease_s)})
 
     async def release(self, resource: str, epoch: int, handover_to: str | None = None) -> Answer:
         return await self._call(resource, "POST", "/v1/release", {"resource": resource, "node": self.node,

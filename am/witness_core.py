@@ -45,7 +45,7 @@ class Answer(msgspec.Struct):
 
     ok: bool
     epoch: int  # the resource's epoch after the operation (0: the resource is unknown)
-    lease_s: float  # the lease length the witness counts with
+    lease_s: float  # the lease length the witness counts with (the one it granted, on a grant)
     reason: str  # "" when granted; otherwise one plain English sentence
     retry_s: float  # when a refusal may turn into a grant by waiting alone; 0 when waiting will not help
     holder: str | None
@@ -101,6 +101,7 @@ class Record:
     holder: str | None
     lease_until: float
     current: set[str] = field(default_factory=set)
+    lease_s: float = 0.0  # the length of the holder's last lease (0: the witness's own)
     handover: str | None = None
     rseq: dict[str, int] = field(default_factory=dict)  # per node: the highest request number acted on
 
@@ -118,14 +119,17 @@ class WitnessCore:
 
     # -- the operations ---------------------------------------------------------------------------------------
 
-    def acquire(self, resource: str, node: str, now: float, *, rseq: int) -> Answer:
-        """Make ``node`` the holder: a renewal for the holder, otherwise a new epoch if the lease is free."""
+    def acquire(self, resource: str, node: str, now: float, *, rseq: int, lease_s: float | None = None) -> Answer:
+        """Make ``node`` the holder: a renewal for the holder, otherwise a new epoch if the lease is free.
+
+        ``lease_s``: a shorter lease than the witness's own, for a resource whose takeover must come sooner (a
+        Level 3 VM's); a longer one is cut to the witness's, whose start-up wait must outlast any lease."""
         rec = self.records.get(resource)
         if (stale := self._in_order(rec, resource, node, rseq)) is not None:
             return stale
         if rec is not None and rec.holder == node:
             # Even after its lease lapsed: nobody else took the resource, so no other node has written.
-            rec.lease_until = now + self.lease_s
+            self._lease(rec, now, lease_s)
             return self._granted(rec)
         if rec is not None and rec.holder is not None and now < rec.lease_until:
             return self._refused(
@@ -138,8 +142,9 @@ class WitnessCore:
                 f"before is still believed; it grants {resource} to {node} in {wait:.2f} s at the earliest.",
                 retry_s=wait)
         if rec is None:
-            rec = self.records[resource] = Record(epoch=1, holder=node, lease_until=now + self.lease_s,
-                                                  current={node}, rseq={node: rseq})
+            rec = self.records[resource] = Record(epoch=1, holder=node, lease_until=0.0, current={node},
+                                                  rseq={node: rseq})
+            self._lease(rec, now, lease_s)
             self.revision += 1
             return self._granted(rec)
         if node not in rec.current:
@@ -152,18 +157,20 @@ class WitnessCore:
         rec.current = rec.current if rec.handover == node else {node}
         rec.epoch += 1
         rec.holder = node
-        rec.lease_until = now + self.lease_s
+        self._lease(rec, now, lease_s)
         rec.handover = None
         self.revision += 1
         return self._granted(rec)
 
-    def renew(self, resource: str, node: str, epoch: int, now: float, *, rseq: int) -> Answer:
-        """Extend the holder's lease (even a lapsed one: nobody took the resource meanwhile)."""
+    def renew(self, resource: str, node: str, epoch: int, now: float, *, rseq: int,
+              lease_s: float | None = None) -> Answer:
+        """Extend the holder's lease (even a lapsed one: nobody took the resource meanwhile); ``lease_s`` as for
+        ``acquire``."""
         rec, refusal = self._holder_record(resource, node, epoch, rseq)
         if refusal is not None:
             return refusal
         assert rec is not None
-        rec.lease_until = now + self.lease_s
+        self._lease(rec, now, lease_s)
         return self._granted(rec)
 
     def release(self, resource: str, node: str, epoch: int, now: float, handover_to: str | None = None, *,
@@ -299,6 +306,13 @@ class WitnessCore:
     def _quiet_until(self) -> float:
         return self.started_at + self.lease_s
 
+    def _lease(self, rec: Record, now: float, wanted: float | None) -> None:
+        """A lease from ``now``: the length asked for, never longer than the witness's own. An earlier, longer
+        lease of the same holder is never cut short: its holder believes in it, and nobody else may be granted
+        before it ends."""
+        rec.lease_s = self.lease_s if wanted is None else min(max(wanted, 0.0), self.lease_s)
+        rec.lease_until = max(now + rec.lease_s, rec.lease_until if rec.holder is not None else 0.0)
+
     def _in_order(self, rec: Record | None, resource: str, node: str, rseq: int) -> Answer | None:
         """The stale refusal if the witness already acted on a request ``node`` sent after this one (or on this
         one); otherwise ``rseq`` becomes the node's floor, whatever the answer (a refused request is acted on
@@ -341,8 +355,8 @@ class WitnessCore:
         if rec is None:
             return Answer(ok=ok, epoch=0, lease_s=self.lease_s, reason=reason, retry_s=_ceil_ms(retry_s), holder=None,
                           current=[])
-        return Answer(ok=ok, epoch=rec.epoch, lease_s=self.lease_s, reason=reason, retry_s=_ceil_ms(retry_s),
-                      holder=rec.holder, current=sorted(rec.current))
+        return Answer(ok=ok, epoch=rec.epoch, lease_s=rec.lease_s or self.lease_s, reason=reason,
+                      retry_s=_ceil_ms(retry_s), holder=rec.holder, current=sorted(rec.current))
 
 
 def _ceil_ms(seconds: float) -> float:

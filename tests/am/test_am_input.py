@@ -934,6 +934,8 @@ CONFIG_CASES = [
                  id="heartbeat-zero"),
     pytest.param("text", BASE + "[disk]\nbitmap_region_kib = 3\n", "bitmap_region_kib", id="bitmap-region-3"),
     pytest.param("text", BASE + "[disk]\nbitmap_region_kib = 0\n", "bitmap_region_kib", id="bitmap-region-0"),
+    pytest.param("text", BASE + "[checkpoint]\nlease_ms = 100\n", "checkpoint.lease_ms", id="checkpoint-lease-short"),
+    pytest.param("text", BASE + "[checkpoint]\nlease_ms = \"400\"\n", "lease_ms", id="checkpoint-lease-text"),
     pytest.param("text", BASE.replace('"192.0.2.1:7480"', '"localhost"'), "management.listen", id="no-port"),
     pytest.param("text", BASE.replace('"192.0.2.1:10809"', '"192.0.2.1:70000"'), "nbd.listen",
                  id="port-out-of-range"),

@@ -124,6 +124,9 @@ def test_bad_requests_are_400_with_a_sentence(witness: WitnessProc):
         "no peer": (witness.url + "/v1/outdate", {"resource": R, "node": "hostA", "epoch": 1, "rseq": 1}),
         "rseq 0": (acquire, {"resource": R, "node": "hostA", "rseq": 0}),
         "rseq as text": (acquire, {"resource": R, "node": "hostA", "rseq": "1"}),
+        "lease too short": (acquire, {"resource": R, "node": "hostA", "rseq": 1, "lease_ms": 50}),
+        "lease as text": (witness.url + "/v1/renew", {"resource": R, "node": "hostA", "epoch": 1, "rseq": 1,
+                                                      "lease_ms": "400"}),
     }
     for case, (url, body) in cases.items():
         status, answer, _ = http(url, "POST", body)

@@ -37,11 +37,13 @@ class Core(WitnessCore):
     counter for every node and every core, as the nodes' clocks would give them (so a restored core sees higher
     numbers than those saved). The tests of the ordering itself pass ``rseq``."""
 
-    def acquire(self, resource: str, node: str, now: float, *, rseq: int | None = None) -> Answer:
-        return super().acquire(resource, node, now, rseq=_number(rseq))
+    def acquire(self, resource: str, node: str, now: float, *, rseq: int | None = None,
+                lease_s: float | None = None) -> Answer:
+        return super().acquire(resource, node, now, rseq=_number(rseq), lease_s=lease_s)
 
-    def renew(self, resource: str, node: str, epoch: int, now: float, *, rseq: int | None = None) -> Answer:
-        return super().renew(resource, node, epoch, now, rseq=_number(rseq))
+    def renew(self, resource: str, node: str, epoch: int, now: float, *, rseq: int | None = None,
+              lease_s: float | None = None) -> Answer:
+        return super().renew(resource, node, epoch, now, rseq=_number(rseq), lease_s=lease_s)
 
     def release(self, resource: str, node: str, epoch: int, now: float, handover_to: str | None = None, *,
                 rseq: int | None = None) -> Answer:
@@ -95,6 +97,28 @@ def test_holder_reacquire_renews_in_the_same_epoch():
     answer = core.acquire(R, "hostA", 0.5)
     assert answer.ok and answer.epoch == 1
     assert not core.acquire(R, "hostB", 1.2).ok  # the lease now runs to 1.3
+
+
+def test_a_shorter_lease_is_granted_as_asked_and_a_longer_one_is_cut_to_the_witness_s():
+    core = fresh()
+    both_current(core)
+    short = core.renew(R, "hostA", 1, 1.0, lease_s=0.3)
+    assert short.ok and short.lease_s == 0.3
+    refused = core.acquire(R, "hostB", 1.2)
+    assert not refused.ok and refused.retry_s == pytest.approx(0.1)
+    assert core.acquire(R, "hostB", 1.3).ok  # the dead primary's short lease lapsed: a takeover 0.3 s after
+    long = core.renew(R, "hostB", 2, 1.4, lease_s=5.0)
+    assert long.ok and long.lease_s == LEASE  # the start-up wait after a restart covers no more than that
+    assert not core.acquire(R, "hostA", 2.19).ok
+
+
+def test_a_shorter_lease_never_cuts_short_one_granted_before():
+    """The holder believes in the longer one until its end (the answer to the shorter may be lost)."""
+    core = fresh()
+    both_current(core)
+    assert core.renew(R, "hostA", 1, 0.1, lease_s=0.2).ok
+    refused = core.acquire(R, "hostB", 0.5)
+    assert not refused.ok and refused.retry_s == pytest.approx(0.3)  # the lease of t=0 runs to 0.8
 
 
 def test_holder_renews_a_lapsed_lease_if_nobody_took_it():
@@ -543,6 +567,17 @@ class Rules:
     # Requests carry their client's numbers, so the witness acts on a node's requests in the order they were sent.
     # Broken, the numbers are given on arrival: in the order the network delivers.
     in_order: bool = True
+    # A lease asked for is granted no longer than the witness's own, and never shortens one already granted.
+    # Broken, the witness grants the length asked for from now.
+    leases_cut_and_kept: bool = True
+
+
+class LeaseAsAsked(WitnessCore):
+    """The witness without the rule on asked-for lease lengths (a negative control)."""
+
+    def _lease(self, rec, now: float, wanted: float | None) -> None:
+        rec.lease_s = self.lease_s if wanted is None else wanted
+        rec.lease_until = now + rec.lease_s
 
 
 @dataclass(order=True)
@@ -580,7 +615,8 @@ def simulate(seed: int, rules: Rules | None = None, duration: float = 30.0, stat
     nodes = {n.name: n for n in (SimNode("hostA", "hostB", rnd.uniform(-1e3, 1e3), rnd.randrange(1, 10**6)),
                                  SimNode("hostB", "hostA", rnd.uniform(-1e3, 1e3), rnd.randrange(1, 10**6)))}
     w_offset = rnd.uniform(-1e3, 1e3)
-    core: WitnessCore | None = WitnessCore(lease_s=LEASE, started_at=w_offset)
+    witness = WitnessCore if rules.leases_cut_and_kept else LeaseAsAsked
+    core: WitnessCore | None = witness(lease_s=LEASE, started_at=w_offset)
     saved = core.snapshot()
     arrivals = itertools.count(1)  # the numbers a witness would see if the clients gave none: delivery order
     acked = 0  # writes acknowledged so far, by whichever primary
@@ -604,12 +640,17 @@ def simulate(seed: int, rules: Rules | None = None, duration: float = 30.0, stat
             return rnd.uniform(0.1, 2.0)
         return rnd.uniform(0.001, 0.08)
 
+    def lease() -> dict[str, float]:
+        """Mostly the witness's own lease; sometimes a shorter one (a Level 3 resource), or a longer one."""
+        roll = rnd.random()
+        return {} if roll < 0.5 else {"lease_s": rnd.choice((0.15, 0.3, 0.5, 3.0))}
+
     def decide(node: SimNode, t: float) -> dict[str, Any]:
         """One tick of the node's AM: its writes, and the request it makes of the witness."""
         nonlocal acked
         peer = nodes[node.peer]
         if not node.believes(t):
-            return {"op": "acquire", "args": {}}
+            return {"op": "acquire", "args": lease()}
         if node.has != acked:
             raise Violation(f"{node.name} is primary, but its replica misses {acked - node.has} acknowledged writes")
         if not link_up:
@@ -635,7 +676,7 @@ def simulate(seed: int, rules: Rules | None = None, duration: float = 30.0, stat
             node.generation += 1
             return {"op": "release", "args": {"epoch": node.epoch,
                                               "handover_to": node.peer if rnd.random() < 0.5 else None}}
-        return {"op": "renew", "args": {"epoch": node.epoch}}
+        return {"op": "renew", "args": {"epoch": node.epoch, **lease()}}
 
     def send(node: SimNode, request: dict[str, Any], t: float) -> None:
         node.rseq += 1
@@ -776,7 +817,7 @@ def simulate(seed: int, rules: Rules | None = None, duration: float = 30.0, stat
             elif ev.kind == "restart":
                 w_offset = rnd.uniform(-1e3, 1e3)  # a new process: its monotonic clock starts anywhere
                 started_at = t + w_offset if rules.restart_wait else -1e9
-                core = WitnessCore.restore(json.loads(json.dumps(saved)), lease_s=LEASE, started_at=started_at)
+                core = witness.restore(json.loads(json.dumps(saved)), lease_s=LEASE, started_at=started_at)
                 trace.append(f"{t:.3f} witness restarted")
                 stats.restarts += 1
                 at(t + rnd.uniform(0.5, 4.0), "crash")
@@ -811,8 +852,9 @@ def test_simulation_exercises_takeovers_restarts_handovers_and_late_requests():
     Rules(restart_wait=False),
     Rules(believe_from_send=False),
     Rules(ignore_answers_from_before_release=False),
+    Rules(leases_cut_and_kept=False),
 ], ids=["witness-grants-at-once-after-restart", "node-counts-lease-from-answer",
-        "node-believes-renewals-sent-before-its-release"])
+        "node-believes-renewals-sent-before-its-release", "witness-grants-any-lease-asked-for"])
 def test_negative_control_the_simulation_finds_each_broken_rule(broken: Rules):
     found = next((v for seed in range(300) if (v := simulate(seed, broken)) is not None), None)
     assert found is not None and "believe they hold" in found

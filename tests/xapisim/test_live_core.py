@@ -23,7 +23,9 @@ from xapisim.live.reconcile import (
     CrashHost,
     GuestState,
     HostState,
+    Migration,
     PauseGuest,
+    ReserveGuest,
     SetDisk,
     SetLink,
     SetNic,
@@ -60,11 +62,21 @@ def test_a_new_bed_boots_every_powered_host_then_starts_its_guests():
     assert converge(want, World()) == World({"h1": UP, "h2": UP}, want.guests)
 
 
-def test_a_vm_started_paused_runs_no_guest_until_it_is_unpaused():
+def test_a_vm_started_paused_gets_a_reserved_guest_that_goes_on_when_it_is_unpaused():
     started_paused = World({"h1": UP}, {"vm1": GuestState("h1", 5, paused=True)})
-    assert plan(started_paused, World({"h1": UP})) == []
+    assert plan(started_paused, World({"h1": UP})) == [ReserveGuest("vm1", "h1", 5)]
+    reserved = converge(started_paused, World({"h1": UP}))
+    assert plan(started_paused, reserved) == []
     unpaused = World({"h1": UP}, {"vm1": GuestState("h1", 5)})
-    assert plan(unpaused, converge(started_paused, World({"h1": UP}))) == [StartGuest("vm1", "h1", 5)]
+    assert plan(unpaused, reserved) == [StartGuest("vm1", "h1", 5)]  # not a PauseGuest: it never ran
+    assert plan(unpaused, converge(unpaused, reserved)) == []
+
+
+def test_a_reserved_guest_is_stopped_not_moved_when_its_vm_goes_elsewhere():
+    reserved = converge(World({"h1": UP, "h2": UP}, {"vm1": GuestState("h1", 5, paused=True)}), World())
+    want = World({"h1": UP, "h2": UP}, {"vm1": GuestState("h2", 6)},
+                 {"vm1": Migration(source="h1", old_domid=5, target="h2", domid=6)})
+    assert plan(want, reserved) == [StopGuest("vm1", hard=False), StartGuest("vm1", "h2", 6)]
 
 
 def test_a_host_crash_comes_first_then_its_guests_are_removed():

@@ -70,6 +70,7 @@ from .reconcile import (
     MigrateGuest,
     Migration,
     PauseGuest,
+    ReserveGuest,
     SetDisk,
     SetLink,
     SetNic,
@@ -121,6 +122,7 @@ class LiveGuest:
     paused: bool = False
     stopping: bool = False
     vif: str = ""  # its port on its host's xenbr0
+    reserved: bool = False  # its VM was started paused: the process waits for its order to go on
 
 
 def copy_sparse(source: Path, target: Path) -> None:
@@ -626,6 +628,8 @@ fault_injection = true
             self._signal_disk(action.host, action.failed)
         elif isinstance(action, StartGuest):
             self._start_guest(action.vm, action.host)
+        elif isinstance(action, ReserveGuest):
+            self._reserve_guest(action.vm, action.host)
         elif isinstance(action, PauseGuest):
             self._pause_guest(action.vm, action.paused)
         elif isinstance(action, MigrateGuest):
@@ -713,6 +717,31 @@ fault_injection = true
             return f"{self.host_addr(host)}:{DISK_PORT}", store.tables["VDI"][vdi]["uuid"]
 
     def _start_guest(self, vm: str, host: str) -> None:
+        """The VM's guest goes on: its reserved process if it was started paused, else a new one."""
+        guest = self.guests.get(vm)
+        if guest is None or not guest.reserved:
+            guest = self._reserve_guest(vm, host)
+        # Its disk may have been routed (or unrouted) through the AM while it waited (a takeover).
+        disk, export = self.disk_endpoint(vm, host)
+        write_endpoint(guest.endpoint_file, f"{disk}/{export}")
+        guest.disk, guest.export = disk, export
+        # Level 3: after a takeover the host's AM left the VM's last checkpoint here (am/checkpoint.py); the guest
+        # starts from it, its service port closed to the network until its connections are restored (a client's
+        # segment would draw a reset before them): it opens it itself.
+        restore = self.workdir / "am" / self.host_name(host) / f"{export}.ckpt"
+        restoring = host in self.peers and disk.endswith(f":{AM_NBD_PORT}") and restore.exists()
+        if restoring:
+            self.ns.nft([guest.namespace], closed_port_table(GUEST_PORT))
+            log.info("live bed: guest %s restores from its checkpoint on %s", guest.name, self.host_name(host))
+        self.ns.ip_batches({self.host_ns[host]: [f"link set {guest.vif} master xenbr0", f"link set {guest.vif} up"]})
+        assert guest.proc.stdin is not None
+        guest.proc.stdin.write((f"restore {restore}\n" if restoring else "start\n").encode())
+        guest.proc.stdin.close()  # the guest reads one line: its order to go on
+        guest.reserved = False
+
+    def _reserve_guest(self, vm: str, host: str) -> LiveGuest:
+        """The guest's namespace and process, the process waiting for its order to go on (``_start_guest``) with
+        its NIC off the bridge: a reserved guest touches neither its disk nor the network."""
         store = self.engine.store
         with self.engine.lock:
             rec = store.tables["VM"][vm]
@@ -723,31 +752,19 @@ fault_injection = true
         disk, export = self.disk_endpoint(vm, host)
         endpoint_file = self.workdir / "guests" / f"{uuid}.endpoint"
         write_endpoint(endpoint_file, f"{disk}/{export}")
-        # Level 3: after a takeover the host's AM left the VM's last checkpoint here (am/checkpoint.py); the guest
-        # starts from it, its service port closed to the network until its connections are restored (a client's
-        # segment would draw a reset before them): it opens it itself.
-        restore = self.workdir / "am" / self.host_name(host) / f"{export}.ckpt"
-        restoring = host in self.peers and disk.endswith(f":{AM_NBD_PORT}") and restore.exists()
         g, h, n = f"g{uuid[:8]}", self.host_ns[host], self.ns.netns
         vif = f"vif{domid}.0" if 0 < domid < 10**9 else f"vif{secrets.token_hex(3)}"
         self.ns.delete_namespaces([g])  # a leftover of an interrupted stop
         nic = f"link add eth0 netns {n(g)} address {mac} type veth peer name {vif} netns {n(h)}"
         self.ns.add_namespaces([g], [nic])
-        self.ns.ip_batches({
-            g: ["link set lo up", f"addr add {ip}/20 dev eth0", "link set eth0 up"],
-            h: [f"link set {vif} master xenbr0", f"link set {vif} up"],
-        })
-        if restoring:
-            self.ns.nft([g], closed_port_table(GUEST_PORT))
+        self.ns.ip_batches({g: ["link set lo up", f"addr add {ip}/20 dev eth0", "link set eth0 up"]})
         argv = [sys.executable, "-m", "xapisim.live.guest", "--name", name, "--listen", f"{ip}:{GUEST_PORT}",
                 "--endpoint-file", str(endpoint_file), "--nic", "eth0",
-                "--control", str(self.control_dir / f"{uuid}.ctl")]
-        if restoring:
-            argv += ["--restore", str(restore)]
-            log.info("live bed: guest %s restores from its checkpoint on %s", name, self.host_name(host))
-        proc = self.ns.spawn(g, argv, log_path=self._log(f"guest-{name}"), env=self._env())
-        self.guests[vm] = LiveGuest(vm, name, uuid, g, ip, mac, host, disk, export, proc, endpoint_file=endpoint_file,
-                                    vif=vif)
+                "--control", str(self.control_dir / f"{uuid}.ctl"), "--wait-for-order"]
+        proc = self.ns.spawn(g, argv, log_path=self._log(f"guest-{name}"), env=self._env(), stdin=subprocess.PIPE)
+        guest = self.guests[vm] = LiveGuest(vm, name, uuid, g, ip, mac, host, disk, export, proc,
+                                            endpoint_file=endpoint_file, vif=vif, reserved=True)
+        return guest
 
     def _pause_guest(self, vm: str, paused: bool) -> None:
         guest = self.guests[vm]
@@ -784,6 +801,9 @@ fault_injection = true
         self.ns.delete_namespaces([guest.namespace])  # SIGKILLs what is left, and the veth goes with it
         guest.endpoint_file.unlink(missing_ok=True)
         (self.control_dir / f"{guest.uuid}.ctl").unlink(missing_ok=True)
+        if guest.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                guest.proc.stdin.close()
         guest.proc.poll()
         guests = dict(self.have.guests)
         guests.pop(vm, None)
@@ -853,7 +873,8 @@ fault_injection = true
                     "mac": g.mac,
                     "host": self.host_name(g.host),
                     "pid": g.proc.pid,
-                    "paused": g.paused,
+                    "paused": g.paused or g.reserved,
+                    "reserved": g.reserved,
                     "disk": {"address": g.disk, "export": g.export},
                 }
                 for g in self.guests.values()

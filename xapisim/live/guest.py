@@ -57,6 +57,7 @@ log = logging.getLogger("xapisim.live.guest")
 EXIT_DISK_LOST = 3
 EXIT_NO_DISK = 4
 EXIT_BAD_CHECKPOINT = 5
+EXIT_BAD_ORDER = 6  # a reserved guest was told something else than start or restore
 
 
 class DiskLost(Exception):
@@ -616,11 +617,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--control", metavar="SOCKET",
                    help="serve the AM's checkpoint requests (Level 3, am/checkpoint.py) on this Unix socket")
     p.add_argument("--restore", metavar="FILE", help="start from this checkpoint (its connections too)")
+    p.add_argument("--wait-for-order", action="store_true",
+                   help="a reserved guest (its VM started paused): wait for one line on stdin, 'start' or "
+                        "'restore FILE', before touching the disk or the network")
     p.add_argument("--disk-timeout", type=float, default=10.0, help="how long to wait for the disk at start, s")
     p.add_argument("--reconnect-timeout", type=float, default=30.0,
                    help="how long to try to get a lost disk connection back before giving up, s")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.wait_for_order:
+        order = sys.stdin.readline().split(maxsplit=1)
+        if not order:
+            return 0  # stopped before it ran
+        if order[0] == "restore" and len(order) == 2:
+            args.restore = order[1].strip()
+        elif order != ["start"]:
+            print(f"guest {args.name}: unknown order {' '.join(order)!r}", file=sys.stderr, flush=True)
+            return EXIT_BAD_ORDER
     return asyncio.run(run(args))
 
 

@@ -171,6 +171,7 @@ class Namespaces:
         log_path: str | os.PathLike,
         env: dict[str, str] | None = None,
         cwd: str | os.PathLike | None = None,
+        stdin: int = subprocess.DEVNULL,
     ) -> subprocess.Popen:
         """Start ``argv`` inside namespace ``ns`` in a session of its own (so it is killed as a group), its stdout
         and stderr appended to ``log_path``; ``env`` replaces the environment as in Popen. Killed at ``close``."""
@@ -179,7 +180,7 @@ class Namespaces:
         with log.open("ab") as out:
             proc = subprocess.Popen(
                 self.exec_argv(ns, argv),
-                stdin=subprocess.DEVNULL,
+                stdin=stdin,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,

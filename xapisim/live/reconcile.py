@@ -11,7 +11,9 @@ an order that is safe for the machines:
    and guests live-migrated (``VM.pool_migrate``: the same process, its NIC moved to the target host);
 3. hosts powered on (AM and disk server started);
 4. NIC, link and disk faults;
-5. guests that must start (a VM started paused starts none until it is unpaused), then pause / unpause.
+5. guests that must start, then pause / unpause. A VM started paused gets a *reserved* guest: its process is
+   started but waits, its NIC off the bridge, touching neither disk nor network until the VM is unpaused; then
+   it goes on from there (the paused secondary VM of Levels 2 and 3: its takeover skips the process's start).
 
 ``after(have, action)`` is the world once an action is done, so the shell can record progress action by action.
 """
@@ -37,6 +39,7 @@ class GuestState:
     host: str
     domid: int = 0  # a new domain (a reboot, a migration) is a new guest process
     paused: bool = False
+    reserved: bool = False  # (have only) started paused: its process waits to go on, it has not run yet
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,15 @@ class StartGuest:
 
 
 @dataclass(frozen=True)
+class ReserveGuest:
+    """Start the guest of a VM started paused, waiting: ``StartGuest`` lets it go on."""
+
+    vm: str
+    host: str
+    domid: int = 0
+
+
+@dataclass(frozen=True)
 class PauseGuest:
     vm: str
     paused: bool
@@ -116,7 +128,8 @@ class MigrateGuest:
     domid: int
 
 
-Action = StopGuest | CrashHost | BootHost | SetNic | SetLink | SetDisk | StartGuest | PauseGuest | MigrateGuest
+Action = (StopGuest | CrashHost | BootHost | SetNic | SetLink | SetDisk | StartGuest | ReserveGuest | PauseGuest
+          | MigrateGuest)
 
 
 def migrated(want: World, vm: str, now: GuestState, target: GuestState) -> bool:
@@ -134,7 +147,7 @@ def plan(want: World, have: World) -> list[Action]:
     for vm, now in have.guests.items():
         target = want.guests.get(vm)
         if target is not None and (target.host, target.domid) != (now.host, now.domid) and migrated(
-                want, vm, now, target) and now.host not in down:
+                want, vm, now, target) and now.host not in down and not now.reserved:
             actions.append(MigrateGuest(vm, target.host, target.domid))
             kept[vm] = replace(now, host=target.host, domid=target.domid)
         elif target is None or (target.host, target.domid) != (now.host, now.domid):
@@ -163,8 +176,11 @@ def plan(want: World, have: World) -> list[Action]:
             continue  # never start a guest on a host without power (want should not ask for it)
         now_guest = kept.get(vm)
         if now_guest is None:
-            # A VM started paused runs nothing yet (its memory is reserved in XAPI): its guest starts, from its
-            # disk, when it is unpaused. A running guest that is paused keeps its process, stopped.
+            # A VM started paused runs nothing yet (its memory is reserved in XAPI): its guest is reserved, and
+            # starts, from its disk or its checkpoint, when it is unpaused. A running guest that is paused keeps its
+            # process, stopped.
+            actions.append((ReserveGuest if target.paused else StartGuest)(vm, target.host, target.domid))
+        elif now_guest.reserved:
             if not target.paused:
                 actions.append(StartGuest(vm, target.host, target.domid))
         elif now_guest.paused != target.paused:
@@ -191,6 +207,8 @@ def after(have: World, action: Action) -> World:
         hosts[action.host] = replace(hosts.get(action.host, HostState()), disk_failed=action.failed)
     elif isinstance(action, StartGuest):
         guests[action.vm] = GuestState(action.host, action.domid)
+    elif isinstance(action, ReserveGuest):
+        guests[action.vm] = GuestState(action.host, action.domid, paused=True, reserved=True)
     elif isinstance(action, PauseGuest):
         guests[action.vm] = replace(guests[action.vm], paused=action.paused)
     elif isinstance(action, MigrateGuest):
