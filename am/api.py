@@ -155,10 +155,16 @@ async def action(request: web.Request) -> web.Response:
         if not agent.cfg.fault_injection:
             raise RequestError(404, "fault injection is off in this agent's configuration")
         body = await _body(request, FaultBody)
-        if body.disk != "fail":
-            raise RequestError(400, "disk must be 'fail'")
-        res.image.injected_failure = True
-        return web.json_response({"injected": "disk failure"})
+        if body.disk == "fail":
+            res.image.injected_failure = True
+            return web.json_response({"injected": "disk failure"})
+        if body.disk == "stall":  # flushes hang until "resume": a secondary's stalled disk stalls checkpoints
+            res.image.unstalled.clear()
+            return web.json_response({"injected": "disk stall"})
+        if body.disk == "resume":
+            res.image.unstalled.set()
+            return web.json_response({"injected": "nothing: the disk answers again"})
+        raise RequestError(400, "disk must be 'fail', 'stall' or 'resume'")
     raise RequestError(404, f"no action {verb!r}")
 
 

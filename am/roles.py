@@ -20,6 +20,7 @@ from am.witness_client import WitnessError
 log = logging.getLogger("am.roles")
 TICK = 0.1
 LEASE_TRUST = 0.9
+RENEW_LEFT_S = 0.3
 
 
 class RoleError(Exception):
@@ -102,8 +103,9 @@ def _should_take_over(res: Resource) -> bool:
 
 async def _renew(res: Resource) -> None:
     res.refresh_io()
-    # Renewed with more than a tick and 0.6 lease left, so a late answer rarely lets the trusted part run out.
-    if res.lease_until - time.monotonic() > res.lease_s * 0.6 + TICK:
+    # Renewed with 0.6 lease left, and never less than RENEW_LEFT_S: a short lease renews every tick, so that a
+    # slow answer rarely lets it run out.
+    if res.lease_until - time.monotonic() > max(res.lease_s * 0.6, RENEW_LEFT_S):
         return
     sent = time.monotonic()
     epoch = res.meta.epoch

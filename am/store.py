@@ -38,6 +38,10 @@ class Image:
             os.close(self.fd)
             raise ValueError(f"image {path} is smaller than {size} bytes")
         self.injected_failure = False  # the test bed's disk fault: every I/O fails as a dying disk's would
+        # The test bed's hung disk: a flush waits until it is set again, as on a disk that stopped answering (the
+        # I/O that does not wait for it goes on; the event loop is not blocked).
+        self.unstalled = asyncio.Event()
+        self.unstalled.set()
 
     def _check(self) -> None:
         if self.injected_failure:
@@ -88,6 +92,7 @@ class Image:
 
     async def sync(self) -> None:
         self._check()
+        await self.unstalled.wait()
         try:
             await asyncio.to_thread(os.fdatasync, self.fd)
         except OSError as exc:

@@ -460,6 +460,7 @@ def test_actions_in_the_wrong_role_or_state_get_409(healthy):
         for verb, raw in (("discard-my-data", b"{"), ("discard-my-data", b'{"confirm": "in-other"}'),
                           ("discard-my-data", b"{}"), ("discard-my-data", b'{"confirm": 1}'),
                           ("fault", b'{"disk": "explode"}'), ("fault", b'{"disk": "fail", "x": 1}'),
+                          ("fault", b'{"disk": "Stall"}'),
                           ("fault", b"[1]")):
             code, body = c.call("hostb", "POST", f"{base}/{verb}", raw=raw)
             assert_error(code, body, 400)

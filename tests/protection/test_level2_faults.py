@@ -266,7 +266,7 @@ def test_both_links_cut_with_the_witness_reachable_keep_one_copy_serving_and_nev
         deadline = time.monotonic() + 5  # the witness's lease and grace, and more: the copy must stay paused
         while time.monotonic() < deadline or writer.count() < before + 50:
             assert live.api.VM.get_power_state(copy) == "Paused", "two running copies"
-            assert live.guest(VM_NAME + SECONDARY_SUFFIX) is None, "a guest of the copy runs"
+            assert live.running_guest(VM_NAME + SECONDARY_SUFFIX) is None, "a guest of the copy runs"
             assert time.monotonic() < deadline + 20, "the primary stopped acknowledging"
             time.sleep(0.2)
         with AMClient(secondary.am_url) as am:  # the console's own client and token (EAC_AM_TOKEN_FILE)

@@ -71,7 +71,7 @@ def test_a_planned_swap_moves_the_running_vm_with_its_client_connection_and_back
         # The machines: the same guest process, now on the other host; no guest of the copy runs.
         guest = live.guest(VM_NAME)
         assert guest["host"] == there.name_label and guest["pid"] == pid, guest
-        assert live.guest(VM_NAME + " (eAC secondary)") is None
+        assert live.running_guest(VM_NAME + " (eAC secondary)") is None
         # The AMs: the new primary serves each disk for the VM, the former one holds the replica for the copy.
         with AMClient(there.am_url) as new, AMClient(back.am_url) as old:
             for name in resources:

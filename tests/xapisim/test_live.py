@@ -58,6 +58,11 @@ class Live:
     def guest(self, name: str) -> dict | None:
         return next((g for g in self.live()["guests"] if g["vm"] == name), None)
 
+    def running_guest(self, name: str) -> dict | None:
+        """The VM's guest if it has run: not one reserved for a VM started paused (it waits, touching nothing)."""
+        guest = self.guest(name)
+        return guest if guest is not None and not guest["reserved"] else None
+
     def vm(self, name: str) -> str:
         return self.api.VM.get_by_name_label(name)[0]
 

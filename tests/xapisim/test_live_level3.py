@@ -144,6 +144,35 @@ def test_checkpoints_go_on_through_a_disk_failure_of_the_primary_and_its_repair(
     checkpointing_on(primary, name)
 
 
+def test_a_stalled_secondary_disk_stalls_checkpoints_and_holds_the_output_until_it_answers(bed, protected):
+    """The secondary's flushes hang (its links answer): no checkpoint is acknowledged, so nothing the guest sent
+    since goes out; the primary says Stalled. Once the disk answers, the held output goes out in order."""
+    live, p = bed, protected
+    name, primary, secondary = p["resource"], p["ams"]["xcp-host-1"], p["ams"][p["secondary"]]
+    checkpointing_on(primary, name)
+    ledger = Ledger(live, live.ip("web-01")).start()
+    try:
+        wait_for(lambda: ledger.answered() >= 50, timeout=20, message="answers before the stall")
+        assert secondary.call("POST", f"/v1/resources/{name}/fault", {"disk": "stall"})[0] == 200
+        stalled_at = time.monotonic()
+        wait_for(lambda: checkpoint(primary, name).get("state") == "Stalled", timeout=10,
+                 message="the primary's checkpointing Stalled")
+        silent_from = ledger.answered()
+        status = checkpoint(primary, name)
+        assert status["held_packets"] > 0 and status["last_commit_age_ms"] >= 1000, status
+        assert ledger.answered() == silent_from  # still nothing released
+        assert secondary.call("POST", f"/v1/resources/{name}/fault", {"disk": "resume"})[0] == 200
+        checkpointing_on(primary, name)
+        wait_for(lambda: ledger.answered() >= silent_from + 100 or ledger.run.ended, timeout=30,
+                 message="answers after the disk answered again")
+        gap = ledger.gap_after(stalled_at)
+    finally:
+        run = ledger.stop()
+    assert run.resets == 0 and not run.ended, run.ended
+    assert run.wrong == [], run.wrong[:5]
+    assert gap >= 1.0  # the stall was seen by the client as silence, never as a wrong answer
+
+
 def test_a_paused_vm_is_not_checkpointed_and_is_again_once_unpaused(bed, protected):
     # Its checkpoint source does not answer (NoGuest): the peer is told the stream ended and forgets its checkpoint
     # (a takeover now would start the VM from its disk); unpaused, a new stream starts. The client only waits.
