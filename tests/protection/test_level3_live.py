@@ -12,14 +12,15 @@ import time
 
 import pytest
 
-from alerts.choices import Condition
+from alerts.choices import AlertState, Condition
 from alerts.keys import component_key
 from alerts.models import Alert
 from inventory.models import VM
+from protection.am_client import AMClient
 from protection.choices import ProtectionStatus
-from protection.models import Protection
+from protection.models import ProtectedDisk, Protection
 from tests.protection import test_level2_faults as faults
-from tests.protection.test_level2_faults import VM_NAME, _logs, _new_alerts, _states, _until
+from tests.protection.test_level2_faults import VM_NAME, _logs, _mails, _new_alerts, _states, _until
 from tests.protection.test_level2_faults import pytestmark as pytestmark  # root, ip and nft
 from tests.support import wait_for, wait_run
 from tests.xapisim.level3_support import Ledger
@@ -69,6 +70,42 @@ def test_a_level3_protection_checkpoints_and_the_console_shows_its_figures(stack
     ledger = Ledger(live, live.ip(VM_NAME)).start()
     wait_for(lambda: ledger.answered() >= 100, timeout=20, message="answers through the output buffer")
     run = ledger.stop()
+    assert run.resets == 0 and not run.ended and run.wrong == [], run
+
+
+def test_a_stalled_secondary_disk_raises_checkpointing_stalled_once_and_clears_it_once(stack, protected):
+    """The secondary AM's disk stops answering flushes (its links still answer): the primary's checkpoints go
+    unacknowledged, the console shows the Checkpointing component failed and mails "checkpointing stalled"; once
+    the disk answers, the alert clears, and the client lost nothing."""
+    live, vm, pk = stack["live"], protected["vm"], protected["protection"].pk
+    secondary = protected["secondary"]
+    resource = ProtectedDisk.objects.filter(protection_id=pk).values_list("resource", flat=True).first()
+    ledger = Ledger(live, live.ip(VM_NAME)).start()
+    try:
+        wait_for(lambda: ledger.answered() >= 50, timeout=20, message="answers before the stall")
+        with AMClient(secondary.am_url) as am:
+            am.resource_action(resource, "fault", {"disk": "stall"})
+            try:
+                alert = wait_for(lambda: _new_alerts(protected, condition=Condition.CHECKPOINT_STALLED).first(),
+                                 timeout=20, message="the checkpointing stalled alert")
+                assert alert.state == AlertState.OPEN and alert.object_key == component_key(vm, "checkpoint")
+                wait_for(lambda: _mails(stack, alert, "raised"), timeout=20, message="the stall mailed")
+                assert "failed" in [c["state"] for c in _get_components(pk) if c["kind"] == "Checkpointing"]
+            finally:
+                am.resource_action(resource, "fault", {"disk": "resume"})
+        _until(pk, lambda p: p.status == ProtectionStatus.PROTECTED and set(_states(p).values()) == {"ok"}, 60,
+               "every component ok again")
+        wait_for(lambda: Alert.objects.get(pk=alert.pk).state == AlertState.CLEARED, timeout=20,
+                 message="the alert cleared")
+        wait_for(lambda: _mails(stack, alert, "cleared"), timeout=20, message="the clearance mailed")
+        before = ledger.answered()
+        wait_for(lambda: ledger.answered() >= before + 50 or ledger.run.ended, timeout=20,
+                 message="answers after the stall")
+    finally:
+        run = ledger.stop()
+    stalled = _new_alerts(protected, condition=Condition.CHECKPOINT_STALLED)
+    assert stalled.count() == 1 and len(_mails(stack, alert, "raised")) == 1  # raised once, cleared once
+    assert len(_mails(stack, alert, "cleared")) == 1
     assert run.resets == 0 and not run.ended and run.wrong == [], run
 
 
