@@ -28,7 +28,11 @@ table cells and filter choices too, and a pool being removed shows nothing below
 Events that arrive while a batch renders are coalesced into the next batch; each batch
 costs a fixed handful of queries whatever its size. The reads are shared by all the
 sockets of the process (``console.reads.SharedReads``): with twenty open pages one change is read and
-rendered once, not twenty times.
+rendered once, not twenty times. Changes come in two lanes (``Lane``), each with batches of its own: those of the
+pools followed in detail, and the summaries of the others, whose labels are rendered at most every
+``LABELS_INTERVAL`` and read on a thread of their own; a batch reads the labels of the pools it is about only, the
+others' as last read, and sends its VMs (rows, tree items, the object's panel) before its labels. Under load
+(nineteen busy pools beside the one shown) a change of the shown pool thus never waits behind the others' labels.
 """
 from __future__ import annotations
 
@@ -56,6 +60,7 @@ from eac.realtime import (
     CLOSE_FORBIDDEN,
     POOLS_GROUP,
     SUMMARY_GROUP,
+    SUMMARY_INTERVAL,
     client_message,
     pool_group,
     user_group,
@@ -92,6 +97,13 @@ FOCUS_CATCHUP_SECONDS = 2.0
 # A pool the page no longer shows is followed in detail this much longer: going back to it (the previous page, a
 # node folded and opened again) then needs no catch-up.
 FOCUS_LINGER_SECONDS = 10.0
+# The labels of pools the page shows only by their labels are rendered again at most this often (what the summary
+# of each sender already allows, ``eac.realtime.SUMMARY_INTERVAL``; a watcher of every pool sends one): under load the
+# summaries of three watchers came six times a second, and each rendering read the labels of nineteen pools.
+LABELS_INTERVAL = SUMMARY_INTERVAL
+# A batch of the pools followed in detail sent later than this after its first change is logged (INFO), with where
+# the time went (the architecture's budget, event to DOM, is 250 ms at the 95th percentile).
+SLOW_BATCH_SECONDS = 0.25
 MAX_STREAMS = 256  # senders remembered per socket (each process that sends to a pool's group is one)
 
 
@@ -146,6 +158,40 @@ def _gone_panel(dom_id: str, what: str) -> str:
     )
 
 
+class Lane:
+    """Changes waiting to be rendered, {pool uuid: {cls: {uuid: op}}} (the last op of an object wins), and the task
+    that renders them. The consumer has two: the pools it follows in detail, and the pools it shows only by their
+    labels, so that a change of a pool the page shows never waits behind the labels of the others."""
+
+    def __init__(self, *, labels: bool) -> None:
+        self.labels = labels
+        self.changes: dict[str, dict[str, dict[str, str]]] = {}
+        self.first = 0.0  # when the first change of the pending batch came (monotonic)
+        self.last = 0.0  # when the last one came: a read that starts later sees them all
+        self.done = float("-inf")  # when the last batch was taken
+        self.task: asyncio.Future | None = None
+
+    def add(self, pool_uuid: str, changes: dict) -> None:
+        now = time.monotonic()
+        if not self.changes:
+            self.first = now
+        classes = self.changes.setdefault(pool_uuid, {})
+        for cls, objects in changes.items():
+            if isinstance(objects, dict):
+                classes.setdefault(str(cls), {}).update({str(u): str(op) for u, op in objects.items()})
+        self.last = now
+
+    def take(self) -> tuple[dict[str, dict[str, dict[str, str]]], float, float]:
+        """(the batch, when its first change came, when its last came); the lane is then empty."""
+        batch, self.changes = self.changes, {}
+        self.done = time.monotonic()
+        return batch, self.first, self.last
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+
 class LiveConsumer(AsyncWebsocketConsumer):
     async def connect(self) -> None:
         user = self.scope.get("user")
@@ -180,9 +226,11 @@ class LiveConsumer(AsyncWebsocketConsumer):
         self.status_counts: dict[int, dict[str, int]] = {}  # pool id -> the summary's counts
         # pool id -> its names and removal state as the page shows them (kept across resyncs, which render them anew)
         self.identities: dict[int, tuple] = {}
-        self.pending: dict[str, dict[str, dict[str, str]]] = {}
-        self.pending_at = 0.0
-        self.flusher: asyncio.Future | None = None
+        self.details = Lane(labels=False)  # changes of the pools followed in detail
+        self.labels = Lane(labels=True)  # changes of the others (their summaries)
+        # pool id -> (its labels as last read, the time that read saw changes up to): a batch reads only the labels
+        # of the pools it is about, the others' are at hand
+        self.overviews: dict[int, tuple[sel.PoolOverview, float]] = {}
         await self.accept()
 
     async def dispatch(self, message: dict) -> None:
@@ -192,9 +240,9 @@ class LiveConsumer(AsyncWebsocketConsumer):
         await super().dispatch(message)
 
     async def disconnect(self, code: int) -> None:
-        flusher = getattr(self, "flusher", None)
-        if flusher is not None:
-            flusher.cancel()
+        for lane in (getattr(self, "details", None), getattr(self, "labels", None)):
+            if lane is not None:
+                lane.cancel()
         for group in getattr(self, "joined", []):
             await self.channel_layer.group_discard(group, self.channel_name)
 
@@ -295,7 +343,9 @@ class LiveConsumer(AsyncWebsocketConsumer):
         self.focus.discard(pool_uuid)
         await self.channel_layer.group_discard(pool_group(pool_uuid), self.channel_name)
         self.joined.remove(pool_group(pool_uuid))
-        self.pending.pop(pool_uuid, None)
+        # What came of it and is not shown yet still changes its labels.
+        if pending := self.details.changes.pop(pool_uuid, None):
+            self._queue(self.labels, pool_uuid, pending)
         for key in [k for k in self.sequences if k[0] == pool_uuid]:
             del self.sequences[key]  # not followed meanwhile: its numbers will skip
 
@@ -336,16 +386,12 @@ class LiveConsumer(AsyncWebsocketConsumer):
             log.info("live: a message of pool %s was lost (a full channel); the page resyncs", pool_uuid)
             await self.inventory_resync({"pool": pool_uuid})
             return
-        self._queue(pool_uuid, changes)
+        self._queue(self.details, pool_uuid, changes)
 
-    def _queue(self, pool_uuid: str, changes: dict) -> None:
-        classes = self.pending.setdefault(pool_uuid, {})
-        for cls, objects in changes.items():
-            if isinstance(objects, dict):
-                classes.setdefault(str(cls), {}).update({str(u): str(op) for u, op in objects.items()})
-        self.pending_at = time.monotonic()
-        if self.flusher is None or self.flusher.done():
-            self.flusher = asyncio.ensure_future(self._flush())
+    def _queue(self, lane: Lane, pool_uuid: str, changes: dict) -> None:
+        lane.add(pool_uuid, changes)
+        if lane.task is None or lane.task.done():
+            lane.task = asyncio.ensure_future(self._flush(lane))
 
     async def protection_change(self, event: dict) -> None:
         """A VM's protection changed: re-render it as a change of class "protection" (which may also
@@ -366,12 +412,12 @@ class LiveConsumer(AsyncWebsocketConsumer):
                 # cannot show.
                 await self.inventory_resync({"pool": pool_uuid})
                 return
-            self._queue(pool_uuid, {cls: {f"summary-{op}": str(op) for op in ops if isinstance(op, str)}
-                                    for cls, ops in classes.items() if isinstance(ops, list)})
+            self._queue(self.labels, pool_uuid, {cls: {f"summary-{op}": str(op) for op in ops if isinstance(op, str)}
+                                                 for cls, ops in classes.items() if isinstance(ops, list)})
 
     async def inventory_resync(self, event: dict) -> None:
         if event.get("pool") in self.pools:
-            self.sent.clear()  # anything may have changed: the next batch sends every label
+            self._forget_sent()  # anything may have changed: the next batch sends every label
             self.status_counts.pop(self.pools[event["pool"]], None)
             await self.send(text_data=ui.control("resync"))
 
@@ -393,13 +439,14 @@ class LiveConsumer(AsyncWebsocketConsumer):
                 self.joined.remove(pool_group(uuid))
             self.focus.discard(uuid)
             self.lingering.pop(uuid, None)
-            self.pending.pop(uuid, None)
+            self.details.changes.pop(uuid, None)
+            self.labels.changes.pop(uuid, None)
             self.status_counts.pop(self.pools[uuid], None)
             self.identities.pop(self.pools[uuid], None)
         self.pools = pools
         self.view_pool = await database_sync_to_async(self._pool_of_view)()
         await self._refocus(catch_up=False, linger=False)  # the page resyncs anyway
-        self.sent.clear()  # the page is rebuilt: the next batch sends every label
+        self._forget_sent()  # the page is rebuilt: the next batch sends every label
         await self.send(text_data=ui.control("resync"))
 
     async def alerts_change(self, event: dict) -> None:
@@ -418,21 +465,24 @@ class LiveConsumer(AsyncWebsocketConsumer):
         self.user = self.scope["user"] = user
         if roles != (self.can_view_protection, self.can_change):
             self.can_view_protection, self.can_change = roles
-            self.sent.clear()
+            self._forget_sent()
             await self.send(text_data=ui.control("resync"))
 
     # -- rendering ---------------------------------------------------------------------------------
 
-    async def _flush(self) -> None:
-        while self.pending:
-            # A host crash is hundreds of events in a row: gather them into one batch.
-            await asyncio.sleep(COALESCE_SECONDS)
-            batch, since = self.pending, self.pending_at
-            self.pending = {}
-            # The batch's fragments first; then whether rows entered or left the table (a query).
-            for step in (self._render, self._table_change):
+    async def _flush(self, lane: Lane) -> None:
+        while lane.changes:
+            # A host crash is hundreds of events in a row: gather them into one batch. Labels only: at most every
+            # LABELS_INTERVAL.
+            wait = lane.done + LABELS_INTERVAL - time.monotonic() if lane.labels else 0.0
+            await asyncio.sleep(max(COALESCE_SECONDS, wait))
+            batch, first, since = lane.take()
+            started = time.monotonic()
+            steps = []
+            # The batch's VMs first, then its labels; then whether rows entered or left the table (a query).
+            for step in (self._render_objects, self._render_labels, self._table_change):
                 try:
-                    messages = await step(batch, since)
+                    messages = await step(batch, since, lane.labels)
                 except asyncio.CancelledError:
                     raise
                 except Exception:
@@ -441,6 +491,17 @@ class LiveConsumer(AsyncWebsocketConsumer):
                 for text in messages:
                     if text:
                         await self.send(text_data=text)
+                steps.append(time.monotonic())
+            if not lane.labels and steps[0] - first > SLOW_BATCH_SECONDS:
+                log.info("live: changes of %d pools sent %.0f ms after the first came (waited %.0f ms, objects "
+                         "%.0f ms; then labels %.0f ms, the table %.0f ms)", len(batch), (steps[0] - first) * 1000,
+                         (started - first) * 1000, (steps[0] - started) * 1000, (steps[1] - steps[0]) * 1000,
+                         (steps[2] - steps[1]) * 1000)
+
+    def _forget_sent(self) -> None:
+        """The page is rebuilt: the next batch reads and sends every label."""
+        self.sent.clear()
+        self.overviews.clear()
 
     def _labels(self, overviews: dict[int, sel.PoolOverview]) -> list[tuple[str, object, Callable[[object], str]]]:
         """(DOM id, data, renderer) of every label the page may show: pools (header, tree, home
@@ -464,23 +525,30 @@ class LiveConsumer(AsyncWebsocketConsumer):
             labels.append(("home-summary", tuple(groups), ui.summary_card))
         return labels
 
-    async def _read_labels(self, since: float, counts_for: Iterable[int],
-                           changed: Iterable[int] | None = None) -> dict[int, sel.PoolOverview]:
-        """The labels of every pool: read after ``since`` for the pools that ``changed`` (all when None), any read
-        at hand for the others (their own changes bring theirs)."""
+    async def _read_labels(self, since: float, counts_for: Iterable[int], changed: Iterable[int] | None = None,
+                           *, background: bool = False) -> dict[int, sel.PoolOverview]:
+        """The labels of every pool: read after ``since`` for the pools that ``changed`` (all when None), as last
+        read for the others (their own changes bring theirs). ``background``: on the thread of the labels' reads
+        (``SharedReads``), for the pools shown only by their labels."""
         reads = shared_reads()
         all_pools = sorted(self.pools.values())
-        fresh = set(all_pools if changed is None else changed)
-        overviews = await reads.get_many([("ov", pk) for pk in sorted(fresh)], since, _overviews)
-        if stale := [("ov", pk) for pk in all_pools if pk not in fresh]:
-            overviews |= await reads.get_many(stale, float("-inf"), _overviews)
-        overviews = {key: overviews[key] for key in sorted(overviews, key=lambda k: k[1])}
+        fresh = set(all_pools if changed is None else changed) | {pk for pk in all_pools if pk not in self.overviews}
+        # Reading the others again each batch cost a batch of the shown pool 0.15 s at 50,000 VMs (every 10 s, when
+        # the shared reads expired): under load, the labels lane reads them anyway.
+        found = await reads.get_many([("ov", pk) for pk in sorted(fresh)], since, _overviews, background=background)
+        for (_, pk), ov in found.items():
+            if ov is MISSING:
+                self.overviews.pop(pk, None)  # removed: the batch makes the page resync
+            elif since >= self.overviews.get(pk, (None, float("-inf")))[1]:
+                # The other lane may have read it since: a read that saw less does not replace it.
+                self.overviews[pk] = (ov, since)
         # The summary's counts are dearer (disks of every VM): read only when they may have moved.
         wanted = {pk for pk in counts_for} | {pk for pk in all_pools if pk not in self.status_counts}
         if wanted:
-            counts = await reads.get_many([("status", pk) for pk in sorted(wanted)], since, _status_counts)
+            counts = await reads.get_many([("status", pk) for pk in sorted(wanted)], since, _status_counts,
+                                          background=background)
             self.status_counts.update({key[1]: c for key, c in counts.items() if c is not MISSING})
-        return {key[1]: ov for key, ov in overviews.items() if ov is not MISSING}
+        return {pk: self.overviews[pk][0] for pk in all_pools if pk in self.overviews}
 
     async def _baseline(self, rendered_at: float) -> None:
         """What a page rendered at ``rendered_at`` shows: labels are then sent only when they change."""
@@ -489,14 +557,13 @@ class LiveConsumer(AsyncWebsocketConsumer):
         self.sent.update({dom_id: data for dom_id, data, _ in self._labels(overviews)})
         self.identities.update({pk: ov.pool.identity for pk, ov in overviews.items()})
 
-    async def _render(self, batch: dict, since: float) -> list[str]:
+    async def _render_objects(self, batch: dict, since: float, labels: bool = False) -> list[str]:
+        """The batch's VMs (tree items where the page has open nodes of their pool, table rows) and the panel of the
+        object the page shows: sent before the labels, which read more (a pool's counts: 30 ms for 2,500 VMs, ten
+        times that on a machine under load)."""
+        if labels:
+            return []  # the pools shown by their labels only: nothing of their VMs is on the page
         reads = shared_reads()
-        parts: list[str] = []
-        rows: list[str] = []
-
-        # Labels: only those whose data differ from what this page was last sent.
-        moved = [self.pools[pool_uuid] for pool_uuid, classes in batch.items()
-                 if "resync" in classes or sel.batch_moves_status(classes)]
         vm_keys = sorted({
             ("vm", self.pools[pool_uuid], uuid)
             for pool_uuid, classes in batch.items()
@@ -504,46 +571,55 @@ class LiveConsumer(AsyncWebsocketConsumer):
             for uuid in classes.get(cls, {})
             if UUID_RE.match(uuid)
         })
-        changed = [self.pools[pool_uuid] for pool_uuid in batch if pool_uuid in self.pools]
-        overviews, nodes = await asyncio.gather(
-            self._read_labels(since, moved, changed),
+        nodes, detail = await asyncio.gather(
             reads.get_many(vm_keys, since, _vm_nodes) if vm_keys else _nothing(),
+            self._detail(batch, since, reads),
         )
-        if any(self.pools.get(pool_uuid) not in overviews for pool_uuid in batch):
-            return [ui.control("resync")]  # a pool was removed: the page is rebuilt without it
-        if self._identity_changed(overviews):
-            # Renamed (here or in XAPI), or being removed: its name is in crumbs, table cells and filter choices,
-            # and a pool being removed loses its tree node's children: the page is rebuilt.
-            self.sent.clear()
-            return [ui.control("resync")]
-        host_pool = {host.key: pk for pk, ov in overviews.items() for host in ov.hosts}
-        for dom_id, data, render in self._labels(overviews):
-            if self.sent.get(dom_id) != data:
-                self.sent[dom_id] = data
-                parts.append(render(data))
-
-        # VMs: tree items (where the page has open nodes of that pool), table rows, the VM's page.
+        parts: list[str] = []
+        rows: list[str] = []
+        # Which pools have open nodes, from the labels as last read (a pool not read yet: its items go anyway).
+        known = {pk: ov for pk, (ov, _) in self.overviews.items()}
+        host_pool = {host.key: pk for pk, ov in known.items() for host in ov.hosts}
         open_pools = {host_pool.get(k) for k in self.open if k.startswith("host-")}
-        open_pools |= {ov_pk for ov_pk, ov in overviews.items() if ov.halted.key in self.open}
+        open_pools |= {pk for pk, ov in known.items() if ov.halted.key in self.open}
         summary_open = "pvs" in self.open and any(k.startswith("pvs-") for k in self.open)
         for (_, pool_pk, uuid), node in nodes.items():
             if node is MISSING:
                 parts += [ui.deleted(f"tree-vm-{uuid}", "li"), ui.deleted(f"tree-pvsvm-{uuid}", "li")]
                 rows.append(ui.deleted(f"row-vm-{uuid}", "tr"))
                 continue
-            if pool_pk in open_pools:
+            if pool_pk in open_pools or pool_pk not in known:
                 parts.append(ui.tree_vm(node))
             if summary_open:
                 parts.append(ui.tree_vm(node, True))
             if self.view == "vms" and uuid in self.rows:
                 rows.append(ui.vm_row(node, self.can_change))
-
-        detail = await self._detail(batch, since, reads)
         if detail:
             parts.append(detail)
         if rows:
             parts.append(ui.table_rows("".join(rows)))
-        return ["".join(parts)]
+        return ["".join(parts)] if parts else []
+
+    async def _render_labels(self, batch: dict, since: float, labels: bool = False) -> list[str]:
+        """The labels the batch changed: only those whose data differ from what this page was last sent. For the
+        pools shown by their labels only (``labels``), read on the thread of the background reads."""
+        moved = [self.pools[pool_uuid] for pool_uuid, classes in batch.items()
+                 if "resync" in classes or sel.batch_moves_status(classes)]
+        changed = [self.pools[pool_uuid] for pool_uuid in batch if pool_uuid in self.pools]
+        overviews = await self._read_labels(since, moved, changed, background=labels)
+        if any(self.pools.get(pool_uuid) not in overviews for pool_uuid in batch):
+            return [ui.control("resync")]  # a pool was removed: the page is rebuilt without it
+        if self._identity_changed(overviews):
+            # Renamed (here or in XAPI), or being removed: its name is in crumbs, table cells and filter choices,
+            # and a pool being removed loses its tree node's children: the page is rebuilt.
+            self._forget_sent()
+            return [ui.control("resync")]
+        parts: list[str] = []
+        for dom_id, data, render in self._labels(overviews):
+            if self.sent.get(dom_id) != data:
+                self.sent[dom_id] = data
+                parts.append(render(data))
+        return ["".join(parts)] if parts else []
 
     def _identity_changed(self, overviews: dict[int, sel.PoolOverview]) -> bool:
         """Did a pool's name, XAPI name or removal state change since the page was rendered (or last rebuilt)?
@@ -555,10 +631,10 @@ class LiveConsumer(AsyncWebsocketConsumer):
             self.identities[pk] = ov.pool.identity
         return changed
 
-    async def _table_change(self, batch: dict, since: float) -> list[str]:
+    async def _table_change(self, batch: dict, since: float, labels: bool = False) -> list[str]:
         """``refresh-table`` when the batch changed which rows the page's table shows, in which order, or how many
-        match (``console.live_table``)."""
-        if self.view != "vms" or not self.table.affected_by(batch, self.pools):
+        match (``console.live_table``). Not for a batch of labels: the table's pools are followed in detail."""
+        if labels or self.view != "vms" or not self.table.affected_by(batch, self.pools):
             return []
         if not await self.table.changed(user=self.user, pools=self.pools, since=since, reads=shared_reads()):
             return []

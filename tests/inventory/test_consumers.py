@@ -87,7 +87,9 @@ def test_vm_change_arrives_as_tree_item_table_row_and_host_labels_with_stable_id
         )
         await update_vm(web, power_state=PowerState.HALTED, resident_on=None)
         await deliver(inventory_change(pool=pool.uuid, cls="vm", uuid=web.uuid))
-        html = await receive_until(communicator, lambda t: f'id="row-vm-{web.uuid}"' in t)
+        # The VM's fragments first, then the labels (they read more: the VM's update does not wait for them).
+        html = await receive_until(communicator, lambda t: f'id="tree-host-{h1.uuid}"' in t)
+        assert html.index(f'id="row-vm-{web.uuid}"') < html.index(f'id="tree-host-{h1.uuid}"')
         item = element(html, f"tree-vm-{web.uuid}")
         assert f'data-parent="halted-{pool.uuid}"' in item and 'aria-label="Halted"' in item
         row = element(html, f"row-vm-{web.uuid}")
@@ -109,11 +111,11 @@ def test_vm_moved_between_hosts_updates_both_hosts_and_only_what_changed(demo, v
         await communicator.send_to(text_data=json.dumps({"view": "home", "open": [f"host-{h1.uuid}"]}))
         # The first batch sends every label: a baseline.
         await deliver(inventory_change(pool=pool.uuid, cls="vm", uuid=web.uuid))
-        await receive_until(communicator, lambda t: f'id="tree-vm-{web.uuid}"' in t)
+        await receive_until(communicator, lambda t: f'id="hdr-pool-{pool.uuid}"' in t)
 
         await update_vm(web, resident_on=h2)
         await deliver(inventory_change(pool=pool.uuid, cls="vm", uuid=web.uuid))
-        html = await receive_until(communicator, lambda t: f'id="tree-vm-{web.uuid}"' in t)
+        html = await receive_until(communicator, lambda t: f'id="tree-host-{h2.uuid}"' in t)
         assert f'data-parent="host-{h2.uuid}"' in element(html, f"tree-vm-{web.uuid}")
         assert '<span class="count" title="Resident VMs">0</span>' in element(html, f"tree-host-{h1.uuid}")
         assert '<span class="count" title="Resident VMs">2</span>' in element(html, f"tree-host-{h2.uuid}")
@@ -136,6 +138,7 @@ def test_vm_page_gets_its_detail_panel_when_the_vm_changes(demo, viewer):
         html = await receive_until(communicator, lambda t: f'<section id="vm-{web.uuid}"' in t)
         panel = element(html, f"vm-{web.uuid}")
         assert "Paused" in panel and "xcp-host-1" in panel
+        await receive_until(communicator, lambda t: 'id="hdr-pools-summary"' in t)  # then every label (the first)
         # Another VM's change does not re-render this page's panel.
         await deliver(inventory_change(pool=pool.uuid, cls="vm", uuid=demo["db"].uuid))
         assert await communicator.receive_nothing(timeout=0.5)

@@ -222,7 +222,7 @@ def test_a_protection_change_moves_the_vm_between_summary_groups_and_rerenders_i
         }))
         await set_status(agile, "protected")
         await protection_changed(pool, agile)
-        html = await receive_until(communicator, lambda t: f'id="row-vm-{agile.uuid}"' in t)
+        html = await receive_until(communicator, lambda t: 'id="tree-pvs-level1"' in t)  # the row, then labels
         assert 'data-parent="pvs-level1"' in element(html, f"tree-pvsvm-{agile.uuid}")
         assert ">L1<" in element(html, f"tree-vm-{agile.uuid}")
         assert group_count(html, "pvs-level1") == "1" and group_count(html, "pvs-candidate") == "0"

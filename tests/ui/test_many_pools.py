@@ -160,3 +160,62 @@ def test_many_pools_named_as_given_folded_filtered_and_live(page, server, six_po
     assert set(page.locator("tr.vm-row td.c-pool").all_inner_texts()) == {"Lab pool"}
     assert page.evaluate("window.__notReloaded") is True
     screenshot(page, "15-many-pools-renamed-live")
+
+
+def test_every_power_change_of_the_shown_pool_reaches_its_row_while_the_other_pools_are_busy(page, server,
+                                                                                            six_pools, operator):
+    """Issue 13 under load, for completeness (bench_pools measures the latency): the Demo pool's VM table is open while
+    the VMs of the five other pools shut down and start all the time (their summaries come twice a second, their
+    labels are rendered in a lane of their own); every power change of a shown VM reaches its row, the last one
+    too, and no row is left showing a state a later change brings back."""
+    import threading
+
+    demo, demo_sim = six_pools["Demo pool"]
+    others = [sim for name, (_, sim) in six_pools.items() if name != "Demo pool"]
+    login(page, server)
+    page.goto(f"{server.url}/vms/?pool={demo.pk}")
+    page.wait_for_selector("#live-status[data-state=live]")
+    shown = list(VM.objects.ordinary().filter(pool=demo, power_state="Running").order_by("name_label")[:3])
+    assert shown
+    stopping = threading.Event()
+    made = []
+
+    def busy_pools() -> None:
+        sessions = [xapi_login(sim.url, sim.user, sim.password) for sim in others]
+        try:
+            running = [[ref for ref, rec in s.xenapi.VM.get_all_records().items() if rec["power_state"] == "Running"
+                        and not rec["is_control_domain"] and not rec["is_a_template"]] for s in sessions]  # fmt: skip
+            n = 0
+            while not stopping.is_set():
+                for s, refs in zip(sessions, running, strict=True):
+                    if refs:
+                        ref = refs[(n // 2) % len(refs)]
+                        (s.xenapi.VM.hard_shutdown if n % 2 == 0 else s.xenapi.VM.start)(
+                            *([ref] if n % 2 == 0 else [ref, False, False]))
+                        made.append(ref)
+                n += 1
+                stopping.wait(0.05)
+        finally:
+            for s in sessions:
+                s.xenapi.session.logout()
+
+    load = threading.Thread(target=busy_pools, name="busy-pools", daemon=True)
+    load.start()
+    session = xapi_login(demo_sim.url, demo_sim.user, demo_sim.password)
+    try:
+        for _ in range(2):
+            for vm in shown:
+                ref = session.xenapi.VM.get_by_uuid(vm.uuid)
+                for state, call in (("Halted", lambda r: session.xenapi.VM.hard_shutdown(r)),
+                                    ("Running", lambda r: session.xenapi.VM.start(r, False, False))):
+                    call(ref)
+                    wait_until(page, f"document.querySelector('#row-vm-{vm.uuid} td.c-power').textContent.trim()"
+                                     f" === '{state}'", timeout=10_000)  # fmt: skip
+    finally:
+        stopping.set()
+        load.join(30)
+        session.xenapi.session.logout()
+    assert len(made) > 20, "the other pools were not kept busy"
+    states = dict(VM.objects.filter(pool=demo, uuid__in=[vm.uuid for vm in shown]).values_list("uuid", "power_state"))
+    for vm in shown:
+        assert page.locator(f"#row-vm-{vm.uuid} td.c-power").inner_text().strip() == states[vm.uuid] == "Running"
