@@ -324,6 +324,7 @@ class Checkpointer:
         self._started = False
         self._retry_at = 0.0
         self._task: asyncio.Task | None = None
+        self.swapping = False  # a planned swap is under way (roles.swap): no checkpoint is taken
 
     def start(self) -> None:
         if self._task is None or self._task.done():
@@ -375,6 +376,8 @@ class Checkpointer:
             self.in_flight.clear()
             self.last_committed = 0
             self.state.set(Checkpoint.STANDBY, "secondary")
+            return
+        if self.swapping:
             return
         if not self._started:
             if time.monotonic() < self._retry_at:
@@ -490,6 +493,23 @@ class Checkpointer:
         res.hold_writes = False
         self.in_flight.clear()
         self.state.set(Checkpoint.NO_GUEST, f"the guest's checkpoint source: {why}")
+
+    def end_stream_for_swap(self) -> None:
+        """A planned swap: the stream ends (the empty ``CHECKPOINT``, as in ``_no_guest``), so the peer applies the
+        writes it held and forgets its checkpoint; the guest runs on, and moves live. Call with ``swapping`` set."""
+        if self.streaming and self.res.peer_replicating():
+            self.res.queue_op(wire.Op.CHECKPOINT, 0, 0, b"", fua=True)
+        self.streaming = False
+        self.res.hold_writes = False
+
+    def release_for_swap(self) -> None:
+        """The peer flushed after the stream's end: nothing it holds can contradict the guest's output any more,
+        which goes out (dropped, its clients would wait for TCP to send it again)."""
+        released = self.out.release_all()
+        self.out.holding = False
+        self.in_flight.clear()
+        if released:
+            log.info("%s: planned swap: %d held packets released", self.res.name, released)
 
     def peer_gone(self) -> None:
         """The peer session ended: the writes it acknowledged but held (their checkpoint not committed) may be lost

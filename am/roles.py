@@ -224,21 +224,36 @@ def _secondary(res: Resource, why: str, *, keep_clients: bool = False) -> None:
 
 
 async def swap(res: Resource) -> dict:
-    """Planned role swap: drain, flush both, hand the lease to the peer, let it take the role."""
+    """Planned role swap: drain, flush both, hand the lease to the peer, let it take the role. A checkpointed
+    resource (Level 3) first ends its checkpoint stream: the VM moves live, as at Level 2, and the new primary
+    checkpoints it again once its resource names the VM (``PATCH … vm``) and the guest answers there."""
     if res.role != Role.PRIMARY:
         raise RoleError(f"{res.agent.cfg.node} is not the primary of {res.name}")
-    if res.checkpointer is not None:
-        raise RoleError(f"{res.name} is checkpointed (Level 3): a planned swap of a Level 3 VM is not supported")
     if not res.peer_replicating() or res.conn != Conn.CONNECTED or res.peer.disk != Disk.UP_TO_DATE:
         raise RoleError(f"{res.name} can swap only with both replicas connected and UpToDate "
                         f"(connection {res.conn}, peer disk {res.peer.disk if res.peer else 'unknown'})")
+    checkpointer = res.checkpointer
+    if checkpointer is not None:
+        checkpointer.swapping = True
+    try:
+        return await _swap(res, checkpointer)
+    finally:
+        if checkpointer is not None:
+            checkpointer.swapping = False
+
+
+async def _swap(res: Resource, checkpointer) -> dict:
     await _drain(res, "swap: draining")
+    if checkpointer is not None:
+        checkpointer.end_stream_for_swap()
     flush = res.queue_op(wire.Op.FLUSH, 0, 0, b"")
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(flush.done.wait(), res.agent.timeout * 4)
     if not flush.acked:
         _resume(res, "swap aborted")
         raise RoleError("the peer did not flush: swap aborted")
+    if checkpointer is not None:
+        checkpointer.release_for_swap()
     epoch = res.meta.epoch
     answer = await _release(res, res.agent.cfg.peer)
     if not answer.ok:

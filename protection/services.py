@@ -739,10 +739,6 @@ def protection_level2_request(*, protection: Protection, action: str, disk: str 
     if WorkflowRun.objects.filter(vm=protection.vm, state__in=ACTIVE_RUN_STATES).exists():
         raise Conflict("A workflow is running for this VM: wait for it to finish.")
     comps = protection.components or []
-    if action == Level2Action.SWAP and protection.level == Level.SYSTEM_FT:
-        # the AMs refuse it too: moving a checkpointed VM (its checkpoint stream and held output) is not built
-        raise Conflict("A planned swap of a Level 3 VM is not supported: its checkpointing cannot move with it yet. "
-                       "Unprotect it, or protect it at Level 2, to move it.")
     if action == Level2Action.SWAP:
         peer = next((c for c in comps if c.get("id") == "peer"), None)
         if peer is None or peer.get("state") != ComponentState.OK:

@@ -109,6 +109,44 @@ def test_a_stalled_secondary_disk_raises_checkpointing_stalled_once_and_clears_i
     assert run.resets == 0 and not run.ended and run.wrong == [], run
 
 
+def test_a_planned_swap_moves_the_level3_vm_live_and_its_checkpointing_follows_it_and_back(stack, protected, api):
+    """Level 2's swap workflow: each AM ends its checkpoint stream before handing its disk over, the VM moves live,
+    and the new primary checkpoints it (once its resource names the VM); the client sees a pause, never a reset or a
+    wrong answer. Then the swap back (unprotect is refused while swapped)."""
+    from tests.protection.test_level2_swap import _swap
+
+    live, pk = stack["live"], protected["protection"].pk
+    resource = ProtectedDisk.objects.filter(protection_id=pk).values_list("resource", flat=True).first()
+    ledger = Ledger(live, live.ip(VM_NAME)).start()
+    gaps = []
+    try:
+        for there, back in ((protected["secondary"], protected["primary"]),
+                            (protected["primary"], protected["secondary"])):
+            wait_for(lambda: ledger.answered() >= 50 or ledger.run.ended, timeout=20, message="answers first")
+            asked = time.monotonic()
+            _swap(stack, api, pk)
+            with AMClient(there.am_url) as new, AMClient(back.am_url) as old:
+                assert new.resource(resource)["role"] == "Primary"
+                first = (new.resource(resource)["checkpoint"] or {}).get("last_committed") or 0
+                wait_for(lambda first=first: (cp := new.resource(resource)["checkpoint"] or {}).get("state")
+                         == "Checkpointing" and cp["last_committed"] >= first + 5, timeout=30,
+                         message=f"checkpoints committed on {there.name_label}")
+                wait_for(lambda: (old.resource(resource)["checkpoint"] or {}).get("state") == "Standby",
+                         timeout=10, message=f"{back.name_label} standing by")
+            before = ledger.answered()
+            wait_for(lambda before=before: ledger.answered() >= before + 50 or ledger.run.ended, timeout=20,
+                     message="answers after the swap")
+            gaps.append(ledger.gap_after(asked))
+            _until(pk, lambda p: p.status == ProtectionStatus.PROTECTED and set(_states(p).values()) == {"ok"}, 60,
+                   "every component ok after the swap")
+    finally:
+        run = ledger.stop()
+    print(f"\nlevel 3 planned swaps: the client's longest pause {', '.join(f'{g:.2f}' for g in gaps)} s; "
+          f"{run.answers} answers")
+    assert run.resets == 0 and not run.ended, run.ended
+    assert run.wrong == [], run.wrong[:5]
+
+
 def test_a_crash_of_the_primary_host_leaves_the_vm_running_on_with_its_client_connection(stack, protected):
     cmd, live = stack["cmd"], stack["live"]
     primary, secondary, vm = protected["primary"], protected["secondary"], protected["vm"]
