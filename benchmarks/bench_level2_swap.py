@@ -1,7 +1,11 @@
-"""Level 2 planned role swap: the client-visible gap while the running VM moves to the other host of its pair.
+"""Level 2 (or 3) planned role swap: the client-visible gap while the running VM moves to the other host of its pair.
 
 Run (as root: the live test bed builds network namespaces):
-    .venv/bin/python benchmarks/bench_level2_swap.py [--runs 6] [--primary xcp-host-3]
+    .venv/bin/python benchmarks/bench_level2_swap.py [--runs 6] [--primary xcp-host-3] [--epoch-ms 50]
+
+With ``--epoch-ms``, web-01 is protected at Level 3 (both resources checkpointed with that epoch and its MACs):
+each answer then waits for its epoch's checkpoint, the AM ends its checkpoint stream before it hands the disk over,
+and the figure ``resumed`` is the time from the swap's first call to the new primary's first committed checkpoint.
 
 Everything is real and runs on this machine: ``python -m xapisim --preset demo --live`` (each host a network
 namespace with its bridge, its AM and its disk server, a witness, a client namespace on the LAN), xapisim with its
@@ -53,7 +57,7 @@ class Failed(Exception):
     """A swap that did not happen, a reset, an error or a lost record: the benchmark fails, whatever the figures."""
 
 
-def protect(live, primary: str) -> dict:
+def protect(live, primary: str, epoch_ms: int | None) -> dict:
     """web-01 moved to ``primary`` and protected there by hand (docs/level2.md); what the swaps need."""
     from tests.support import wait_for
     from tests.xapisim.level2_support import protect_by_hand
@@ -64,7 +68,7 @@ def protect(live, primary: str) -> dict:
         api.VM.pool_migrate(vm, host, {})
     wait_for(lambda: (g := live.guest(VM_NAME)) and g["host"] == primary, timeout=15,
              message=f"{VM_NAME}'s guest on {primary}")
-    return protect_by_hand(live, VM_NAME, primary)
+    return protect_by_hand(live, VM_NAME, primary, epoch_ms=epoch_ms)
 
 
 def swap(live, setup: dict, source: str, target: str) -> dict:
@@ -112,7 +116,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=6, help="swaps measured (alternately to the peer and back)")
     parser.add_argument("--primary", default="xcp-host-3", help="the host web-01 is protected on (pairs 1-2, 3-4)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the bed's logs (its workdir) at the end")
+    parser.add_argument("--epoch-ms", type=int, default=0, help="Level 3 with this checkpoint epoch (0: Level 2)")
     args = parser.parse_args()
+    level = 3 if args.epoch_ms else 2
     why = live_bed_unavailable()
     if why:
         print(f"bench_level2_swap: skipped: {why}")
@@ -127,7 +133,7 @@ def main() -> None:
     bind = f"127.{random.randint(100, 250)}.{random.randint(1, 250)}.1"
     cmd = XapisimCommand("--preset", "demo", "--live", "--port", "0", "--bind", bind, "--live-dir", str(top / "bed"),
                          log=top / "xapisim.log")
-    print(f"Level 2 planned role swap of {VM_NAME} ({args.runs} swaps, alternately from {args.primary} to its AM "
+    print(f"Level {level} planned role swap of {VM_NAME} ({args.runs} swaps, alternately from {args.primary} to its AM "
           "peer and back), one live bed (python -m xapisim --preset demo --live, --op-delay 0.05)")
     print("  client: ONE TCP connection from the client namespace for the whole benchmark, PUT after PUT (5 ms "
           f"apart); gap: the longest time without an acknowledgement, from the swap's start until {SETTLE_S:g} s "
@@ -138,7 +144,7 @@ def main() -> None:
     try:
         cmd.start()
         live = Live(cmd)
-        setup = protect(live, args.primary)
+        setup = protect(live, args.primary, args.epoch_ms or None)
         peer = next(h for h in setup["hosts"] if h != args.primary)
         writer = Writer(live, live.ip(VM_NAME), read_timeout=READ_TIMEOUT)
         writer.start()
@@ -149,6 +155,18 @@ def main() -> None:
             try:
                 r = swap(live, setup, source, target)
                 ended = time.monotonic()
+                if level == 3:
+                    am_to, am_from = setup["ams"][target], setup["ams"][source]
+
+                    def committed(am=am_to) -> bool:
+                        cp = (am.resource(setup["resource"]) or {}).get("checkpoint") or {}
+                        return cp.get("state") == "Checkpointing" and (cp.get("last_committed") or 0) > 0
+
+                    wait_for(committed, timeout=20, interval=0.005, message=f"checkpoints committed on {target}")
+                    r["resumed"] = time.monotonic() - r["started"]
+                    standby = ((am_from.resource(setup["resource"]) or {}).get("checkpoint") or {}).get("state")
+                    if standby != "Standby":
+                        raise Failed(f"{source} is {standby}, not Standby, after the swap")
                 count = writer.count()
                 wait_for(lambda c=count, e=ended: writer.count() >= c + 20 and time.monotonic() > e + SETTLE_S,
                          timeout=20, message="records after the swap")
@@ -159,7 +177,8 @@ def main() -> None:
             r["gap"] = max(b - a for a, b in zip(times, times[1:], strict=False))
             results.append(r)
             print(f"  run {run} (at {time.strftime('%H:%M:%S', time.localtime(r['wall']))}): {source} -> {target}: "
-                  f"swap {r['swap']:.3f}, migrate {r['migrate']:.3f}, gap "
+                  f"swap {r['swap']:.3f}, migrate {r['migrate']:.3f}, "
+                  + (f"checkpointing again {r['resumed']:.3f}, " if level == 3 else "") + "gap "
                   f"{r['gap']:.3f} ({writer.count()} records, {writer.connections} connection(s))", flush=True)
             if r["pid"] != pid:
                 failure = f"run {run}: the guest was restarted (pid {r['pid']}, was {pid}), not moved"
@@ -193,14 +212,15 @@ def main() -> None:
     if results:
         print(f"\nover {len(results)} swaps:")
         for key, what in (("swap", "the whole sequence"), ("migrate", "VM.pool_migrate alone"),
-                          ("gap", "client-visible gap")):
-            print_spread(key, [r[key] for r in results], what)
+                          ("resumed", "to the new primary's first checkpoint"), ("gap", "client-visible gap")):
+            if key in results[0]:
+                print_spread(key, [r[key] for r in results], what)
     ok = failure is None and bool(results)
     if results:
         worst = max(r["gap"] for r in results)
         good = worst <= BUDGET_S
         ok &= good
-        print(f"\nLevel 2 client-visible gap on a planned role swap (TCP session kept, every acknowledged record "
+        print(f"\nLevel {level} client-visible gap on a planned role swap (TCP session kept, every acknowledged record "
               f"there): p50 {statistics.median(r['gap'] for r in results):.3f} s, max {worst:.3f} s (budget "
               f"{BUDGET_S:g} s) {verdict(good)}")
     conclude(ok, failure, top, keep=args.keep_logs)
