@@ -54,12 +54,17 @@ sr_root = "{node}-srs"
 """)
 
     def start(self) -> Pair:
-        self.procs["witness"] = Proc("witness", [
-            sys.executable, "-m", "am.witness", "--listen", f"127.0.0.1:{self.witness_port}",
-            "--token-file", str(self.tmp / "witness.token"), "--state", str(self.tmp / "witness.json")],
-            log=self.tmp / "witness.log", ready="witness listening").start()
-        for node in NODES:
-            self.start_agent(node)
+        """The witness and both agents; what started is stopped if one does not (a port taken meanwhile)."""
+        try:
+            self.procs["witness"] = Proc("witness", [
+                sys.executable, "-m", "am.witness", "--listen", f"127.0.0.1:{self.witness_port}",
+                "--token-file", str(self.tmp / "witness.token"), "--state", str(self.tmp / "witness.json")],
+                log=self.tmp / "witness.log", ready="witness listening").start()
+            for node in NODES:
+                self.start_agent(node)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def start_agent(self, node: str) -> None:
