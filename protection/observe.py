@@ -47,21 +47,29 @@ def protection_observe_changes(*, pool: Pool, changed: dict[str, set[str]] | Non
 
 
 def protection_evaluate_pool(*, pool: Pool, vm_uuids: set[str] | None = None) -> None:
-    """Bring alerts, failover events and protection statuses in line with the inventory of ``pool``."""
+    """Bring alerts, failover events and protection statuses in line with the inventory of ``pool``.
+
+    ``vm_uuids``: only these VMs changed (a batch of VM events, many a second on a busy pool). The pool's own state
+    (reachable, HA on or off) did not, so what depends on it alone is left to the whole evaluation that follows each
+    change of it; the failover plan is judged again only where HA is on (VMs starting and stopping move it)."""
     pool = Pool.objects.get(pk=pool.pk)
+    whole = vm_uuids is None
+    if not whole and not vm_uuids:
+        return
     with transaction.atomic():
-        _evaluate_reachability(pool)
+        if whole:
+            _evaluate_reachability(pool)
         if pool.connection_state != ConnectionState.CONNECTED:
             return  # the inventory is stale: judge hosts and VMs only from fresh data
-        hosts = {h.pk: h for h in Host.objects.filter(pool=pool)}
-        if vm_uuids is None:
-            _evaluate_hosts(pool, hosts.values())
-        plan_ok = _evaluate_plan(pool)
         protections = Protection.objects.filter(pool=pool).select_related("vm").select_for_update(of=("self",))
-        if vm_uuids is not None:
-            if not vm_uuids:
-                return
-            protections = protections.filter(vm__uuid__in=vm_uuids)
+        if not whole:
+            protections = list(protections.filter(vm__uuid__in=vm_uuids))
+            if not protections and not pool.ha_enabled:
+                return  # none of them is protected, and no plan to judge
+        hosts = {h.pk: h for h in Host.objects.filter(pool=pool)}
+        if whole:
+            _evaluate_hosts(pool, hosts.values())
+        plan_ok = _evaluate_plan(pool) if whole or pool.ha_enabled else False
         # The open failovers of the pool in one query, not two per protected VM.
         open_events: dict[tuple[str, str], FailoverEvent] = {}
         for event in FailoverEvent.objects.select_for_update().filter(
