@@ -484,19 +484,15 @@ class Checkpointer:
         """The guest does not answer (stopped, crashed, not started yet): its held output is dropped (it may belong
         to a state no checkpoint holds) and the peer is told the stream ended, so that it applies the writes it
         held and forgets its checkpoint: a later failover starts the VM from its disk, as Level 2 does."""
-        res = self.res
         self.out.holding = False
         self.out.drop_all()
-        if self.streaming and res.peer_replicating():
-            res.queue_op(wire.Op.CHECKPOINT, 0, 0, b"", fua=True)
-        self.streaming = False
-        res.hold_writes = False
+        self.end_stream()
         self.in_flight.clear()
         self.state.set(Checkpoint.NO_GUEST, f"the guest's checkpoint source: {why}")
 
-    def end_stream_for_swap(self) -> None:
-        """A planned swap: the stream ends (the empty ``CHECKPOINT``, as in ``_no_guest``), so the peer applies the
-        writes it held and forgets its checkpoint; the guest runs on, and moves live. Call with ``swapping`` set."""
+    def end_stream(self) -> None:
+        """The stream ends (an empty ``CHECKPOINT``): the peer applies the writes it held and forgets its checkpoint.
+        Also for a planned swap (with ``swapping`` set): the guest runs on, and moves live."""
         if self.streaming and self.res.peer_replicating():
             self.res.queue_op(wire.Op.CHECKPOINT, 0, 0, b"", fua=True)
         self.streaming = False

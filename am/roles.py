@@ -10,12 +10,16 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from am import sync, wire
 from am.resource import Resource
 from am.states import IO, Conn, Disk, Role
 from am.store import new_gen
 from am.witness_client import WitnessError
+
+if TYPE_CHECKING:
+    from am.checkpoint import Checkpointer
 
 log = logging.getLogger("am.roles")
 TICK = 0.1
@@ -242,10 +246,10 @@ async def swap(res: Resource) -> dict:
             checkpointer.swapping = False
 
 
-async def _swap(res: Resource, checkpointer) -> dict:
+async def _swap(res: Resource, checkpointer: Checkpointer | None) -> dict:
     await _drain(res, "swap: draining")
     if checkpointer is not None:
-        checkpointer.end_stream_for_swap()
+        checkpointer.end_stream()
     flush = res.queue_op(wire.Op.FLUSH, 0, 0, b"")
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(flush.done.wait(), res.agent.timeout * 4)

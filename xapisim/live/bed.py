@@ -115,7 +115,7 @@ class LiveGuest:
     ip: str
     mac: str
     host: str
-    disk: str  # "address:port" of its NBD server
+    disk: str  # "address:port" of its NBD server ("" while reserved: told when it goes on)
     export: str
     proc: subprocess.Popen
     endpoint_file: Path  # where the guest reads its disk's endpoint (rewritten while it is paused)
@@ -749,9 +749,7 @@ fault_injection = true
             vifs = sorted(rec["VIFs"], key=lambda v: int(store.tables["VIF"][v]["device"] or 0))
             mac = store.tables["VIF"][vifs[0]]["MAC"] if vifs else f"02:00:00:{secrets.token_hex(3)}"
             ip = self._guest_ip(vm)
-        disk, export = self.disk_endpoint(vm, host)
-        endpoint_file = self.workdir / "guests" / f"{uuid}.endpoint"
-        write_endpoint(endpoint_file, f"{disk}/{export}")
+        endpoint_file = self.workdir / "guests" / f"{uuid}.endpoint"  # written when it goes on
         g, h, n = f"g{uuid[:8]}", self.host_ns[host], self.ns.netns
         vif = f"vif{domid}.0" if 0 < domid < 10**9 else f"vif{secrets.token_hex(3)}"
         self.ns.delete_namespaces([g])  # a leftover of an interrupted stop
@@ -762,7 +760,7 @@ fault_injection = true
                 "--endpoint-file", str(endpoint_file), "--nic", "eth0",
                 "--control", str(self.control_dir / f"{uuid}.ctl"), "--wait-for-order"]
         proc = self.ns.spawn(g, argv, log_path=self._log(f"guest-{name}"), env=self._env(), stdin=subprocess.PIPE)
-        guest = self.guests[vm] = LiveGuest(vm, name, uuid, g, ip, mac, host, disk, export, proc,
+        guest = self.guests[vm] = LiveGuest(vm, name, uuid, g, ip, mac, host, "", "", proc,
                                             endpoint_file=endpoint_file, vif=vif, reserved=True)
         return guest
 
