@@ -4,15 +4,17 @@ Senders call ``emit`` (or ``emit_many``) inside their transaction; the message
 leaves only once the data it describes is committed, so a consumer that reads
 the database on receipt always sees the change.
 """
+import asyncio
 import itertools
 import json
 import logging
+import os
 import secrets
 import threading
 import time
 from collections.abc import Iterable
 
-from asgiref.sync import async_to_sync
+from asgiref.sync import SyncToAsync, async_to_sync
 from channels.layers import get_channel_layer
 from django.db import transaction
 
@@ -157,9 +159,58 @@ def _deliver(messages: list[Message]) -> None:
     if layer is None:
         return
     try:
-        async_to_sync(_send_all)(layer, messages)
+        if _under_event_loop():
+            async_to_sync(_send_all)(layer, messages)
+        else:
+            _sender.run(_send_all(layer, messages))
     except Exception:  # Redis down must not fail the write that was already committed
         log.exception("realtime: could not send %d message(s)", len(messages))
+
+
+def _under_event_loop() -> bool:
+    """Is this a thread that sync_to_async runs for a live event loop of this process (a view or a consumer's read,
+    under daphne)? ``async_to_sync`` then goes back to that loop, as asgiref decides it."""
+    threadlocal = SyncToAsync.threadlocal
+    loop = getattr(threadlocal, "main_event_loop", None)
+    return (loop is not None and getattr(threadlocal, "main_event_loop_pid", None) == os.getpid()
+            and loop.is_running())
+
+
+class SenderLoop:
+    """An event loop on a thread of its own, for the senders of a process that runs none (the watcher, a worker).
+
+    ``async_to_sync`` called from such a thread runs each call in a new event loop, and channels_redis keeps its
+    connections per event loop: every batch of the watcher then opened a Redis connection of its own (with redis-py's
+    handshake, which reads the package's metadata from disk) and closed it. Under the load of nineteen busy pools,
+    that was a tenth of a watcher's time. Here the connections live as long as the loop. Made again in a child
+    process (a fork has no copy of the thread)."""
+
+    TIMEOUT = 30.0  # seconds: a send that takes longer has failed (the socket's own timeout is as long)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pid = 0
+
+    def run(self, coroutine):
+        """Run ``coroutine`` on the loop and return its result (or raise what it raised)."""
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._running())
+        try:
+            return future.result(self.TIMEOUT)
+        except TimeoutError:
+            future.cancel()
+            raise
+
+    def _running(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None or self._pid != os.getpid():
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="realtime-sender", daemon=True).start()
+                self._loop, self._pid = loop, os.getpid()
+            return self._loop
+
+
+_sender = SenderLoop()
 
 
 async def _send_all(layer, messages: list[Message]) -> None:

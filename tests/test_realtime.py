@@ -37,3 +37,46 @@ def test_the_summary_says_what_kind_of_change_each_event_was():
     _, change = inventory_changes(pool="p", changes={"vm": {"a": "add", "b": "mod"}, "sr": {"c": "mod"}})
     assert classes_changed(change) == {"vm": {"add", "mod"}, "sr": {"mod"}}
     assert classes_changed(protection_change(pool="p", vm="a")[1]) == {"protection": {"mod"}}
+
+
+def test_a_process_without_an_event_loop_sends_every_batch_over_the_same_redis_connection():
+    """The watcher's sends: async_to_sync made a new event loop per call, and channels_redis a Redis connection per
+    loop, so that each batch connected to Redis anew (a tenth of a busy watcher's time)."""
+    import redis
+    from asgiref.sync import async_to_sync
+    from channels.layers import get_channel_layer
+    from django.conf import settings
+
+    from eac.realtime import pool_group, send_now
+
+    layer = get_channel_layer()
+    channel = async_to_sync(layer.new_channel)()
+    group = pool_group("sender-loop-test")
+    async_to_sync(layer.group_add)(group, channel)
+    server = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        send_now([inventory_changes(pool="sender-loop-test", changes={"vm": {"a": "mod"}})])  # the loop's connection
+        before = server.info("stats")["total_connections_received"]
+        done = threading.Event()
+
+        def watcher_thread() -> None:  # a thread of the kind the watcher's are: no event loop, not sync_to_async's
+            for i in range(30):
+                send_now([inventory_changes(pool="sender-loop-test", changes={"vm": {f"vm-{i}": "mod"}})])
+            done.set()
+
+        threading.Thread(target=watcher_thread).start()
+        assert done.wait(30)
+        opened = server.info("stats")["total_connections_received"] - before
+        assert opened <= 2, f"{opened} Redis connections opened for 30 sends"
+
+        async def receive_all() -> list[str]:
+            got = []
+            while len(got) < 31:
+                message = await layer.receive(channel)
+                got += list(message["changes"]["vm"])
+            return got
+
+        assert async_to_sync(receive_all)() == ["a", *(f"vm-{i}" for i in range(30))]  # every one, in order
+    finally:
+        async_to_sync(layer.group_discard)(group, channel)
+        server.close()
