@@ -105,6 +105,8 @@ class SyncResult:
     counts: dict[str, int] = field(default_factory=dict)  # full sync: rows per class
     changed: int = 0  # objects written or deleted
     changed_uuids: dict[str, set[str]] = field(default_factory=dict)  # class -> uuids written or deleted
+    # The same, less the rows whose change was only in their telemetry (``Spec.telemetry``): what protection judges.
+    judged_uuids: dict[str, set[str]] = field(default_factory=dict)
     messages: int = 0
 
 
@@ -337,6 +339,7 @@ class PoolMirror:
             return result
 
         messages: list[tuple[str, dict]] = []
+        telemetry: set[tuple[str, str]] = set()  # (class, uuid) of the rows whose change was only in their telemetry
         with transaction.atomic():
             # The pool record: its fields and which host is master.
             touched_hosts: set[str] = set()
@@ -415,6 +418,8 @@ class PoolMirror:
                         continue
                     items.append((ref, uuid, values))
                     ops.append("mod" if old is not None else "add")
+                    if old is not None and old[1] == uuid and spec.telemetry_only(values, old[2]):
+                        telemetry.add((spec.cls, uuid))
                 if not items:
                     continue
                 pks = self._upsert(spec, items)
@@ -424,7 +429,10 @@ class PoolMirror:
                     messages.append(self._message(spec.cls, uuid, op))
                     if op == "add":
                         added.append(ref)
-                messages.extend(self._fill_pending(spec.cls, added))
+                filled = self._fill_pending(spec.cls, added)
+                telemetry.difference_update((cls, uuid) for _group, event in filled
+                                            for cls, objects in event["changes"].items() for uuid in objects)
+                messages.extend(filled)
                 result.changed += len(items)
 
             now = timezone.now()
@@ -433,6 +441,9 @@ class PoolMirror:
             for _group, event in messages:
                 for cls, objects in event["changes"].items():
                     result.changed_uuids.setdefault(cls, set()).update(objects)
+                    judged = {uuid for uuid in objects if (cls, uuid) not in telemetry}
+                    if judged:
+                        result.judged_uuids.setdefault(cls, set()).update(judged)
             # The batch goes as one message; a burst is cheaper for the pages to reload than to replay.
             if len(messages) > settings.EAC_CHANGE_MESSAGES_MAX:
                 messages = [inventory_resync(pool=self.pool.uuid)]

@@ -115,6 +115,15 @@ class Spec:
     auto_now: list[str] = field(default_factory=list)  # columns Django sets to now() on save
     defaults: dict[str, Any] = field(default_factory=dict)  # every other column, with its default
     json_columns: set[str] = field(default_factory=set)
+    # Columns that move all the time whatever else happens (a host's free memory, its last heartbeat): a row whose
+    # change is in these alone is written and shown, but is no change of state for protection to judge (on a busy
+    # pool every VM started or stopped changes its host's free memory; judging the whole pool each time cost the
+    # watcher a dozen queries a batch).
+    telemetry: frozenset[str] = frozenset()
+
+    def telemetry_only(self, values: dict[str, Any], old: tuple) -> bool:
+        """Do ``values`` differ from the row's ``old`` values in telemetry columns only?"""
+        return all(a == b or column in self.telemetry for (column, a), b in zip(values.items(), old, strict=True))
 
 
 def _host_values(m: PoolMirror, ref: str, r: dict) -> dict[str, Any]:
@@ -243,7 +252,7 @@ def _vif_values(m: PoolMirror, ref: str, r: dict) -> dict[str, Any]:
 
 # Parents before children: a child's foreign keys resolve against rows written just before.
 SPECS: list[Spec] = [
-    Spec("host", Host, _host_values),
+    Spec("host", Host, _host_values, telemetry=frozenset({"memory_free", "last_heard_at"})),
     Spec("sr", SR, _sr_values),
     Spec("network", Network, _network_values),
     Spec("vm", VM, _vm_values),

@@ -216,8 +216,8 @@ class PoolWatcher(threading.Thread):
                     result = mirror.apply(events)
                     log.debug("pool %s: %d event(s), %d object(s) changed", pool.name, len(events),
                               result.changed)
-                    if result.changed:
-                        _observe(pool, result.changed_uuids)
+                    if result.judged_uuids:
+                        _observe(pool, result.judged_uuids)
         finally:
             pump.stop()
 

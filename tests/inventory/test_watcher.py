@@ -18,7 +18,7 @@ from eac.realtime import inventory_change, inventory_resync, pool_group
 from inventory.choices import ConnectionState
 from inventory.models import PBD, PIF, SR, VBD, VDI, VIF, VM, Host, Network, Pool
 from inventory.services import pool_create, pool_remove_request, pool_remove_rows
-from inventory.sync import RECORD_FIELDS, SPECS, XAPI_CLASSES, PoolMirror
+from inventory.sync import NULL_REF, RECORD_FIELDS, SPECS, XAPI_CLASSES, PoolMirror
 from inventory.watcher import PoolWatcher, Supervisor, full_sync, sync_once
 from inventory.xapi import connect
 from tests.support import ROOT, Proc, subprocess_env, wait_for
@@ -435,3 +435,35 @@ def test_the_mirror_reads_only_fields_it_asks_xapi_for():
     record = Recording()
     PoolMirror._remember_side_record(mirror, "pif", "OpaqueRef:p", record)
     assert record.seen <= set(RECORD_FIELDS["pif"])
+
+
+def test_a_host_whose_free_memory_alone_changed_is_written_and_shown_but_not_given_to_protection_to_judge():
+    """On a busy pool every VM started or stopped changes its host's free memory: protection judges such a batch by
+    its VMs, not as a change of the pool's hosts (which judged the whole pool, a dozen queries, every batch)."""
+    from tests.inventory.factories import big_pool_records, make_pool
+
+    records = big_pool_records(hosts=2, vms=2)
+    pool = make_pool(uuid=next(iter(records["pool"].values()))["uuid"])
+    mirror = PoolMirror(pool)
+    mirror.full_sync(records)
+    host = records["host"]["OpaqueRef:host-0"]
+    metrics = records["host_metrics"]["OpaqueRef:host_metrics-0"]
+    vm = records["vm"]["OpaqueRef:vm-0"]
+
+    def event(cls, ref, snapshot):
+        return {"class": cls, "operation": "mod", "ref": ref, "snapshot": snapshot}
+
+    # A VM stops: it, and its host's free memory.
+    result = mirror.apply([event("vm", "OpaqueRef:vm-0", {**vm, "power_state": "Halted", "resident_on": NULL_REF}),
+                           event("host_metrics", "OpaqueRef:host_metrics-0", {**metrics, "memory_free": "1"})])
+    assert result.changed_uuids == {"vm": {vm["uuid"]}, "host": {host["uuid"]}}  # both written and shown
+    assert Host.objects.get(uuid=host["uuid"]).memory_free == 1
+    assert result.judged_uuids == {"vm": {vm["uuid"]}}
+
+    # The host dies: judged, whatever else changed with it.
+    result = mirror.apply([event("host_metrics", "OpaqueRef:host_metrics-0",
+                                 {**metrics, "memory_free": "2", "live": False})])
+    assert result.judged_uuids == {"host": {host["uuid"]}}
+    # Disabled (maintenance): a column of the host's own record.
+    result = mirror.apply([event("host", "OpaqueRef:host-0", {**host, "enabled": False})])
+    assert result.judged_uuids == {"host": {host["uuid"]}}
