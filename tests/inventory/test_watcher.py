@@ -467,3 +467,53 @@ def test_a_host_whose_free_memory_alone_changed_is_written_and_shown_but_not_giv
     # Disabled (maintenance): a column of the host's own record.
     result = mirror.apply([event("host", "OpaqueRef:host-0", {**host, "enabled": False})])
     assert result.judged_uuids == {"host": {host["uuid"]}}
+
+
+def test_a_batch_of_events_writes_the_same_rows_as_values_as_through_the_staging_table(monkeypatch):
+    """The upsert sends a few rows as VALUES in one statement, more through COPY and a staging table: both ways write
+    every column alike (JSON, timestamps, booleans, foreign keys, NULLs), on insert and on update."""
+    from inventory import sync
+    from tests.inventory.factories import big_pool_records, make_pool
+
+    def mirrored(values_rows: int) -> dict:
+        monkeypatch.setattr(sync, "VALUES_ROWS", values_rows)
+        records = big_pool_records(hosts=2, vms=3)
+        pool = make_pool(uuid=next(iter(records["pool"].values()))["uuid"])
+        mirror = PoolMirror(pool)
+        mirror.full_sync(records)
+        vm = records["vm"]["OpaqueRef:vm-1"]
+        new_vm = {**vm, "uuid": "0c0c0c0c-0000-4000-8000-000000000001", "name_label": "new",
+                  "current_operations": {"OpaqueRef:task": "start"}, "power_state": "Halted", "resident_on": NULL_REF}
+        events = [
+            {"class": "vm", "operation": "mod", "ref": "OpaqueRef:vm-1",
+             "snapshot": {**vm, "power_state": "Paused", "current_operations": {"OpaqueRef:t": "clean_shutdown"},
+                          "name_label": "it's \"quoted\" % %s", "affinity": NULL_REF}},
+            {"class": "vm", "operation": "add", "ref": "OpaqueRef:vm-new", "snapshot": new_vm},
+            {"class": "vbd", "operation": "add", "ref": "OpaqueRef:vbd-new",
+             "snapshot": {**records["vbd"]["OpaqueRef:vbd-0"], "uuid": "0c0c0c0c-0000-4000-8000-000000000002",
+                          "VM": "OpaqueRef:vm-new", "currently_attached": False}},
+            {"class": "host_metrics", "operation": "mod", "ref": "OpaqueRef:host_metrics-1",
+             "snapshot": {**records["host_metrics"]["OpaqueRef:host_metrics-1"], "memory_free": "12345",
+                          "last_updated": "20261207T10:11:12Z"}},
+        ]
+        result = mirror.apply(events)
+        assert result.changed == 4
+        rows = {}
+        for model in MODELS.values():
+            for row in model.objects.filter(pool=pool).values():
+                rows[(model.__name__, row["uuid"])] = {k: v for k, v in row.items()
+                                                      if k not in ("id", "pool_id", "updated_at", "created_at")
+                                                      and not k.endswith("_id")}
+        return rows
+
+    as_values, through_copy = mirrored(1000), mirrored(0)
+    assert as_values == through_copy
+    assert as_values[("VM", "0c0c0c0c-0000-4000-8000-000000000001")]["current_operations"] == {
+        "OpaqueRef:task": "start"}
+    assert as_values[("Host", _uuid5("host-1"))]["last_heard_at"] is not None
+
+
+def _uuid5(name: str) -> str:
+    import uuid
+
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, name))
