@@ -99,6 +99,8 @@ class Engine:
         # VM -> host it is being started/resumed/migrated on: memory reserved
         # there (what xapi shows as VM.scheduled_to_be_resident_on).
         self.reserved: dict[str, str] = {}
+        # host -> (records of its resident VMs, what they need): vmstate's memory accounting, remembered.
+        self.resident_need: dict[str, tuple[list[Record], int]] = {}
         self.next_domid = 1
         # One HA restart pass at a time, as xapi's single HA monitor thread.
         self.ha_restart_lock = threading.Lock()
