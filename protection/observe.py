@@ -52,10 +52,15 @@ def protection_evaluate_pool(*, pool: Pool, vm_uuids: set[str] | None = None) ->
     ``vm_uuids``: only these VMs changed (a batch of VM events, many a second on a busy pool). The pool's own state
     (reachable, HA on or off) did not, so what depends on it alone is left to the whole evaluation that follows each
     change of it; the failover plan is judged again only where HA is on (VMs starting and stopping move it)."""
-    pool = Pool.objects.get(pk=pool.pk)
     whole = vm_uuids is None
-    if not whole and not vm_uuids:
-        return
+    if not whole:
+        if not vm_uuids:
+            return
+        # None of them protected and no HA (as the caller's pool has it: the watcher's follows XAPI's pool record, and
+        # HA turned on is a change of the pool, judged whole): nothing to judge, in one read, with no transaction.
+        if not pool.ha_enabled and not Protection.objects.filter(pool_id=pool.pk, vm__uuid__in=vm_uuids).exists():
+            return
+    pool = Pool.objects.get(pk=pool.pk)
     with transaction.atomic():
         if whole:
             _evaluate_reachability(pool)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from alerts.choices import Condition
 from alerts.models import Alert, Delivery, Recipient
 from protection.models import FailoverEvent, Protection
 from protection.observe import protection_observe_changes
@@ -99,15 +100,15 @@ def test_a_migration_between_live_hosts_is_not_a_failover(protected):
     assert not Alert.objects.exists()
 
 
-def test_a_batch_of_unprotected_vms_in_a_pool_without_ha_costs_two_reads(django_assert_num_queries):
+def test_a_batch_of_unprotected_vms_in_a_pool_without_ha_costs_one_read(django_assert_num_queries):
     """A busy pool's VM events come many a second: without HA and with none of them protected there is nothing to
     judge, and the watcher's batch is not held up by the alerts of the pool (judged when the pool itself changes)."""
     pool = make_pool(ha_enabled=False)
     host = make_host(pool, name_label="host-a")
     vms = [make_vm(pool, host=host, name_label=f"vm-{i}") for i in range(3)]
-    # the pool, then the protections among the VMs, in a savepoint (the test's transaction; a BEGIN and COMMIT in the
-    # watcher); it was 12, two of them taking a row lock each to clear alerts that were not open
-    with django_assert_num_queries(4):
+    # whether any of them is protected, with no transaction; it was 12 (then 4: the pool, the protections among the
+    # VMs, locked, in a transaction), two of them taking a row lock each to clear alerts that were not open
+    with django_assert_num_queries(1):
         protection_observe_changes(pool=pool, changed={"vm": {vm.uuid for vm in vms}})
     # a protected one among them is judged as before
     Protection.objects.create(vm=vms[0], pool=pool, status="protected", observed_host=host,
@@ -116,3 +117,13 @@ def test_a_batch_of_unprotected_vms_in_a_pool_without_ha_costs_two_reads(django_
     vms[0].save()
     protection_observe_changes(pool=pool, changed={"vm": {vms[0].uuid}})
     assert Protection.objects.get(vm=vms[0]).status != "protected"
+
+
+def test_a_batch_of_unprotected_vms_in_a_pool_with_ha_judges_its_failover_plan():
+    """VMs starting and stopping move the failover plan: where HA is on, a batch of VM events judges it even when none
+    of the VMs is protected."""
+    pool = make_pool(ha_enabled=True, ha_host_failures_to_tolerate=1, ha_plan_exists_for=0)
+    host = make_host(pool, name_label="host-a")
+    vm = make_vm(pool, host=host, name_label="vm-0")
+    protection_observe_changes(pool=pool, changed={"vm": {vm.uuid}})
+    assert Alert.objects.filter(condition=Condition.PLAN_OVERCOMMITTED, state="open").count() == 1
