@@ -16,9 +16,9 @@ Starts one ``python -m xapisim`` as bench_pools starts each of its pools (``--ho
 
 The simulator's CPU (user + system, /proc/PID/stat) is read just before the first operation and again once the
 watcher has seen the last one's result; the figure is that CPU over the operations made, so it includes serving
-the watcher's event.from. Also printed: the simulator's CPU while idle beforehand (its listener's poll loop), the
-operations a second achieved, and what the watcher received. Figures only, nothing asserted: the benchmark's own
-threads share the machine's cores with the simulator.
+the watcher's event.from (the part spent in the kernel is shown too). Also printed: the simulator's CPU while idle
+beforehand (its listener's poll loop), the operations a second achieved, and what the watcher received. Figures
+only, nothing asserted: the benchmark's own threads share the machine's cores with the simulator.
 """
 from __future__ import annotations
 
@@ -37,10 +37,10 @@ IDLE_S = 3.0
 CATCH_UP_S = 30.0
 
 
-def process_cpu(pid: int) -> float:
-    """CPU seconds (user and system) the process has used, from /proc/PID/stat."""
+def process_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds the process has used, (user, system), from /proc/PID/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -147,16 +147,17 @@ def main() -> int:
         watcher = threading.Thread(target=watch.run, name="watch", daemon=True)
         watcher.start()
 
-        idle_from, idle_cpu = time.monotonic(), process_cpu(pid)
+        idle_from, idle_cpu = time.monotonic(), sum(process_cpu(pid))
         time.sleep(IDLE_S)
-        idle = (process_cpu(pid) - idle_cpu) / (time.monotonic() - idle_from)
+        idle = (sum(process_cpu(pid)) - idle_cpu) / (time.monotonic() - idle_from)
 
         load = Load(load_client, refs, args.ops, args.rate)
         began, cpu_before = time.monotonic(), process_cpu(pid)
         load.run()
         load_s = time.monotonic() - began
         caught_up = watch.wait_for(*load.last, CATCH_UP_S)
-        cpu = process_cpu(pid) - cpu_before
+        user, system = (after - before for after, before in zip(process_cpu(pid), cpu_before, strict=True))
+        cpu = user + system
         elapsed = time.monotonic() - began
     finally:
         if watcher is not None:
@@ -173,7 +174,8 @@ def main() -> int:
           + ("saw the last operation's result" if caught_up else f"did NOT see the last result ({watch.error})"))
     print(f"  simulator idle beforehand: {idle * 1000:.1f} ms of CPU a second")
     print(f"  simulator CPU: {cpu:.2f} s over {elapsed:.1f} s ({cpu / elapsed:.3f} cores), "
-          f"{cpu / max(1, load.made) * 1000:.2f} ms per power operation (event.from included)")
+          f"{cpu / max(1, load.made) * 1000:.2f} ms per power operation (event.from included; "
+          f"{system / max(1, load.made) * 1000:.2f} ms of it in the kernel)")
     return 0 if caught_up and not load.failed else 1
 
 
