@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import argument_parser, pct, print_overall, verdict
+from common import argument_parser, cpu_times, pct, print_overall, verdict
 
 from tests.am.cluster import HOSTS, ClientLoop, Cluster
 from tests.am.netbed import NetBed
@@ -49,14 +49,6 @@ async def main():
     await asyncio.Event().wait()
 asyncio.run(main())
 """
-
-
-def cpu_times() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole machine, from /proc/stat."""
-    with open("/proc/stat") as stat:
-        fields = [int(v) for v in stat.readline().split()[1:]]
-    idle = fields[3] + fields[4]
-    return sum(fields) - idle, sum(fields)
 
 
 def fio(c: Cluster, uri: str, bs: str, depth: int, seconds: float, rw: str = "randwrite") -> float:

@@ -70,7 +70,18 @@ from pathlib import Path
 import common
 from bench_live import BUDGET_P95_MS, CHROMIUM, CHROMIUM_ARGS, PASSWORD, LayerProbe
 from bench_live import PROBE as LIVE_PROBE
-from common import ROOT, argument_parser, bench_database, drop_bench_database, free_port, pct, stop_process, verdict
+from common import (
+    ROOT,
+    argument_parser,
+    bench_database,
+    cpu_times,
+    drop_bench_database,
+    free_port,
+    pct,
+    process_cpu,
+    stop_process,
+    verdict,
+)
 
 BENCH_DB = "eac_bench_pools"
 CHANNEL_PREFIX = "eacbenchpools"
@@ -470,23 +481,6 @@ def dom_report(label: str, s: DomSamples, watchers: list[Watcher], group: str) -
 # -- CPU -------------------------------------------------------------------------------------------------------
 
 
-def cpu_times() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole machine, from /proc/stat (as bench_am reads them)."""
-    with open("/proc/stat") as stat:
-        fields = [int(v) for v in stat.readline().split()[1:]]
-    idle = fields[3] + fields[4]
-    return sum(fields) - idle, sum(fields)
-
-
-def process_cpu(pid: int) -> float:
-    """CPU seconds (user and system) the process has used, from /proc/PID/stat; 0 once it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 class CpuMeter:
     """Cores used by named groups of processes, and by the whole machine, from now until ``report()``."""
 
@@ -495,7 +489,7 @@ class CpuMeter:
         self.start = self._read()
 
     def _read(self) -> tuple[float, tuple[int, int], dict[str, float]]:
-        used = {name: sum(process_cpu(pid) for pid in pids) for name, pids in self.groups.items()}
+        used = {name: sum(sum(process_cpu(pid)) for pid in pids) for name, pids in self.groups.items()}
         return time.monotonic(), cpu_times(), used
 
     def report(self) -> str:

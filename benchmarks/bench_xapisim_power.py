@@ -27,20 +27,13 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import common
-from common import argument_parser, start_xapisim
+from common import argument_parser, process_cpu, start_xapisim
 
 USER, PASSWORD = "root", "demo"
 IDLE_S = 3.0
 CATCH_UP_S = 30.0
-
-
-def process_cpu(pid: int) -> tuple[float, float]:
-    """CPU seconds the process has used, (user, system), from /proc/PID/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass

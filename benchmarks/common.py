@@ -125,6 +125,24 @@ def wait(predicate: Callable[[], T], timeout: float, what: str, *, interval: flo
     raise error(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def process_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds the process has used, (user, system), from /proc/PID/stat; (0, 0) once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
 # -- timing and figures -------------------------------------------------------------------------------
 
 
