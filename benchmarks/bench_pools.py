@@ -44,7 +44,9 @@ Chromium driven by Playwright (bench_live's flags) with one tab on the VM table 
    issue: "within seconds").
 
 CPU: the simulators, the watchers, daphne, Chromium, PostgreSQL, Redis and the load share this machine's cores;
-the figures are what one machine does with all of them on it.
+the figures are what one machine does with all of them on it. Each phase of part 2 prints the cores each part used
+and how many threads were runnable (sampled every 0.2 s): once that exceeds the cores, every hop of a change's way
+(the simulator, the watcher's reader and writer, PostgreSQL, Redis, daphne, Chromium) waits for a core.
 """
 from __future__ import annotations
 
@@ -482,23 +484,40 @@ def dom_report(label: str, s: DomSamples, watchers: list[Watcher], group: str) -
 
 
 class CpuMeter:
-    """Cores used by named groups of processes, and by the whole machine, from now until ``report()``."""
+    """Cores used by named groups of processes, and by the whole machine, from now until ``report()``; and how many
+    threads were runnable meanwhile (``procs_running`` of /proc/stat, every 0.2 s): past the number of cores, each
+    wake-up of the path of a change (the simulator, the watcher's threads, PostgreSQL, Redis, daphne) waits its turn."""
 
     def __init__(self, groups: dict[str, list[int]]) -> None:
         self.groups = groups
         self.start = self._read()
+        self.runnable: list[int] = []
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
 
     def _read(self) -> tuple[float, tuple[int, int], dict[str, float]]:
         used = {name: sum(sum(process_cpu(pid)) for pid in pids) for name, pids in self.groups.items()}
         return time.monotonic(), cpu_times(), used
 
+    def _sample(self) -> None:
+        while not self._stop.wait(0.2):
+            for line in Path("/proc/stat").read_text().splitlines():
+                if line.startswith("procs_running "):
+                    self.runnable.append(int(line.split()[1]) - 1)  # less the sampler itself
+                    break
+
     def report(self) -> str:
+        self._stop.set()
+        self._sampler.join()
         (t0, (busy0, total0), used0), (t1, (busy1, total1), used1) = self.start, self._read()
         seconds = t1 - t0
         parts = ", ".join(f"{name} {(used1[name] - used0[name]) / seconds:.2f}" for name in self.groups)
         machine = (busy1 - busy0) / max(total1 - total0, 1) * os.cpu_count()
+        runnable = (f"; runnable threads p50 {statistics.median(self.runnable):.0f}, "
+                    f"p95 {pct(self.runnable, 95):.0f}") if self.runnable else ""
         return (f"    CPU meanwhile, in cores: {parts}; the whole machine {machine:.1f} of {os.cpu_count()} "
-                f"(the rest: PostgreSQL, Redis, Chromium)")
+                f"(the rest: PostgreSQL, Redis, Chromium){runnable}")
 
 
 # -- setup and teardown ---------------------------------------------------------------------------------
