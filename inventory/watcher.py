@@ -37,10 +37,10 @@ FIRST_RETRY_DELAY = 0.5
 UNREACHABLE_AFTER = 5
 # How long a reconcile waits for the watcher threads it stopped to end before it lets go of their pools' locks.
 JOIN_TIMEOUT = 5.0
-# Failures of event.from after which the watcher logs in again and does a full sync at once (no backoff).
 # A batch announced later than this after event.from brought it is logged (INFO), with where the time went: the
 # architecture's budget from a change in XAPI to the page is 250 ms.
 SLOW_BATCH_SECONDS = 0.25
+# Failures of event.from after which the watcher logs in again and does a full sync at once (no backoff).
 RECONNECT_CODES = {"SESSION_INVALID", "EVENTS_LOST", "EVENT_FROM_TOKEN_PARSE_FAILURE", "TOO_MANY_PENDING_EVENTS",
                    "POOL_RESTARTED"}
 
