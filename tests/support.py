@@ -9,6 +9,7 @@ import email
 import email.policy
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -41,11 +42,30 @@ def wait_for(predicate, timeout: float = 5.0, interval: float = 0.05, message: s
         time.sleep(interval)
 
 
+# Ports the tests serve on come from below the kernel's ephemeral range, and each once per test run: a port the
+# kernel hands out for ``bind(0)`` can be handed out again at once, or given to a client connection's end before
+# the server that was to listen on it starts (seen in CI: an AM that could not bind its port).
+PORTS = range(20000, 32000)
+_given: set[int] = set()
+_ports_lock = threading.Lock()
+
+
 def free_port() -> int:
-    """A loopback port nothing listens on (bound, then released): to serve on, or to find nobody at."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nothing listens on, never returned before in this run: to serve on, or to find nobody at."""
+    rng = random.Random()
+    with _ports_lock:
+        for _ in range(1000):
+            port = rng.choice(PORTS)
+            if port in _given:
+                continue
+            _given.add(port)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue  # in use, or lingering
+                return port
+    raise RuntimeError(f"no free loopback port in {PORTS}")
 
 
 # -- subprocesses ---------------------------------------------------------------------------------------
