@@ -43,10 +43,13 @@ Chromium driven by Playwright (bench_live's flags) with one tab on the VM table 
    wrote nothing after the kill (it left its pools CONNECTED, so the state alone proves nothing). Figure only (the
    issue: "within seconds").
 
-CPU: the simulators, the watchers, daphne, Chromium, PostgreSQL, Redis and the load share this machine's cores;
-the figures are what one machine does with all of them on it. Each phase of part 2 prints the cores each part used
-and how many threads were runnable (sampled every 0.2 s): once that exceeds the cores, every hop of a change's way
-(the simulator, the watcher's reader and writer, PostgreSQL, Redis, daphne, Chromium) waits for a core.
+CPU: the simulators, the watchers, daphne, Chromium, PostgreSQL, Redis and the load share this machine's cores.
+Each phase of part 2 prints the cores each part used and how many threads were runnable (sampled every 0.2 s): once
+that exceeds the cores, every hop of a change's way (the simulator, the watcher's reader and writer, PostgreSQL,
+Redis, daphne, Chromium) waits for a core. In a deployment the nineteen loaded pools' masters and whoever starts and
+stops their VMs are other machines: their simulators and the load's threads run at ``--remote-nice`` (19 unless
+told: they take the cores the console leaves; 0 runs everything alike, as one machine with all of them on it).
+The shown pool's simulator, Chromium and the console's processes keep the default priority.
 """
 from __future__ import annotations
 
@@ -143,12 +146,12 @@ class SimPool:
 
     READY = re.compile(r"xapisim listening on (http://[\d.]+:\d+)")
 
-    def start(self) -> None:
+    def start(self, nice: int = 0) -> None:
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "xapisim", "--hosts", str(self.hosts), "--vms", str(self.vms),
-                 "--seed", str(self.seed), "--port", "0", "--op-delay", "0", "--listen-hosts", "1",
-                 "--log-level", "WARNING"],
+                ["nice", "-n", str(nice), sys.executable, "-m", "xapisim", "--hosts", str(self.hosts),
+                 "--vms", str(self.vms), "--seed", str(self.seed), "--port", "0", "--op-delay", "0",
+                 "--listen-hosts", "1", "--log-level", "WARNING"],
                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
 
@@ -312,9 +315,10 @@ class PowerLoad:
     of its own, shuts a running VM down (``VM.hard_shutdown``), starts it again (``VM.start``), and so on through
     its VMs, paced; a thread that falls behind does not burst to catch up."""
 
-    def __init__(self, targets: list[tuple[str, list[str]]], rate: float) -> None:
+    def __init__(self, targets: list[tuple[str, list[str]]], rate: float, nice: int = 0) -> None:
         self.targets = targets  # (simulator URL, refs of running VMs)
         self.rate = rate
+        self.nice = nice
         self.stopping = threading.Event()
         self.made = [0] * len(targets)
         self.failed = [0] * len(targets)
@@ -340,6 +344,7 @@ class PowerLoad:
     def _run(self, i: int, url: str, refs: list[str]) -> None:
         from inventory.xapi import XapiError, connect
 
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)  # this thread only (Linux)
         try:
             client = connect(url, USER, SIM_PASSWORD, verify_tls=False)
         except XapiError as exc:
@@ -545,6 +550,9 @@ def main() -> int:
     parser.add_argument("--load", type=float, default=200.0, help="VM power operations a second on the other pools")
     parser.add_argument("--events", type=int, default=40, help="changes timed to the DOM under load")
     parser.add_argument("--idle-events", type=int, default=20, help="changes timed to the DOM before the load")
+    parser.add_argument("--remote-nice", type=int, default=19, choices=range(20), metavar="0..19",
+                        help="niceness of the loaded pools' simulators and of the load (other machines when "
+                             "deployed)")
     args = parser.parse_args()
     if args.pools < 1 or args.watchers < 1 or args.vms < args.pools:
         parser.error("give at least one pool, one watcher and a VM per pool")
@@ -576,11 +584,14 @@ def main() -> int:
           f"first), {args.watchers} watcher processes, database {BENCH_DB!r}, logs in {logs}")
     # What else the machine runs shows here: every figure below shares its cores.
     print(f"  machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} (1 min) at the start")
+    print(f"  the other pools' simulators and the load on them at nice {args.remote_nice}"
+          + (" (other machines in a deployment: they take the cores the console leaves)" if args.remote_nice
+             else " (as the console: one machine with all of them on it)"))
     try:
         # -- the pools --
         t = time.monotonic()
         for p in pools:
-            p.start()
+            p.start(0 if p is pools[0] else args.remote_nice)
         wait(lambda: all(p.ready() for p in pools), 300, "the simulators")
         print(f"  {args.pools} simulators up in {time.monotonic() - t:.1f} s")
         t = time.monotonic()
@@ -721,7 +732,7 @@ def main() -> int:
                     print(dom_report("idle (no load)", idle, watchers, pool_group(watched.uuid))[0])
                     print(meter.report())
                     if load_targets and args.load > 0:
-                        load = PowerLoad(load_targets, args.load)
+                        load = PowerLoad(load_targets, args.load, args.remote_nice)
                         load.start()
                         time.sleep(3.0)  # the load established before the samples
                     calls = load.calls() if load else 0
