@@ -30,8 +30,9 @@ costs a fixed handful of queries whatever its size. The reads are shared by all 
 sockets of the process (``console.reads.SharedReads``): with twenty open pages one change is read and
 rendered once, not twenty times. Changes come in two lanes (``Lane``), each with batches of its own: those of the
 pools followed in detail, and the summaries of the others, whose labels are rendered at most every
-``LABELS_INTERVAL`` and read on a thread of their own; a batch reads the labels of the pools it is about only, the
-others' as last read, and sends its VMs (rows, tree items, the object's panel) before its labels. Under load
+``LABELS_INTERVAL`` (less often when reading them takes long: ``labels_interval``) and read on a thread of their
+own; a batch reads the labels of the pools it is about only, the others' as last read, and sends its VMs (rows,
+tree items, the object's panel) before its labels. Under load
 (nineteen busy pools beside the one shown) a change of the shown pool thus never waits behind the others' labels.
 """
 from __future__ import annotations
@@ -101,10 +102,21 @@ FOCUS_LINGER_SECONDS = 10.0
 # of each sender already allows, ``eac.realtime.SUMMARY_INTERVAL``; a watcher of every pool sends one): under load the
 # summaries of three watchers came six times a second, and each rendering read the labels of nineteen pools.
 LABELS_INTERVAL = SUMMARY_INTERVAL
+# ... and, when reading them takes long, so that the labels lane keeps at most this share of the time: under load (19
+# busy pools of 2,500 VMs, 200 power operations a second on a 2-core machine) one read of their labels took 0.3 s
+# (0.05 s alone), and reading them twice a second held back the changes of the pool the page shows. Never rarer
+# than LABELS_MAX_INTERVAL.
+LABELS_MAX_SHARE = 0.25
+LABELS_MAX_INTERVAL = 5.0
 # A batch of the pools followed in detail sent later than this after its first change is logged (INFO), with where
 # the time went (the architecture's budget, event to DOM, is 250 ms at the 95th percentile).
 SLOW_BATCH_SECONDS = 0.25
 MAX_STREAMS = 256  # senders remembered per socket (each process that sends to a pool's group is one)
+
+
+def labels_interval(cost: float) -> float:
+    """Seconds from one rendering of the labels lane to the next, after one that took ``cost`` seconds."""
+    return min(LABELS_MAX_INTERVAL, max(LABELS_INTERVAL, cost / LABELS_MAX_SHARE))
 
 
 def _visible_pools(user) -> dict[str, int] | None:
@@ -169,6 +181,7 @@ class Lane:
         self.first = 0.0  # when the first change of the pending batch came (monotonic)
         self.last = 0.0  # when the last one came: a read that starts later sees them all
         self.done = float("-inf")  # when the last batch was taken
+        self.cost = 0.0  # how long the last batch took to render and send (seconds)
         self.task: asyncio.Future | None = None
 
     def add(self, pool_uuid: str, changes: dict) -> None:
@@ -474,7 +487,7 @@ class LiveConsumer(AsyncWebsocketConsumer):
         while lane.changes:
             # A host crash is hundreds of events in a row: gather them into one batch. Labels only: at most every
             # LABELS_INTERVAL.
-            wait = lane.done + LABELS_INTERVAL - time.monotonic() if lane.labels else 0.0
+            wait = lane.done + labels_interval(lane.cost) - time.monotonic() if lane.labels else 0.0
             await asyncio.sleep(max(COALESCE_SECONDS, wait))
             batch, first, since = lane.take()
             started = time.monotonic()
@@ -492,6 +505,7 @@ class LiveConsumer(AsyncWebsocketConsumer):
                     if text:
                         await self.send(text_data=text)
                 steps.append(time.monotonic())
+            lane.cost = steps[-1] - started
             if not lane.labels and steps[0] - first > SLOW_BATCH_SECONDS:
                 log.info("live: changes of %d pools sent %.0f ms after the first came (waited %.0f ms, objects "
                          "%.0f ms; then labels %.0f ms, the table %.0f ms)", len(batch), (steps[0] - first) * 1000,
