@@ -20,6 +20,7 @@ from protection.choices import Health, ProtectionStatus, SummaryGroup, uses_ams
 from protection.selectors import (
     Component,
     level2_component_list,
+    pools_failed_over,
     vm_annotate_placement,
     vm_annotate_protection,
     vm_exclude_stand_ins,
@@ -292,8 +293,17 @@ def pool_overviews(pool_ids: Iterable[int]) -> dict[int, PoolOverview]:
     halted: dict[int, int] = defaultdict(int)
     total: dict[int, int] = defaultdict(int)
     running: dict[int, int] = defaultdict(int)
-    placed = vm_annotate_placement(base).values_list("pool_id", "shown_host_id", "shown_power_state")
-    for pool_id, host_id, power, n in placed.annotate(n=Count("pk")).order_by():
+    # Where no Level 2/3 protection failed over (nearly every pool), a VM hangs where XAPI says: a plain count, which
+    # costs a third of the placement rules' (13 against 33 ms for 19 pools of 2,500 VMs; the labels of the pools a
+    # page shows only by their labels are read again whenever their VMs start or stop).
+    failed_over = pools_failed_over(pool_ids)
+    placed = [
+        *vm_annotate_placement(base.filter(pool_id__in=failed_over))
+        .values_list("pool_id", "shown_host_id", "shown_power_state").annotate(n=Count("pk")).order_by(),
+        *VM.objects.ordinary().filter(pool_id__in=[pk for pk in pool_ids if pk not in failed_over])
+        .values_list("pool_id", "resident_on_id", "power_state").annotate(n=Count("pk")).order_by(),
+    ] if pool_ids else []
+    for pool_id, host_id, power, n in placed:
         total[pool_id] += n
         if power == PowerState.RUNNING:
             running[pool_id] += n

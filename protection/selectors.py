@@ -125,6 +125,13 @@ def vm_annotate_placement(qs: QuerySet[VM]) -> QuerySet[VM]:
     )
 
 
+def pools_failed_over(pool_ids: Iterable[int]) -> set[int]:
+    """The pools, of ``pool_ids``, with a Level 2/3 protection failed over: only there may a VM be shown elsewhere
+    than XAPI says (``vm_annotate_placement``) or stand in for another (``vm_exclude_stand_ins``)."""
+    return set(Protection.objects.filter(pool_id__in=list(pool_ids), level__in=AM_LEVELS, failed_over_to__isnull=False)
+               .values_list("pool_id", flat=True).distinct())
+
+
 def vm_exclude_stand_ins(qs: QuerySet[VM]) -> QuerySet[VM]:
     """Without the secondary VMs that stand in for their protected VM after a Level 2 failover: the protected
     VM is shown in their place (``vm_annotate_placement``)."""

@@ -349,3 +349,38 @@ def test_placing_vms_runs_the_failed_over_lookup_only_for_failed_over_vms(pool_s
     loops = _subplan_loops(plan[0]["Plan"])
     # The copy's lookup (EXISTS, then the copy's host) runs for the one VM that failed over, not for the 200 others.
     assert all(n <= 1 for _, n in loops), loops
+
+
+def test_tree_counts_place_a_failed_over_vm_on_its_copys_host_beside_a_pool_counted_plainly(pool_setup):
+    """``pool_overviews`` counts the VMs of pools where no Level 2/3 protection failed over as XAPI places them, and
+    applies the placement rules where one did: read together, each pool is counted by its own rule."""
+    from console.nodes import pool_overviews
+    from inventory.choices import PowerState
+
+    pool, hosts = pool_setup["pool"], pool_setup["hosts"]
+    moved = make_vm(pool, host=None, name_label="moved", power_state=PowerState.HALTED)
+    copy = make_vm(pool, host=hosts[2], name_label="moved-copy")
+    plain_pool = make_pool()
+    plain_host = make_host(plain_pool)
+    make_vm(plain_pool, host=plain_host, name_label="plain-running")
+    make_vm(plain_pool, host=None, name_label="plain-halted", power_state=PowerState.HALTED)
+
+    def counts():
+        overviews = pool_overviews([pool.pk, plain_pool.pk])
+        return {pk: (ov.pool.vms_total, ov.pool.vms_running, ov.halted.count, [h.vm_count for h in ov.hosts])
+                for pk, ov in overviews.items()}
+
+    host_order = [h.pk for h in sorted(hosts, key=lambda h: (h.name_label, h.uuid))]
+    before = counts()
+    # Not failed over: the copy is an ordinary running VM on the third host, "moved" is halted.
+    assert before[plain_pool.pk] == (2, 1, 1, [1])
+    assert before[pool.pk][:3] == (4, 3, 1)
+
+    Protection.objects.create(vm=moved, pool=pool, level=2, status="protected", secondary_host=hosts[2],
+                              secondary_vm_uuid=copy.uuid, failed_over_to=hosts[2])  # fmt: skip
+    after = counts()
+    # Failed over: "moved" is shown running on the copy's host, and the copy is left out.
+    assert after[pool.pk][:3] == (3, 3, 0)
+    per_host = dict(zip(host_order, after[pool.pk][3], strict=True))
+    assert per_host == {hosts[0].pk: 1, hosts[1].pk: 1, hosts[2].pk: 1}  # db-local, web-1, moved
+    assert after[plain_pool.pk] == before[plain_pool.pk]
