@@ -74,7 +74,7 @@ from . import nodes as sel
 from . import tree as ui
 from .context_processors import open_alerts_count
 from .live_table import LiveTable
-from .reads import MISSING, SharedReads, shared_reads
+from .reads import MISSING, SharedReads, in_background, shared_reads
 
 log = logging.getLogger(__name__)
 
@@ -628,12 +628,19 @@ class LiveConsumer(AsyncWebsocketConsumer):
             # and a pool being removed loses its tree node's children: the page is rebuilt.
             self._forget_sent()
             return [ui.control("resync")]
-        parts: list[str] = []
-        for dom_id, data, render in self._labels(overviews):
-            if self.sent.get(dom_id) != data:
-                self.sent[dom_id] = data
-                parts.append(render(data))
-        return ["".join(parts)] if parts else []
+        changed = [(dom_id, data, render) for dom_id, data, render in self._labels(overviews)
+                   if self.sent.get(dom_id) != data]
+        if not changed:
+            return []
+        for dom_id, data, _ in changed:
+            self.sent[dom_id] = data
+
+        def render_all() -> str:
+            return "".join(render(data) for _, data, render in changed)
+
+        # The other pools' labels are rendered off the event loop (a hundred fragments under load); the shown pool's
+        # few in line, with no thread hop.
+        return [await in_background(render_all) if labels else render_all()]
 
     def _identity_changed(self, overviews: dict[int, sel.PoolOverview]) -> bool:
         """Did a pool's name, XAPI name or removal state change since the page was rendered (or last rebuilt)?
