@@ -30,15 +30,18 @@ from xapisim.server import Simulator
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def wait_for(predicate, timeout: float = 5.0, interval: float = 0.05, message: str = "condition"):
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+def wait_for(predicate, timeout: float = 5.0, interval: float = 0.05,
+             message: str | Callable[[], str] = "condition"):
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds. ``message`` says what
+    was waited for; a callable is called at the failure (processes' logs as they are then, not as they were)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+            what = message() if callable(message) else message
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
 
 
@@ -160,6 +163,20 @@ class Proc:
 
 def dump_logs(*procs: Proc) -> str:
     return "\n".join(f"--- {p.name} ---\n{p.output()[-6000:]}" for p in procs)
+
+
+def db_activity() -> str:
+    """The other sessions on the test database that are not idle: what each waits for, for how long its transaction
+    has run, and its statement (for the message of a wait that timed out)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pid, application_name, state, wait_event_type, wait_event, now() - xact_start, left(query, 300) "
+            "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() AND state <> 'idle'"
+        )
+        rows = cursor.fetchall()
+    return "--- database sessions not idle ---\n" + "\n".join(" | ".join(map(str, row)) for row in rows)
 
 
 # -- the simulated pool ----------------------------------------------------------------------------------

@@ -146,9 +146,10 @@ def test_redis_restarted_sockets_reconnect_and_resync_celery_reconnects_and_aler
     # but the mail's task cannot be queued.
     xapisim.control("POST", "/sim/hosts/xcp-host-4/crash")
     raised = wait_for(lambda: Delivery.objects.filter(alert__condition="host_lost", kind="raised").first(),
-                      timeout=PATIENCE, message=f"the alert and its mail's row\n{dump_logs(*procs)}")  # fmt: skip
+                      timeout=PATIENCE,
+                      message=lambda: f"the alert and its mail's row\n{dump_logs(*procs)}")  # fmt: skip
     wait_for(lambda: f"alert mail {raised.pk} to ops@example.org: not queued" in watcher.output(), timeout=PATIENCE,
-             message=f"the mail's task refused\n{dump_logs(watcher)}")  # fmt: skip
+             message=lambda: f"the mail's task refused\n{dump_logs(watcher)}")  # fmt: skip
     assert Delivery.objects.get(pk=raised.pk).state == "pending"
     private_redis.start()
 
@@ -217,7 +218,8 @@ def test_postgresql_restarted_the_watcher_resyncs_a_workflow_resumes_and_no_aler
     xapisim.control("POST", "/sim/hosts/xcp-host-1/slow", {"delay_ms": 300})
     run_id = int(manage_shell(env, PROTECT.format(pool=pool_id)))
     wait_for(lambda: db.read(WorkflowStep.objects.filter(run_id=run_id, state="running", position__gte=1).exists),
-             timeout=PATIENCE, message=f"the workflow in the middle of a step\n{dump_logs(*procs)}")  # fmt: skip
+             timeout=PATIENCE,
+             message=lambda: f"the workflow in the middle of a step\n{dump_logs(*procs)}")  # fmt: skip
 
     cluster.stop()
     # While the database is down: a VM shut down, a halted one destroyed, the lost host back.
@@ -230,12 +232,12 @@ def test_postgresql_restarted_the_watcher_resyncs_a_workflow_resumes_and_no_aler
 
     # The workflow resumes (the sweeper hands it over once the lease of the cut attempt lapsed) and succeeds.
     run = wait_for(lambda: db.read(WorkflowRun.objects.filter(pk=run_id, state__in=("succeeded", "failed")).first),
-                   timeout=60, interval=0.2, message=f"the run to finish\n{dump_logs(*procs)}")  # fmt: skip
+                   timeout=60, interval=0.2, message=lambda: f"the run to finish\n{dump_logs(*procs)}")  # fmt: skip
     assert run.state == "succeeded", (run.error_message, dump_logs(*procs))
     assert run.claims == 2
     # The watcher resynced: the mirror is the pool's, without the destroyed VM.
     wait_for(lambda: db.read(mirror_matches, xapisim, pool_id), timeout=PATIENCE, interval=0.5,
-             message=f"the mirror equal to the pool\n{dump_logs(watcher)}")  # fmt: skip
+             message=lambda: f"the mirror equal to the pool\n{dump_logs(watcher)}")  # fmt: skip
     vms = VM.objects.filter(pool_id=pool_id)
     assert db.read(vms.filter(uuid=gone).count) == 0
     assert db.read(lambda: vms.get(name_label="build-agent-1").power_state) == "Halted"
@@ -297,7 +299,7 @@ def test_watcher_killed_in_the_middle_of_a_batch_and_of_its_full_sync_converges_
         # get_all_records, duplicates included), every VM where xapisim has it.
         watcher.start()
         wait_for(lambda: mirror_matches(sim, pool.pk) and vm_states_match(sim, pool.pk), timeout=PATIENCE,
-                 interval=0.5, message=f"the mirror equal to the pool\n{dump_logs(watcher)}")  # fmt: skip
+                 interval=0.5, message=lambda: f"the mirror equal to the pool\n{dump_logs(watcher)}")  # fmt: skip
         running = next(vm for vm in sim.state()["vms"]
                        if vm["power_state"] == "Running" and not vm["is_control_domain"])  # fmt: skip
         vm_call(sim, "hard_shutdown", running["name"])
@@ -316,7 +318,7 @@ def test_a_second_watcher_on_the_same_pool_waits_and_takes_over_when_the_first_d
     wait_for(lambda: following(first), timeout=PATIENCE, message="the first watcher's full sync")
     (second,) = console(console_env, "watcher")
     wait_for(lambda: "another watcher holds it" in second.output(), timeout=PATIENCE,
-             message=f"the second watcher waiting\n{dump_logs(first, second)}")  # fmt: skip
+             message=lambda: f"the second watcher waiting\n{dump_logs(first, second)}")  # fmt: skip
     # One lock, the first's; the second names its holder, and neither syncs nor follows the pool.
     holder = f"eac-watcher {socket.gethostname()}:{first.pid}"
     assert pool_lock_holders(pool.pk) == [holder]
@@ -327,7 +329,8 @@ def test_a_second_watcher_on_the_same_pool_waits_and_takes_over_when_the_first_d
     assert "watching" not in second.output() and not following(second)
 
     first.kill()
-    wait_for(lambda: following(second), timeout=PATIENCE, message=f"the second taking over\n{dump_logs(second)}")
+    wait_for(lambda: following(second), timeout=PATIENCE,
+             message=lambda: f"the second taking over\n{dump_logs(second)}")
     assert "taking over" in second.output()
     assert pool_lock_holders(pool.pk) == [f"eac-watcher {socket.gethostname()}:{second.pid}"]
     vm_call(xapisim, "hard_shutdown", "web-03")

@@ -10,7 +10,7 @@ import time
 from alerts.models import Alert, Recipient
 from inventory.models import VM, Host
 from protection.models import FailoverEvent, Protection
-from tests.support import agile_running_vm, dump_logs, register_pool, shared_sr, wait_for, wait_run
+from tests.support import agile_running_vm, db_activity, dump_logs, register_pool, shared_sr, wait_for, wait_run
 
 
 def test_host_crash_restarts_level1_vm_elsewhere_records_failover_and_mails_once_then_clears(
@@ -36,7 +36,12 @@ def test_host_crash_restarts_level1_vm_elsewhere_records_failover_and_mails_once
 
     event = wait_for(
         lambda: FailoverEvent.objects.filter(vm_uuid=vm.uuid, state="restarted").first(), timeout=40,
-        interval=0.2, message=f"the failover event of {vm.name_label}\n{dump_logs(*procs)}",
+        interval=0.2, message=lambda: (
+            f"the failover event of {vm.name_label} (its events: "
+            f"{list(FailoverEvent.objects.filter(vm_uuid=vm.uuid).values_list('state', flat=True))}; in the mirror: "
+            f"{VM.objects.filter(pk=vm.pk).values('power_state', 'resident_on__name_label').first()})\n"
+            f"{dump_logs(*procs)}\n{db_activity()}"
+        ),
     )
     vm.refresh_from_db()
     assert vm.power_state == "Running" and vm.resident_on_id not in (None, host.pk)

@@ -28,7 +28,7 @@ def test_worker_killed_mid_step_resumes_on_another_worker_and_no_finished_step_r
     step = wait_for(
         lambda: WorkflowStep.objects.filter(run_id=run_id, name="apply_settings", state="running",
                                             result__has_key="previous").first(),
-        timeout=60, interval=0.05, message=f"apply_settings half done\n{dump_logs(first)}",
+        timeout=60, interval=0.05, message=lambda: f"apply_settings half done\n{dump_logs(first)}",
     )
     first.kill()
     xapisim.control("POST", f"/sim/hosts/{master.name_label}/slow", {"delay_ms": 0})
