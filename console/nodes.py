@@ -302,7 +302,7 @@ def pool_overviews(pool_ids: Iterable[int]) -> dict[int, PoolOverview]:
         .values_list("pool_id", "shown_host_id", "shown_power_state").annotate(n=Count("pk")).order_by(),
         *VM.objects.ordinary().filter(pool_id__in=[pk for pk in pool_ids if pk not in failed_over])
         .values_list("pool_id", "resident_on_id", "power_state").annotate(n=Count("pk")).order_by(),
-    ] if pool_ids else []
+    ]
     for pool_id, host_id, power, n in placed:
         total[pool_id] += n
         if power == PowerState.RUNNING:

@@ -125,19 +125,21 @@ def vm_annotate_placement(qs: QuerySet[VM]) -> QuerySet[VM]:
     )
 
 
+def _failed_over() -> QuerySet[Protection]:
+    """The Level 2/3 protections whose VM runs as its secondary VM now."""
+    return Protection.objects.filter(level__in=AM_LEVELS, failed_over_to__isnull=False)
+
+
 def pools_failed_over(pool_ids: Iterable[int]) -> set[int]:
     """The pools, of ``pool_ids``, with a Level 2/3 protection failed over: only there may a VM be shown elsewhere
     than XAPI says (``vm_annotate_placement``) or stand in for another (``vm_exclude_stand_ins``)."""
-    return set(Protection.objects.filter(pool_id__in=list(pool_ids), level__in=AM_LEVELS, failed_over_to__isnull=False)
-               .values_list("pool_id", flat=True).distinct())
+    return set(_failed_over().filter(pool_id__in=list(pool_ids)).values_list("pool_id", flat=True).distinct())
 
 
 def vm_exclude_stand_ins(qs: QuerySet[VM]) -> QuerySet[VM]:
     """Without the secondary VMs that stand in for their protected VM after a Level 2 failover: the protected
     VM is shown in their place (``vm_annotate_placement``)."""
-    return qs.exclude(Exists(Protection.objects.filter(
-        pool=OuterRef("pool"), level__in=AM_LEVELS, failed_over_to__isnull=False,
-        secondary_vm_uuid=OuterRef("uuid"))))
+    return qs.exclude(Exists(_failed_over().filter(pool=OuterRef("pool"), secondary_vm_uuid=OuterRef("uuid"))))
 
 
 class ProtectionState(NamedTuple):

@@ -55,10 +55,9 @@ _ports_lock = threading.Lock()
 
 def free_port() -> int:
     """A loopback port nothing listens on, never returned before in this run: to serve on, or to find nobody at."""
-    rng = random.Random()
     with _ports_lock:
         for _ in range(1000):
-            port = rng.choice(PORTS)
+            port = random.choice(PORTS)
             if port in _given:
                 continue
             _given.add(port)
